@@ -1,0 +1,209 @@
+"""`logitstore` command line: parse flags, call the library, print. Errors are one line, exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LogitStoreError
+
+console = Console(stderr=True)
+
+
+def _floats(text: str | None, name: str, count: int | None = None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint=name) from None
+    if count is not None and len(vals) != count:
+        raise click.BadParameter(f"{text!r}: expected {count} comma-separated numbers", param_hint=name)
+    return vals
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        vals = [int(p) for p in parts if p]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--size") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 1:
+        raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--size")
+    return vals[0], vals[1]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit; bugs keep their traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LogitStoreError as exc:
+            from .pipeline import DumpInterrupted
+
+            click.echo(f"logitstore: error: {exc}", err=True)
+            ctx.exit(130 if isinstance(exc, DumpInterrupted) else 2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="logitstore")
+def main() -> None:
+    """Run a teacher once over an image corpus and keep its raw logits in a Zarr v3 store."""
+
+
+TEACHER_HELP = """Teacher, one of:
+(1) a checkpoint FILE saved with torch.save of a dict {arch, arch_kwargs, state_dict, classes?, preprocess?}
+(loaded with weights_only=True; students saved by `trainer fit` are such files);
+(2) a TorchScript FILE (torch.jit.save) or a torch.export program FILE ending in .pt2;
+(3) an architecture name, torchvision:NAME or package.module:factory, together with --weights FILE
+(a state dict). Pickled whole nn.Module files are refused."""
+
+
+@main.command()
+@click.option("--teacher", required=True, help=TEACHER_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), help="State-dict file for --teacher NAME.")
+@click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture factory.")
+@click.option("--images", required=True, type=click.Path(),
+              help="Folder of images (walked recursively) or a text file listing image paths.")
+@click.option("--out", required=True, help="Store to write (a directory ending .zarr).")
+@click.option("--views", default=1, show_default=True, type=int,
+              help="1: the deterministic eval view; V>1: V random resized crops (+flip) per image.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random views.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Storage dtype of the logits.")
+@click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Teacher compute precision (auto: bf16 autocast on GPU, fp32 on CPU).")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--num-workers", default=None, type=int, help="Decoding processes [default: min(8, cores)].")
+@click.option("--size", default=None, help="Teacher input H,W (overrides the checkpoint's).")
+@click.option("--resize", default=None, type=int, help="Resize the shorter side to this, then center-crop --size.")
+@click.option("--mean", default=None, help="Per-channel mean, comma-separated, on the 0-1 scale.")
+@click.option("--std", default=None, help="Per-channel std, comma-separated, on the 0-1 scale.")
+@click.option("--mode", default=None, type=click.Choice(["RGB", "L"]), help="Colour mode the teacher takes.")
+@click.option("--classes", default=None, help="Class names: comma-separated, or a file with one per line.")
+@click.option("--crop-scale", default="0.08,1.0", show_default=True, help="Random crop area range (V>1).")
+@click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
+@click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Horizontal flip probability (V>1).")
+@click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~1 MiB of logits].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def dump(**kw: Any) -> None:
+    """Run a teacher over an image corpus and store its raw logits (resumes an interrupted run)."""
+    from .pipeline import dump as run_dump
+
+    try:
+        arch_kwargs = json.loads(kw["arch_kwargs"]) if kw["arch_kwargs"] else None
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--arch-kwargs") from None
+    quiet = kw.pop("quiet")
+    summary = run_dump(
+        kw["teacher"], kw["images"], kw["out"], weights=kw["weights"], arch_kwargs=arch_kwargs,
+        views=kw["views"], seed=kw["seed"], dtype=kw["dtype"], device=kw["device"],
+        precision=kw["precision"], batch_size=kw["batch_size"], num_workers=kw["num_workers"],
+        size=_size(kw["size"]), resize=kw["resize"], mean=_floats(kw["mean"], "--mean"),
+        std=_floats(kw["std"], "--std"), mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
+        chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
+        crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
+        progress=not quiet)
+    t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
+    rows = [("images stored", f"{summary.n_images:,}"), ("failed (recorded)", f"{summary.n_failed:,}"),
+            ("views x classes", f"{summary.views} x {summary.num_classes}"),
+            ("dtype / precision / device", f"{summary.dtype} / {summary.precision} / {summary.device}"),
+            ("resumed from row", f"{summary.resumed_rows:,}"), ("time", f"{summary.seconds:.1f} s"),
+            ("throughput", f"{summary.images_per_s:,.1f} images/s"),
+            ("size on disk", _human(summary.bytes_on_disk)),
+            ("bytes per image", f"{summary.bytes_on_disk / max(1, summary.n_images):,.1f}")]
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+    for image_id, reason in summary.failures[:10]:
+        click.echo(f"  failed: {image_id}: {reason}", err=True)
+    if summary.n_failed > 10:
+        click.echo(f"  ... and {summary.n_failed - 10} more (see `logitstore info {summary.out}`)", err=True)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--allow-incomplete", is_flag=True, help="Describe the rows of an unfinished dump.")
+def info(store: str, as_json: bool, allow_incomplete: bool) -> None:
+    """Metadata, counts, failures, size, compression and the teacher's prediction summary."""
+    from .inspect_store import info as store_info
+    from .store import open_store
+
+    d = store_info(open_store(store, allow_incomplete=allow_incomplete))
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    out = Console()
+    t = Table(title=f"{store}", show_header=False)
+    teacher = d["teacher"]
+    ratio = d["logits_compression_ratio"]
+    for k, v in [
+        ("format", f"{d['format_version']} ({'complete' if d['complete'] else 'INCOMPLETE'})"),
+        ("images / listed / failed", f"{d['images']:,} / {d['listed']:,} / {d['failed']:,}"),
+        ("views", f"{d['views']['count']} ({d['views']['kind']})"),
+        ("classes", f"{d['num_classes']}: {', '.join(d['classes'][:8])}{' ...' if d['num_classes'] > 8 else ''}"),
+        ("logits", f"{d['dtype']} (teacher ran in {d['precision']}), {d['chunk_rows']} rows per chunk"),
+        ("teacher", f"{teacher['arch']} ({teacher['source']}) sha256 {teacher['sha256'][:16]}..."),
+        ("preprocess", json.dumps(d["preprocess"])),
+        ("corpus", f"{d['corpus']['root']}"),
+        ("created", d["created"]),
+        ("size on disk", f"{_human(d['bytes_on_disk'])} ({d['bytes_per_image'] or 0:,.1f} B/image)"),
+        ("logits compression", f"{ratio:.2f}x" if ratio else "n/a"),
+        ("confidence (T=1)", "mean {mean:.3f}, p10 {p10:.3f}, median {median:.3f}, p90 {p90:.3f}".format(
+            **d["confidence"])),
+        ("entropy (nats)", "mean {mean:.3f}, median {median:.3f} (max {max_possible:.3f})".format(
+            **d["entropy_nats"])),
+        ("most predicted", ", ".join(f"{c['class']} {100 * c['fraction']:.1f}%" for c in d["top_classes"][:5])),
+    ]:
+        t.add_row(k, v)
+    out.print(t)
+    for f in d["failures"][:10]:
+        out.print(f"  failed: {f['id']}: {f['reason']}")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--images", default=None, type=click.Path(),
+              help="Also check every image's bytes against its stored digest (corpus root).")
+@click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
+def verify(store: str, images: str | None, allow_incomplete: bool) -> None:
+    """Check a store: complete, every chunk's checksum, finite logits, and (with --images) digests."""
+    from .inspect_store import verify as run_verify
+    from .store import open_store
+
+    rep = run_verify(open_store(store, allow_incomplete=allow_incomplete), images,
+                     allow_incomplete=allow_incomplete)
+    for p in rep.problems:
+        click.echo(f"  problem: {p}", err=True)
+    what = f"{rep.rows:,} rows in {rep.chunks} chunks" + (
+        f", {rep.images_checked:,} images matched their digests" if images else "")
+    if not rep.ok:
+        click.echo(f"logitstore: error: {store} FAILED verification ({len(rep.problems)} problems; {what})",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"OK: {store}: {what}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""What a store holds (`info`) and whether it can be trusted (`verify`). Both stream chunk by chunk."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import schema
+from .corpus import sha256_bytes
+from .errors import IntegrityError
+from .store import LogitStore
+
+
+def _softmax_stats(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(max probability, entropy in nats, argmax) per row of float logits [n, C] at T = 1."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    ent = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+    return p.max(axis=1), ent, p.argmax(axis=1)
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def store_bytes(store: LogitStore) -> dict[str, int]:
+    """Bytes on disk per array (local directory stores; 0 where unknown)."""
+    if "://" in store.location or not os.path.isdir(store.location):
+        return {}
+    return {name: _dir_bytes(os.path.join(store.location, name)) for name in schema.ROW_ARRAYS}
+
+
+def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
+    """Metadata, counts, sizes and a summary of the teacher's predictions (first view of every image)."""
+    m = store.meta
+    conf, ent, hist = [], [], Counter()
+    for _, rows in store.iter_chunks():
+        c, e, a = _softmax_stats(rows.logits[:, 0, :])
+        conf.append(c)
+        ent.append(e)
+        hist.update(a.tolist())
+    conf_all = np.concatenate(conf) if conf else np.zeros(0)
+    ent_all = np.concatenate(ent) if ent else np.zeros(0)
+    sizes = store_bytes(store)
+    raw_logits = len(store) * m.views.count * m.num_classes * np.dtype(m.dtype).itemsize
+    stored_logits = sizes.get(schema.LOGITS, 0)
+    n = max(1, len(store))
+
+    def pct(a: np.ndarray, q: float) -> float:
+        return float(np.percentile(a, q)) if a.size else float("nan")
+
+    return {
+        "location": store.location, "format_version": m.format_version, "complete": m.complete,
+        "images": len(store), "listed": m.corpus.n_listed, "failed": len(store.failures()),
+        "views": m.views.to_dict(), "num_classes": m.num_classes, "classes": list(m.classes),
+        "dtype": m.dtype, "precision": m.precision, "seed": m.seed, "chunk_rows": m.chunk_rows,
+        "teacher": m.teacher.to_dict(), "preprocess": m.preprocess.to_dict(), "corpus": m.corpus.to_dict(),
+        "created": m.created, "versions": m.versions,
+        "bytes_on_disk": sum(sizes.values()), "bytes_per_image": sum(sizes.values()) / n if sizes else None,
+        "logits_raw_bytes": raw_logits,
+        "logits_compression_ratio": raw_logits / stored_logits if stored_logits else None,
+        "confidence": {"mean": float(conf_all.mean()) if conf_all.size else float("nan"),
+                       "p10": pct(conf_all, 10), "median": pct(conf_all, 50), "p90": pct(conf_all, 90)},
+        "entropy_nats": {"mean": float(ent_all.mean()) if ent_all.size else float("nan"),
+                         "median": pct(ent_all, 50), "max_possible": float(np.log(m.num_classes))},
+        "top_classes": [{"class": m.classes[k], "count": v, "fraction": v / n} for k, v in hist.most_common(top)],
+        "class_histogram": {m.classes[k]: int(hist.get(k, 0)) for k in range(m.num_classes)},
+        "failures": [{"id": i, "reason": r} for i, r in store.failures()[:20]],
+    }
+
+
+@dataclass
+class VerifyReport:
+    location: str
+    rows: int = 0
+    chunks: int = 0
+    images_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
+           allow_incomplete: bool = False) -> VerifyReport:
+    """Read every chunk (checksums), check logits are finite, ids unique, and digests against `images`."""
+    rep = VerifyReport(store.location, rows=len(store))
+    root = Path(images).expanduser() if images else None
+    seen: set[str] = set()
+    for k in range(store.n_chunks):
+        rep.chunks += 1
+        try:
+            rows = store.read_chunk(k)
+        except IntegrityError as exc:
+            rep.problems.append(str(exc))
+            continue
+        bad = ~np.isfinite(rows.logits.astype(np.float32)).reshape(len(rows), -1).all(axis=1)
+        for i in np.nonzero(bad)[0][:5]:
+            rep.problems.append(f"{rows.ids[i]}: logits are NaN or inf")
+        for i in rows.ids:
+            if i in seen:
+                rep.problems.append(f"{i}: id appears twice")
+            seen.add(i)
+        if root is not None:
+            for image_id, digest in zip(rows.ids, rows.digests):
+                path = root / image_id
+                try:
+                    ok = sha256_bytes(path.read_bytes()) == digest.tobytes()
+                except OSError as exc:
+                    rep.problems.append(f"{path}: cannot be read ({exc.strerror or exc})")
+                    continue
+                rep.images_checked += 1
+                if not ok:
+                    rep.problems.append(f"{path}: its bytes differ from the digest stored when it was dumped")
+        if len(rep.problems) >= max_problems:
+            rep.problems.append(f"stopped after {max_problems} problems")
+            break
+    if store.meta.complete:
+        for name in schema.FAILURE_ARRAYS:
+            try:
+                store.group[name][:]
+            except Exception as exc:
+                rep.problems.append(f"{store.location}: array '{name}' cannot be read ({exc})")
+    elif not allow_incomplete:
+        rep.problems.append(f"{store.location}: the store is incomplete (rows checked: {len(store)})")
+    return rep

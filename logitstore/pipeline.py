@@ -1,0 +1,297 @@
+"""The dump pipeline: corpus -> DataLoader workers (read, digest, decode, views) -> teacher -> writer."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__, schema
+from .corpus import Corpus, describe_failure, list_corpus, read_and_decode
+from .errors import LogitRangeError, LogitStoreError, TeacherError
+from .schema import CorpusInfo, Preprocess, StoreMeta, ViewSpec
+from .teacher import load_teacher, probe_num_classes, resolve_preprocess
+from .views import apply_view, normalize, sample_view_params
+from .writer import RowBatch, open_writer
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class DumpInterrupted(LogitStoreError):
+    """Ctrl-C: everything committed so far is kept; the same command resumes."""
+
+
+@dataclass
+class DumpSummary:
+    out: str
+    n_listed: int
+    n_images: int
+    n_failed: int
+    views: int
+    num_classes: int
+    dtype: str
+    precision: str
+    device: str
+    chunk_rows: int
+    resumed_rows: int
+    seconds: float
+    bytes_on_disk: int
+    failures: list[tuple[str, str]]
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.n_listed - self.resumed_rows
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+class _CorpusViews(Dataset):
+    """Item = one listing position: digest, pixels of every view (uint8), or the reason it failed."""
+
+    def __init__(self, corpus: Corpus, pre: Preprocess, views: ViewSpec, seed: int):
+        self.corpus, self.pre, self.views, self.seed = corpus, pre, views, seed
+
+    def __len__(self) -> int:
+        return len(self.corpus.ids)
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        image_id = self.corpus.ids[pos]
+        try:
+            digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
+            h, w = int(img.shape[1]), int(img.shape[2])
+            params = sample_view_params(h, w, self.views, self.seed, image_id)
+            pixels = torch.stack([apply_view(img, p, self.pre, self.views.kind) for p in params])
+        except Exception as exc:  # any unreadable file is recorded, never fatal
+            return {"source": pos, "id": image_id, "error": describe_failure(exc)}
+        return {"source": pos, "id": image_id, "error": None, "digest": np.frombuffer(digest, np.uint8),
+                "hw": (h, w), "params": params, "pixels": pixels}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [it for it in items if it["error"] is None]
+    return {
+        "ok": ok and {
+            "source": np.array([it["source"] for it in ok], dtype=np.int64),
+            "ids": [it["id"] for it in ok],
+            "digests": np.stack([it["digest"] for it in ok]),
+            "hw": np.array([it["hw"] for it in ok], dtype=np.int32),
+            "params": np.stack([it["params"] for it in ok]).astype(np.int32),
+            "pixels": torch.stack([it["pixels"] for it in ok]),
+        },
+        "failures": [(it["source"], it["id"], it["error"]) for it in items if it["error"] is not None],
+    }
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LogitStoreError(f"--device {device!r} is not a torch device (use cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LogitStoreError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise LogitStoreError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise LogitStoreError("--precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    return precision
+
+
+def _versions() -> dict[str, str]:
+    import numcodecs
+    import PIL
+    import torchvision
+    import zarr
+
+    return {"logitstore": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+def _read_classes(classes: str | Sequence[str] | None) -> list[str] | None:
+    if classes is None or not isinstance(classes, str):
+        return None if classes is None else [str(c) for c in classes]
+    path = Path(classes).expanduser()
+    if path.is_file():
+        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [c.strip() for c in classes.split(",")]
+
+
+def _store_bytes(out: str) -> int:
+    if "://" in out:
+        return 0
+    total = 0
+    for dirpath, _, files in os.walk(out):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def _check_logits(logits: torch.Tensor, dtype: str, ids: list[str]) -> None:
+    finite = torch.isfinite(logits).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = ids[int((~finite).nonzero()[0])]
+        raise LogitRangeError(f"the teacher returned NaN or inf logits for {bad}; check the teacher and "
+                              "its preprocessing (--mean/--std/--mode), or try --precision fp32")
+    if dtype == "float16":
+        peak = logits.abs().flatten(1).amax(1)
+        if bool((peak > schema.FLOAT16_MAX).any()):
+            i = int((peak > schema.FLOAT16_MAX).nonzero()[0])
+            raise LogitRangeError(f"a logit of {float(peak[i]):.6g} for {ids[i]} is outside float16's range "
+                                  f"(+-{schema.FLOAT16_MAX:g}); re-run with --dtype float32")
+
+
+def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
+         arch_kwargs: dict[str, Any] | None = None, views: int = 1, seed: int = 0, dtype: str = "float16",
+         device: str | None = None, precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
+         size: tuple[int, int] | None = None, resize: int | None = None, mean: Sequence[float] | None = None,
+         std: Sequence[float] | None = None, mode: str | None = None,
+         classes: str | Sequence[str] | None = None, overwrite: bool = False, chunk_rows: int | None = None,
+         crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+         flip_prob: float = 0.5, progress: bool = False,
+         on_batch: Callable[[int], None] | None = None) -> DumpSummary:
+    """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`."""
+    if dtype not in schema.LOGIT_DTYPES:
+        raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
+    if views < 1 or batch_size < 1:
+        raise LogitStoreError("--views and --batch-size must be at least 1")
+    if not (0 < crop_scale[0] <= crop_scale[1] <= 1) or not (0 < crop_ratio[0] <= crop_ratio[1]):
+        raise LogitStoreError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
+    dev = _resolve_device(device)
+    precision = _resolve_precision(precision, dev)
+    corpus = list_corpus(images)
+
+    t = load_teacher(teacher, weights, arch_kwargs)
+    pre = resolve_preprocess(t, {"size": list(size) if size else None, "resize": resize,
+                                 "mean": list(mean) if mean else None, "std": list(std) if std else None,
+                                 "mode": mode})
+    model = t.model
+    if isinstance(model, torch.nn.Module):
+        try:
+            model.eval()
+        except (NotImplementedError, RuntimeError):  # torch.export modules may refuse .eval()
+            pass
+    width = probe_num_classes(model, pre, t.info.file)
+    names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
+    if len(names) != width:
+        raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
+                           "were given; pass --classes with exactly one name per output")
+
+    spec = ViewSpec(1, "eval") if views == 1 else ViewSpec(views, "random_resized_crop", tuple(crop_scale),
+                                                          tuple(crop_ratio), float(flip_prob))
+    itemsize = np.dtype(dtype).itemsize
+    meta = StoreMeta(
+        format_version=schema.FORMAT_VERSION, complete=False, classes=tuple(names), preprocess=pre, views=spec,
+        teacher=t.info, corpus=CorpusInfo(str(corpus.root), corpus.listing, corpus.listing_sha256(),
+                                          len(corpus.ids)),
+        dtype=dtype, precision=precision, seed=seed,
+        chunk_rows=chunk_rows or schema.default_chunk_rows(spec.count, width, itemsize), batch_size=batch_size,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions())
+    writer = open_writer(out, meta, overwrite=overwrite)
+    resumed_rows, start = writer.progress.rows, writer.progress.next_source
+
+    if isinstance(model, torch.nn.Module):
+        model = model.to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+    # Batches are fixed ranges of listing positions; a resumed run restarts at the boundary of the
+    # batch that holds its first missing image, so every image is seen in the same batch as in an
+    # uninterrupted run and the logits match bit for bit.
+    first_batch = start // batch_size
+    batches = [list(range(b, min(b + batch_size, len(corpus.ids))))
+               for b in range(first_batch * batch_size, len(corpus.ids), batch_size)]
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    loader = DataLoader(_CorpusViews(corpus, pre, spec, seed), batch_sampler=batches, num_workers=workers,
+                        collate_fn=_collate, pin_memory=dev.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision in ("bf16", "fp16") else None)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+
+    t0 = time.perf_counter()
+    bar = _progress_bar(progress)
+    try:
+        with bar:
+            task = bar.add_task("dump", total=len(corpus.ids), completed=first_batch * batch_size)
+            for batch in loader:
+                failures = [f for f in batch["failures"] if f[0] >= start]
+                ok = batch["ok"]
+                rows = _failures_only(failures, spec.count, width, np_dtype)
+                if ok:
+                    logits = _forward(model, ok["pixels"], pre, dev, autocast)
+                    keep = ok["source"] >= start
+                    ids = [i for i, k in zip(ok["ids"], keep) if k]
+                    lg = logits[torch.from_numpy(keep)]
+                    _check_logits(lg.reshape(len(ids), -1), dtype, ids)
+                    rows = RowBatch(ok["source"][keep], ids, lg.numpy().astype(np_dtype), ok["digests"][keep],
+                                    ok["hw"][keep], ok["params"][keep], failures)
+                if len(rows) or failures:
+                    writer.submit(rows)
+                n = len(ok["ids"]) if ok else 0
+                bar.advance(task, n + len(batch["failures"]))
+                if on_batch is not None:
+                    on_batch(n)
+    except KeyboardInterrupt:
+        writer.close(finalize=False)
+        raise DumpInterrupted(f"interrupted: {writer.progress.rows} images are saved in {out}; run the same "
+                              "command again to resume") from None
+    except BaseException:
+        writer.close(finalize=False)
+        raise
+    meta = writer.close(finalize=True)
+    seconds = time.perf_counter() - t0
+    return DumpSummary(out=out, n_listed=len(corpus.ids), n_images=meta.corpus.n_images,
+                       n_failed=meta.corpus.n_failed, views=spec.count, num_classes=width, dtype=dtype,
+                       precision=precision, device=str(dev), chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows,
+                       seconds=seconds, bytes_on_disk=_store_bytes(out),
+                       failures=[(f[0], f[1]) for f in writer.progress.failures])
+
+
+def _failures_only(failures: list[tuple[int, str, str]], v: int, c: int, np_dtype: Any) -> RowBatch:
+    return RowBatch(np.zeros(0, np.int64), [], np.zeros((0, v, c), np_dtype), np.zeros((0, 32), np.uint8),
+                    np.zeros((0, 2), np.int32), np.zeros((0, v, 5), np.int32), failures)
+
+
+def _forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, pre: Preprocess,
+             dev: torch.device, autocast: Any) -> torch.Tensor:
+    """uint8 [B, V, C, H, W] -> float32 logits [B, V, classes] on the CPU."""
+    b, v = pixels.shape[:2]
+    # uint8 crosses to the device (4x fewer bytes than float); normalisation happens there.
+    x = normalize(pixels.flatten(0, 1).to(dev, non_blocking=True), pre)
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if autocast is not None:
+            with autocast:
+                out = model(x)
+        else:
+            out = model(x)
+    return out.float().cpu().view(b, v, -1)
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    class _Rate(TextColumn):
+        def render(self, task):  # images/s over the run so far
+            speed = task.finished_speed or task.speed
+            from rich.text import Text
+
+            return Text(f"{speed:,.0f} img/s" if speed else "- img/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TaskProgressColumn(), _Rate(""), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)

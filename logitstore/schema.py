@@ -1,0 +1,252 @@
+"""The store's schema: array names, attribute keys, format version and validation.
+
+This is the only module that spells them; docs/FORMAT.md is the normative text and the
+two change together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FormatError
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+
+# Root group attribute that holds all of our metadata (namespaced so other tools may add theirs).
+ATTR_ROOT = "logitstore"
+# Updated at every committed chunk while a dump runs; removed when the store is complete.
+ATTR_PROGRESS = "logitstore_progress"
+
+# Arrays. Every array is chunked along its first axis with the same number of rows.
+LOGITS = "logits"            # [N, V, C] float16 | float32, raw pre-softmax
+IDS = "ids"                  # [N] string, path relative to the corpus root (POSIX)
+DIGESTS = "digests"          # [N, 32] uint8, sha256 of the file bytes
+IMAGE_HW = "image_hw"        # [N, 2] int32, decoded height, width (after EXIF orientation)
+VIEW_PARAMS = "view_params"  # [N, V, 5] int32: top, left, height, width, flip
+FAILED_IDS = "failed_ids"    # [F] string
+FAILED_REASONS = "failed_reasons"  # [F] string
+
+ROW_ARRAYS = (LOGITS, IDS, DIGESTS, IMAGE_HW, VIEW_PARAMS)
+FAILURE_ARRAYS = (FAILED_IDS, FAILED_REASONS)
+VIEW_FIELDS = ("top", "left", "height", "width", "flip")
+
+LOGIT_DTYPES = ("float16", "float32")
+FLOAT16_MAX = 65504.0
+VIEW_KINDS = ("eval", "random_resized_crop")
+MODES = ("RGB", "L")
+INTERPOLATION = "bilinear-antialias"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the teacher's input (see views.py for the exact steps)."""
+
+    size: tuple[int, int]
+    resize: int | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    mode: str = "RGB"
+    interpolation: str = INTERPOLATION
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "RGB" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean),
+                "std": list(self.std), "mode": self.mode, "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        try:
+            size = d["size"]
+            if isinstance(size, int):
+                size = [size, size]
+            mode = d.get("mode", "RGB")
+            channels = 3 if mode == "RGB" else 1
+            mean = [float(x) for x in d.get("mean", [0.0] * channels)]
+            std = [float(x) for x in d.get("std", [1.0] * channels)]
+            pre = cls(size=(int(size[0]), int(size[1])),
+                      resize=None if d.get("resize") is None else int(d["resize"]),
+                      mean=tuple(mean), std=tuple(std), mode=mode,
+                      interpolation=d.get("interpolation", INTERPOLATION))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise FormatError(f"preprocess {d!r} is malformed ({exc}); it needs size [H, W], "
+                              "and optionally resize, mean, std, mode") from None
+        pre.check()
+        return pre
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise FormatError(f"preprocess mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if min(self.size) < 1 or (self.resize is not None and self.resize < 1):
+            raise FormatError(f"preprocess size {list(self.size)} / resize {self.resize} must be positive")
+        for name, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, self.channels):
+                raise FormatError(f"preprocess {name} has {len(vals)} values; mode {self.mode} "
+                                  f"needs 1 or {self.channels}")
+        if any(s <= 0 for s in self.std):
+            raise FormatError("preprocess std values must be positive")
+        if self.interpolation != INTERPOLATION:
+            raise FormatError(f"preprocess interpolation {self.interpolation!r} is not understood "
+                              f"(this reader knows {INTERPOLATION!r})")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Which views were stored: the deterministic eval view, or V random resized crops."""
+
+    count: int = 1
+    kind: str = "eval"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "kind": self.kind, "scale": list(self.scale),
+                "ratio": list(self.ratio), "flip_prob": self.flip_prob}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
+        spec = cls(count=int(d["count"]), kind=d["kind"], scale=tuple(d["scale"]),
+                   ratio=tuple(d["ratio"]), flip_prob=float(d["flip_prob"]))
+        if spec.kind not in VIEW_KINDS:
+            raise FormatError(f"views kind {spec.kind!r} is not understood (known: {', '.join(VIEW_KINDS)})")
+        if spec.count < 1 or (spec.kind == "eval" and spec.count != 1):
+            raise FormatError(f"views count {spec.count} does not fit kind {spec.kind!r}")
+        return spec
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    arch: str               # "torchvision:resnet18", "pkg.mod:factory", "torchscript", "torch.export"
+    source: str             # checkpoint | torchscript | export | factory
+    file: str               # the file the weights came from (as given)
+    sha256: str             # of that file's bytes
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeacherInfo":
+        return cls(arch=d["arch"], source=d["source"], file=d["file"], sha256=d["sha256"],
+                   arch_kwargs=dict(d.get("arch_kwargs") or {}))
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    root: str               # absolute path of the corpus root when dumped
+    listing: str            # "directory" or the listing file's path
+    listing_sha256: str     # of the ordered list of ids: the corpus identity used for resume
+    n_listed: int
+    n_images: int = 0
+    n_failed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CorpusInfo":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Everything the root attribute says; validated on read."""
+
+    format_version: str
+    complete: bool
+    classes: tuple[str, ...]
+    preprocess: Preprocess
+    views: ViewSpec
+    teacher: TeacherInfo
+    corpus: CorpusInfo
+    dtype: str
+    precision: str
+    seed: int
+    chunk_rows: int
+    batch_size: int
+    created: str
+    versions: dict[str, str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "complete": self.complete,
+                "classes": list(self.classes), "preprocess": self.preprocess.to_dict(),
+                "views": self.views.to_dict(), "teacher": self.teacher.to_dict(),
+                "corpus": self.corpus.to_dict(), "dtype": self.dtype, "precision": self.precision,
+                "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
+                "created": self.created, "versions": dict(self.versions)}
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What must be equal for a dump to resume into this store (everything that changes bytes)."""
+        return {"teacher": f"{self.teacher.arch} sha256={self.teacher.sha256}",
+                "corpus": f"{self.corpus.n_listed} files, listing sha256={self.corpus.listing_sha256}",
+                "classes": list(self.classes), "preprocess": self.preprocess.to_dict(),
+                "views": self.views.to_dict(), "dtype": self.dtype, "precision": self.precision,
+                "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size}
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in str(text).split("."))
+    except ValueError:
+        raise FormatError(f"format_version {text!r} is not MAJOR.MINOR") from None
+    return major, minor
+
+
+def check_version(text: str) -> None:
+    """Readers accept their own major (any minor up to theirs, and newer minors' known fields)."""
+    major, _minor = parse_version(text)
+    if major != FORMAT_MAJOR:
+        newer = "newer" if major > FORMAT_MAJOR else "older"
+        raise FormatError(f"store format {text} is a {newer} major version than this reader's "
+                          f"{FORMAT_VERSION}; use a logitstore release that reads format {major}.x")
+
+
+def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
+    """Validate the root attribute and build StoreMeta, refusing what this reader does not understand."""
+    if ATTR_ROOT not in attrs:
+        raise FormatError(f"no '{ATTR_ROOT}' attribute on the root group: not a logitstore store")
+    d = attrs[ATTR_ROOT]
+    check_version(d.get("format_version", "?"))
+    try:
+        meta = StoreMeta(
+            format_version=d["format_version"], complete=bool(d["complete"]),
+            classes=tuple(str(c) for c in d["classes"]),
+            preprocess=Preprocess.from_dict(d["preprocess"]), views=ViewSpec.from_dict(d["views"]),
+            teacher=TeacherInfo.from_dict(d["teacher"]), corpus=CorpusInfo.from_dict(d["corpus"]),
+            dtype=d["dtype"], precision=d["precision"], seed=int(d["seed"]),
+            chunk_rows=int(d["chunk_rows"]), batch_size=int(d["batch_size"]),
+            created=d["created"], versions=dict(d["versions"]))
+    except KeyError as exc:
+        raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
+    if meta.dtype not in LOGIT_DTYPES:
+        raise FormatError(f"logits dtype {meta.dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
+    if meta.num_classes < 1 or len(set(meta.classes)) != meta.num_classes:
+        raise FormatError("classes must be a non-empty list of unique names")
+    if meta.chunk_rows < 1:
+        raise FormatError("chunk_rows must be positive")
+    return meta
+
+
+def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
+    """Rows per chunk: about 1 MiB of raw logits, a power of two in [256, 8192].
+
+    Measured in benchmarks/chunk_size.py: below ~256 KiB per chunk the per-chunk overhead
+    (a file, a codec pipeline run, a checksum) dominates reads and writes; above a few MiB
+    a reader's shuffle granularity and the trainer's per-worker share get coarse and the
+    writer holds more rows in RAM before a chunk is whole. 8192 rows caps small-C stores so a
+    corpus of tens of thousands of images still has several chunks to shuffle and share.
+    """
+    target = (1 << 20) / max(1, views * num_classes * itemsize)
+    rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
+    return int(min(8192, max(256, rows)))

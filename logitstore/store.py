@@ -1,0 +1,187 @@
+"""Open a store (a path, a .zip, or an fsspec URL), validate it against the schema, read rows."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from . import schema
+from .errors import FormatError, IntegrityError, StoreStateError
+from .schema import StoreMeta
+
+
+def open_group(location: str | os.PathLike, mode: str = "r",
+               storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """zarr's own stores for every location: LocalStore, ZipStore (read), FsspecStore (URLs)."""
+    loc = os.fspath(location)
+    try:
+        if loc.endswith(".zip") and "://" not in loc:
+            if mode != "r":
+                raise StoreStateError(f"{loc}: zip stores are read-only here; write a directory store "
+                                      "and pack it with `logitstore pack`")
+            from zarr.storage import ZipStore
+
+            return zarr.open_group(ZipStore(loc, mode="r"), mode="r", zarr_format=3)
+        if "://" in loc:
+            return zarr.open_group(loc, mode=mode, zarr_format=3, storage_options=storage_options)
+        return zarr.open_group(loc, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)") from None
+    except (ValueError, TypeError) as exc:
+        if mode == "r":
+            raise FormatError(f"{loc}: not a readable Zarr v3 store ({' '.join(str(exc).split())[:200]})") from None
+        raise
+
+
+@dataclass
+class Rows:
+    """A slice of a store's rows, as NumPy arrays."""
+
+    ids: np.ndarray            # [n] str (object)
+    logits: np.ndarray         # [n, V, C]
+    digests: np.ndarray        # [n, 32] uint8
+    image_hw: np.ndarray       # [n, 2] int32
+    view_params: np.ndarray    # [n, V, 5] int32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class LogitStore:
+    """A validated, read-only view of a store. Use `open_store`."""
+
+    def __init__(self, location: str, group: zarr.Group, meta: StoreMeta, rows: int):
+        self.location, self.group, self.meta, self._rows = location, group, meta, rows
+        self.arrays = {name: group[name] for name in schema.ROW_ARRAYS}
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __repr__(self) -> str:
+        state = "complete" if self.meta.complete else "INCOMPLETE"
+        return (f"LogitStore({self.location!r}, {len(self)} images x {self.meta.views.count} views x "
+                f"{self.meta.num_classes} classes, {self.meta.dtype}, {state})")
+
+    @property
+    def logits(self) -> zarr.Array:
+        return self.arrays[schema.LOGITS]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.classes)
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.meta.chunk_rows
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self) // self.chunk_rows)
+
+    def chunk_bounds(self, k: int) -> tuple[int, int]:
+        a = k * self.chunk_rows
+        return a, min(len(self), a + self.chunk_rows)
+
+    def __getitem__(self, index: slice | int) -> Rows:
+        if isinstance(index, int):
+            i = index + len(self) if index < 0 else index
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {index} out of range for {len(self)} rows")
+            index = slice(i, i + 1)
+        a, b, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("store slices must be contiguous (step 1)")
+        return self.read(a, b)
+
+    def read(self, a: int, b: int) -> Rows:
+        """Rows [a, b); a failed checksum raises IntegrityError naming the chunk."""
+        out = {}
+        for name, arr in self.arrays.items():
+            try:
+                out[name] = arr[a:b]
+            except Exception as exc:
+                if _is_checksum_error(exc):
+                    k0, k1 = a // self.chunk_rows, max(a, b - 1) // self.chunk_rows
+                    raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {k0}..{k1} fail their "
+                                         "CRC32C checksum (corrupted bytes); restore the store from its "
+                                         "source or re-run the dump") from None
+                raise
+        return Rows(np.asarray(out[schema.IDS], dtype=object), out[schema.LOGITS], out[schema.DIGESTS],
+                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS])
+
+    def read_chunk(self, k: int) -> Rows:
+        return self.read(*self.chunk_bounds(k))
+
+    def iter_chunks(self) -> Iterator[tuple[int, Rows]]:
+        for k in range(self.n_chunks):
+            yield k, self.read_chunk(k)
+
+    def failures(self) -> list[tuple[str, str]]:
+        if self.meta.complete:
+            ids = self.group[schema.FAILED_IDS][:]
+            reasons = self.group[schema.FAILED_REASONS][:]
+            return [(str(i), str(r)) for i, r in zip(ids, reasons)]
+        progress = self.group.attrs.get(schema.ATTR_PROGRESS) or {}
+        return [(str(i), str(r)) for i, r in progress.get("failures", [])]
+
+
+def _is_checksum_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "checksum" in text or "crc32c" in text
+
+
+def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
+    v, c, r = meta.views.count, meta.num_classes, meta.chunk_rows
+    expected = {
+        schema.LOGITS: ((v, c), (r, v, c), (meta.dtype,)),
+        schema.IDS: ((), (r,), ("string", "str", "<U0", "StringDType()")),
+        schema.DIGESTS: ((32,), (r, 32), ("uint8",)),
+        schema.IMAGE_HW: ((2,), (r, 2), ("int32",)),
+        schema.VIEW_PARAMS: ((v, 5), (r, v, 5), ("int32",)),
+    }
+    names = set(group.array_keys())
+    n = None
+    for name, (tail, chunks, dtypes) in expected.items():
+        if name not in names:
+            raise FormatError(f"{location}: required array '{name}' is missing (docs/FORMAT.md, Arrays)")
+        arr = group[name]
+        if tuple(arr.shape[1:]) != tail or tuple(arr.chunks) != chunks:
+            raise FormatError(f"{location}: array '{name}' has shape {arr.shape} chunks {arr.chunks}; "
+                              f"the spec requires [N, {', '.join(map(str, tail))}] chunked {chunks}")
+        if name != schema.IDS and str(arr.dtype) not in dtypes:
+            raise FormatError(f"{location}: array '{name}' has dtype {arr.dtype}; the spec requires {dtypes[0]}")
+        if not any(isinstance(cd, Crc32cCodec) for cd in arr.metadata.codecs):
+            raise FormatError(f"{location}: array '{name}' has no crc32c codec; the spec requires a checksum "
+                              "on every chunk")
+        if n is not None and arr.shape[0] != n:
+            raise FormatError(f"{location}: array '{name}' has {arr.shape[0]} rows, others have {n}")
+        n = arr.shape[0]
+
+
+def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
+               storage_options: dict[str, Any] | None = None) -> LogitStore:
+    """Open a store read-only and validate it; an incomplete store is refused unless asked for."""
+    loc = os.fspath(location)
+    if "://" not in loc and not os.path.exists(loc):
+        raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)")
+    group = open_group(loc, mode="r", storage_options=storage_options)
+    meta = schema.meta_from_attrs(dict(group.attrs))
+    _validate_arrays(loc, group, meta)
+    if meta.complete:
+        rows = group[schema.LOGITS].shape[0]
+        missing = [n for n in schema.FAILURE_ARRAYS if n not in set(group.array_keys())]
+        if missing:
+            raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, Arrays)")
+        if rows != meta.corpus.n_images:
+            raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images}")
+    else:
+        if not allow_incomplete:
+            raise StoreStateError(f"{loc}: the dump is incomplete (interrupted or still running); finish it by "
+                                  "re-running the same `logitstore dump` command, or pass "
+                                  "--allow-incomplete to read the rows written so far")
+        rows = int((group.attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))
+    return LogitStore(loc, group, meta, rows)

@@ -1,0 +1,158 @@
+"""Load a teacher safely: state-dict checkpoints, TorchScript, torch.export programs, factories.
+
+No arbitrary code runs on load: checkpoints go through torch.load(weights_only=True), and
+architectures are named ("torchvision:NAME" or "package.module:factory"), never unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .arch import build_model
+from .errors import TeacherError
+from .schema import Preprocess, TeacherInfo
+
+IMAGENET_PREPROCESS = {"size": [224, 224], "resize": 256, "mean": [0.485, 0.456, 0.406],
+                       "std": [0.229, 0.224, 0.225], "mode": "RGB"}
+
+SAVE_HINT = ("save a state-dict checkpoint instead: torch.save({'arch': 'torchvision:resnet18' or "
+             "'package.module:factory', 'arch_kwargs': {...}, 'state_dict': model.state_dict(), "
+             "'classes': [...], 'preprocess': {...}}, PATH)")
+
+
+@dataclass
+class Teacher:
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor]
+    info: TeacherInfo
+    classes: list[str] | None          # from the checkpoint, if it names them
+    preprocess: dict[str, Any] | None  # from the checkpoint, if it records it
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _load_weights_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise TeacherError(f"{path}: refused to unpickle it (it holds Python objects such as a whole "
+                           f"nn.Module, and loading it would run arbitrary code); {SAVE_HINT}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise TeacherError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}); "
+                           "pass a torch.save'd state-dict checkpoint, a TorchScript file or a .pt2 program") from None
+
+
+def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:400]
+        raise TeacherError(f"{where}: the weights do not fit the architecture ({first})") from None
+
+
+def load_teacher(teacher: str, weights: str | None = None,
+                 arch_kwargs: dict[str, Any] | None = None) -> Teacher:
+    """Load any accepted teacher form. See `logitstore dump --help` for the list."""
+    path = Path(teacher).expanduser()
+    if weights is not None or (not path.exists() and ":" in teacher):
+        return _load_factory(teacher, weights, arch_kwargs)
+    if not path.is_file():
+        raise TeacherError(f"{teacher}: no such teacher file; pass a checkpoint, TorchScript or .pt2 "
+                           "file, or 'torchvision:NAME --weights FILE'")
+    sha = file_sha256(path)
+    if path.suffix == ".pt2":
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # torch.export raises many kinds on bad files
+            raise TeacherError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        return Teacher(program.module(), TeacherInfo("torch.export", "export", str(path), sha), None, None)
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as exc:
+            raise TeacherError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
+        return Teacher(module, TeacherInfo("torchscript", "torchscript", str(path), sha), None, None)
+    ckpt = _load_weights_only(path)
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise TeacherError(f"{path}: a checkpoint must be a dict with 'arch' and 'state_dict' (found {keys}); "
+                           f"for bare weights use --teacher torchvision:NAME --weights {path}")
+    kwargs = dict(ckpt.get("arch_kwargs") or {})
+    kwargs.update(arch_kwargs or {})
+    model = build_model(str(ckpt["arch"]), kwargs)
+    _load_state_dict(model, ckpt["state_dict"], str(path))
+    info = TeacherInfo(str(ckpt["arch"]), "checkpoint", str(path), sha, kwargs)
+    classes = [str(c) for c in ckpt["classes"]] if ckpt.get("classes") is not None else None
+    return Teacher(model, info, classes, ckpt.get("preprocess"))
+
+
+def _load_factory(arch: str, weights: str | None, arch_kwargs: dict[str, Any] | None) -> Teacher:
+    if weights is None:
+        raise TeacherError(f"--teacher {arch} needs --weights FILE (a state dict saved with torch.save)")
+    wpath = Path(weights).expanduser()
+    if not wpath.is_file():
+        raise TeacherError(f"{weights}: no such weights file; check --weights")
+    state = _load_weights_only(wpath)
+    classes = preprocess = None
+    kwargs = dict(arch_kwargs or {})
+    if isinstance(state, dict) and "state_dict" in state:  # a full checkpoint given as weights
+        classes, preprocess = state.get("classes"), state.get("preprocess")
+        kwargs = {**(state.get("arch_kwargs") or {}), **kwargs}
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TeacherError(f"{weights}: expected a state dict (name -> tensor), found {type(state).__name__}")
+    model = build_model(arch, kwargs)
+    _load_state_dict(model, state, str(wpath))
+    info = TeacherInfo(arch, "factory", str(wpath), file_sha256(wpath), kwargs)
+    return Teacher(model, info, [str(c) for c in classes] if classes else None, preprocess)
+
+
+def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preprocess:
+    """Checkpoint preprocessing, then flags on top; torchvision architectures default to ImageNet's."""
+    base: dict[str, Any] = dict(teacher.preprocess or {})
+    if not base and teacher.info.arch.startswith("torchvision:"):
+        base = dict(IMAGENET_PREPROCESS)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if "size" not in base:
+        raise TeacherError(f"{teacher.info.file}: no preprocessing recorded with this teacher; "
+                           "give at least --size H,W (and --mean, --std, --mode, --resize as trained)")
+    mode = base.get("mode", "RGB")
+    if "mean" not in base and "std" not in base:
+        base["mean"], base["std"] = [0.0] * (3 if mode == "RGB" else 1), [1.0] * (3 if mode == "RGB" else 1)
+    return Preprocess.from_dict(base)
+
+
+def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Preprocess, where: str) -> int:
+    """Run one dummy input through the teacher to learn its output width (and that it runs)."""
+    x = torch.zeros(2, pre.channels, *pre.size)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise TeacherError(f"{where}: the teacher fails on a {list(x.shape)} input ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}); check --size and --mode") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TeacherError(f"{where}: the teacher must return logits of shape [batch, classes]; it returned {shape}")
+    return int(out.shape[1])

@@ -1,0 +1,81 @@
+"""Shared fixtures: a small real-MNIST corpus on disk and tiny real teacher checkpoints."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+MNIST = REPO.parent / "shared" / "datasets" / "mnist.npz"
+MNIST_PRE = {"size": [28, 28], "mean": [0.1307], "std": [0.3081], "mode": "L"}
+CLASSES = [str(i) for i in range(10)]
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m logitstore ...` (or trainer) as a user would, with tests/ importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mnist() -> dict[str, np.ndarray]:
+    if not MNIST.exists():
+        pytest.fail(f"{MNIST} is missing: the tests need ../shared/datasets/mnist.npz beside the repository")
+    with np.load(MNIST) as d:
+        return {k: d[k] for k in d.files}
+
+
+def write_pngs(images: np.ndarray, folder: Path, labels: np.ndarray | None = None) -> list[Path]:
+    paths = []
+    for i, img in enumerate(images):
+        sub = folder / str(int(labels[i])) if labels is not None else folder / f"part{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        p = sub / f"img{i:05d}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, mnist) -> Path:
+    """120 real MNIST digits as PNGs in nested folders (no labels), read-only for tests."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_pngs(mnist["train_images"][:120], root)
+    return root
+
+
+def save_teacher(path: Path, arch: str = "nets:tiny_cnn", seed: int = 0, **arch_kwargs) -> Path:
+    import importlib
+
+    module, name = arch.split(":")
+    torch.manual_seed(seed)
+    model = getattr(importlib.import_module(module), name)(**arch_kwargs)
+    torch.save({"arch": arch, "arch_kwargs": arch_kwargs, "state_dict": model.state_dict(), "classes": CLASSES,
+                "preprocess": MNIST_PRE}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+def load_module(arch: str = "nets:tiny_cnn", ckpt: Path | None = None) -> torch.nn.Module:
+    import importlib
+
+    module, name = arch.split(":")
+    state = torch.load(ckpt, weights_only=True)
+    model = getattr(importlib.import_module(module), name)(**state.get("arch_kwargs", {}))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()

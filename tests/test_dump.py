@@ -1,0 +1,323 @@
+"""logitstore dump: teacher forms, stored values, views, failures, resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+import logitstore
+from logitstore import schema
+from logitstore.corpus import read_and_decode
+from logitstore.errors import (LogitRangeError, ResumeMismatchError, StoreStateError, TeacherError)
+from logitstore.views import apply_view, normalize
+
+from conftest import CLASSES, MNIST_PRE, REPO, TESTS, load_module, run_cli, save_teacher
+
+
+def forward_reference(model: torch.nn.Module, corpus: Path, ids, params=None, kind="eval") -> np.ndarray:
+    """An independent forward pass: decode each image, build its view, run the model, float32."""
+    pre = schema.Preprocess.from_dict(MNIST_PRE)
+    out = []
+    for n, image_id in enumerate(ids):
+        _, img = read_and_decode(corpus / image_id, "L")
+        rows = params[n] if params is not None else np.array([[0, 0, img.shape[1], img.shape[2], 0]])
+        x = torch.stack([apply_view(img, p, pre, kind) for p in rows])
+        with torch.no_grad():
+            out.append(model(normalize(x, pre)).numpy())
+    return np.stack(out)
+
+
+def test_stored_logits_equal_an_independent_forward_pass(tmp_path, corpus, teacher_ckpt):
+    s = logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "s.zarr"), num_workers=0, chunk_rows=32)
+    assert (s.n_images, s.n_failed) == (120, 0)
+    store = logitstore.open_store(tmp_path / "s.zarr")
+    rows = store[:]
+    assert len(store) == 120 and rows.logits.shape == (120, 1, 10) and rows.logits.dtype == np.float16
+    assert list(rows.ids) == sorted(rows.ids) and rows.ids[0] == "part0/img00000.png"
+    ref = forward_reference(load_module(ckpt=teacher_ckpt), corpus, rows.ids)
+    np.testing.assert_allclose(rows.logits.astype(np.float32), ref, rtol=1e-3, atol=2e-3)
+    # Digests are the sha256 of the file bytes; hw is the decoded size.
+    import hashlib
+
+    assert rows.digests[5].tobytes() == hashlib.sha256((corpus / rows.ids[5]).read_bytes()).digest()
+    assert (rows.image_hw == [28, 28]).all()
+    m = store.meta
+    assert m.complete and m.classes == tuple(CLASSES) and m.preprocess.mode == "L"
+    assert m.teacher.arch == "nets:tiny_cnn" and len(m.teacher.sha256) == 64
+    assert m.corpus.n_images == 120 and m.format_version == schema.FORMAT_VERSION
+    assert {"torch", "zarr", "logitstore"} <= set(m.versions)
+
+
+def test_float32_dtype_is_exact(tmp_path, corpus, teacher_ckpt):
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "s.zarr"), num_workers=0, dtype="float32")
+    rows = logitstore.open_store(tmp_path / "s.zarr")[:]
+    ref = forward_reference(load_module(ckpt=teacher_ckpt), corpus, rows.ids)
+    assert rows.logits.dtype == np.float32
+    np.testing.assert_allclose(rows.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_every_array_is_chunked_compressed_and_checksummed(tmp_path, corpus, teacher_ckpt):
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "s.zarr"), num_workers=0, chunk_rows=32)
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    for name in (*schema.ROW_ARRAYS, *schema.FAILURE_ARRAYS):
+        names = [type(c).__name__ for c in g[name].metadata.codecs]
+        assert names[-1] == "Crc32cCodec", (name, names)
+        assert any(n in ("BloscCodec", "ZstdCodec") for n in names), (name, names)
+    assert g[schema.LOGITS].chunks == (32, 1, 10)
+    assert g[schema.IDS].metadata.data_type.to_json(zarr_format=3) in ("string", "str")
+
+
+def test_views_replay_reproduces_the_teachers_logits(tmp_path, corpus, teacher_ckpt):
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "v.zarr"), num_workers=0, views=3, seed=7,
+                    crop_scale=(0.3, 1.0))
+    store = logitstore.open_store(tmp_path / "v.zarr")
+    rows = store[:20]
+    assert store.meta.views.count == 3 and store.meta.views.kind == "random_resized_crop"
+    assert rows.view_params.shape == (20, 3, 5)
+    # Views differ from each other and are real crops of the 28x28 originals.
+    assert len({tuple(p) for p in rows.view_params[:, :, :4].reshape(-1, 4)}) > 30
+    assert (rows.view_params[:, :, 2] <= 28).all() and set(np.unique(rows.view_params[:, :, 4])) <= {0, 1}
+    ref = forward_reference(load_module(ckpt=teacher_ckpt), corpus, rows.ids, rows.view_params,
+                            "random_resized_crop")
+    np.testing.assert_allclose(rows.logits.astype(np.float32), ref, rtol=1e-3, atol=2e-3)
+    # Deterministic given the seed; another seed gives other crops.
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "v2.zarr"), num_workers=2, views=3, seed=7,
+                    crop_scale=(0.3, 1.0), batch_size=16)
+    np.testing.assert_array_equal(logitstore.open_store(tmp_path / "v2.zarr")[:].view_params, store[:].view_params)
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "v3.zarr"), num_workers=0, views=3, seed=8,
+                    crop_scale=(0.3, 1.0))
+    assert not np.array_equal(logitstore.open_store(tmp_path / "v3.zarr")[:].view_params, store[:].view_params)
+
+
+def _odd_images(root: Path, mnist_img: np.ndarray) -> dict[str, str]:
+    """Every PIL mode we promise to read, plus broken files. Returns id -> expected outcome."""
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = np.stack([mnist_img] * 3, axis=-1)
+    Image.fromarray(mnist_img, "L").save(root / "l.png")
+    Image.fromarray(mnist_img, "L").convert("LA").save(root / "la.png")
+    Image.fromarray(mnist_img, "L").convert("P").save(root / "p.gif")
+    Image.fromarray(rgb).convert("RGBA").save(root / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.tif")
+    Image.fromarray(rgb).save(root / "rgb.jpg", quality=95)
+    Image.fromarray(rgb).save(root / "rgb.webp")
+    Image.fromarray(rgb).save(root / "rgb.bmp")
+    Image.fromarray((mnist_img.astype(np.uint16) * 257)).save(root / "i16.png")
+    # EXIF orientation 6 (rotate 90 CW on display): a 20x28 stored image decodes as 28x20.
+    im = Image.fromarray(mnist_img[:20, :])
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(root / "exif.jpg", exif=exif.tobytes())
+    good = (root / "l.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "not_an_image.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "empty.png").write_bytes(b"")
+    return {"truncated.png": "fail", "not_an_image.jpg": "fail", "empty.png": "fail"}
+
+
+def test_every_pil_mode_decodes_and_broken_files_are_recorded(tmp_path, mnist, teacher_ckpt):
+    root = tmp_path / "odd"
+    bad = _odd_images(root, mnist["train_images"][0])
+    s = logitstore.dump(str(teacher_ckpt), str(root), str(tmp_path / "o.zarr"), num_workers=0)
+    store = logitstore.open_store(tmp_path / "o.zarr")
+    ids = list(store[:].ids)
+    assert s.n_failed == 3 and s.n_images == 10 and len(store) == 10
+    assert set(ids) == {"l.png", "la.png", "p.gif", "rgba.png", "cmyk.tif", "rgb.jpg", "rgb.webp", "rgb.bmp",
+                        "i16.png", "exif.jpg"}
+    failures = dict(store.failures())
+    assert set(failures) == set(bad)
+    assert all(failures[k] for k in bad) and "0x" not in "".join(failures.values())
+    hw = dict(zip(ids, store[:].image_hw.tolist()))
+    assert hw["exif.jpg"] == [28, 20]
+    # Lossless modes decode to the same grey pixels, so their logits match the plain L image.
+    lg = dict(zip(ids, store[:].logits[:, 0].astype(np.float32)))
+    for k in ("la.png", "p.gif", "rgba.png", "i16.png", "rgb.bmp"):
+        np.testing.assert_allclose(lg[k], lg["l.png"], atol=2e-3, err_msg=k)
+    info = json.loads(run_cli("logitstore", "info", str(tmp_path / "o.zarr"), "--json").stdout)
+    assert info["failed"] == 3 and info["images"] == 10
+
+
+def test_listing_file_gives_ids_relative_to_common_root(tmp_path, corpus, teacher_ckpt):
+    files = sorted(corpus.rglob("*.png"))[::17][:7][::-1]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in files) + "\n")
+    logitstore.dump(str(teacher_ckpt), str(listing), str(tmp_path / "l.zarr"), num_workers=0)
+    store = logitstore.open_store(tmp_path / "l.zarr")
+    assert list(store[:].ids) == [p.relative_to(corpus).as_posix() for p in files]  # listing order kept
+    assert store.meta.corpus.root == str(corpus)
+
+
+def _torchvision_state(tmp_path: Path) -> Path:
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
+    torch.save(m.state_dict(), tmp_path / "r18.pth")
+    return tmp_path / "r18.pth"
+
+
+def test_every_teacher_form_gives_the_same_logits(tmp_path, corpus, teacher_ckpt):
+    model = load_module(ckpt=teacher_ckpt)
+    torch.jit.save(torch.jit.script(model), tmp_path / "t.ts")
+    ep = torch.export.export(model, (torch.zeros(2, 1, 28, 28),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    torch.export.save(ep, tmp_path / "t.pt2")
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    flags = dict(size=(28, 28), mean=(0.1307,), std=(0.3081,), mode="L", num_workers=0)
+    outs = {"checkpoint": logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "a.zarr"), num_workers=0),
+            "torchscript": logitstore.dump(str(tmp_path / "t.ts"), str(corpus), str(tmp_path / "b.zarr"), **flags),
+            "export": logitstore.dump(str(tmp_path / "t.pt2"), str(corpus), str(tmp_path / "c.zarr"), **flags),
+            "factory": logitstore.dump("nets:tiny_cnn", str(corpus), str(tmp_path / "d.zarr"),
+                                       weights=str(tmp_path / "sd.pth"), **flags)}
+    stores = {k: logitstore.open_store(v.out) for k, v in outs.items()}
+    base = stores["checkpoint"][:].logits.astype(np.float32)
+    for k, st in stores.items():
+        np.testing.assert_allclose(st[:].logits.astype(np.float32), base, atol=2e-3, err_msg=k)
+        assert st.meta.teacher.source == k
+    # torchvision:NAME --weights FILE, RGB input: class names default to indices.
+    r18 = _torchvision_state(tmp_path)
+    s = logitstore.dump("torchvision:resnet18", str(corpus), str(tmp_path / "e.zarr"), weights=str(r18),
+                        arch_kwargs={"num_classes": 10}, size=(32, 32), mode="RGB", num_workers=0)
+    st = logitstore.open_store(s.out)
+    assert st.meta.classes == tuple(CLASSES) and st.meta.preprocess.channels == 3
+    assert st.meta.preprocess.mean == (0.485, 0.456, 0.406)  # torchvision archs default to ImageNet stats
+    assert np.isfinite(st[:].logits.astype(np.float32)).all()
+
+
+def test_a_pickled_module_is_refused_with_how_to_fix(tmp_path, corpus):
+    from nets import tiny_cnn
+
+    torch.save(tiny_cnn(), tmp_path / "whole.pt")
+    r = run_cli("logitstore", "dump", "--teacher", str(tmp_path / "whole.pt"), "--images", str(corpus),
+                "--out", str(tmp_path / "x.zarr"), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "state_dict" in r.stderr and "arbitrary code" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", "a,b,c"], "outputs 10 logits but 3 class names"),
+    (["--dtype", "float64"], "Invalid value for '--dtype'"),
+    (["--size", "abc"], "--size"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["--images", "/nonexistent/folder"], "/nonexistent/folder: no such folder"),
+    (["--teacher", "/nonexistent.pt"], "/nonexistent.pt: no such teacher file"),
+    (["--teacher", "torchvision:resnet18"], "needs --weights FILE"),
+    (["--teacher", "nosuchmodule:f", "--weights", "__CKPT__"], "cannot import 'nosuchmodule'"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, corpus, teacher_ckpt, args, message):
+    base = {"--teacher": str(teacher_ckpt), "--images": str(corpus), "--out": str(tmp_path / "x.zarr")}
+    extra = [a.replace("__CKPT__", str(teacher_ckpt)) for a in args]
+    for i in range(0, len(extra) - 1):
+        if extra[i] in base:
+            base[extra[i]] = extra[i + 1]
+    rest = [a for i, a in enumerate(extra) if a not in base and (i == 0 or extra[i - 1] not in base)]
+    cmd = [x for kv in base.items() for x in kv] + rest
+    r = run_cli("logitstore", "dump", *cmd, check=False)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_logits_outside_float16_are_an_error_naming_the_fix(tmp_path, corpus):
+    ckpt = save_teacher(tmp_path / "big.pt", arch="nets:scaled_cnn", scale=1e7)
+    with pytest.raises(LogitRangeError, match="--dtype float32"):
+        logitstore.dump(str(ckpt), str(corpus), str(tmp_path / "s.zarr"), num_workers=0)
+    with pytest.raises(StoreStateError, match="incomplete"):
+        logitstore.open_store(tmp_path / "s.zarr")
+    logitstore.dump(str(ckpt), str(corpus), str(tmp_path / "s.zarr"), num_workers=0, dtype="float32",
+                    overwrite=True)
+    assert np.abs(logitstore.open_store(tmp_path / "s.zarr")[:].logits).max() > 65504
+
+
+def test_complete_store_is_not_overwritten_without_flag(tmp_path, corpus, teacher_ckpt):
+    out = str(tmp_path / "s.zarr")
+    logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0)
+    with pytest.raises(StoreStateError, match="--overwrite"):
+        logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0)
+    logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0, overwrite=True, dtype="float32")
+    assert logitstore.open_store(out).meta.dtype == "float32"
+
+
+def _kill_midway(cmd: list[str], out: Path, min_rows: int) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    proc = subprocess.Popen([sys.executable, "-m", "logitstore", *cmd], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                rows = zarr.open_group(str(out), mode="r").attrs.get(schema.ATTR_PROGRESS, {}).get("rows", 0)
+            except Exception:
+                rows = 0
+            if rows >= min_rows:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the dump ended before it could be killed: {proc.stderr.read()}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the dump and its DataLoader workers, mid-write
+        proc.wait()
+
+
+def test_dump_resumes_after_kill_with_identical_store(tmp_path, corpus, mnist):
+    ckpt = save_teacher(tmp_path / "slow.pt", arch="nets:slow_cnn", seconds=0.15)
+    images = tmp_path / "imgs"
+    for p in corpus.rglob("*.png"):
+        dst = images / p.relative_to(corpus)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(p.read_bytes())
+    (images / "part1" / "broken.png").write_bytes(b"\x89PNG broken")
+    args = ["--teacher", str(ckpt), "--images", str(images), "--views", "2", "--batch-size", "8",
+            "--chunk-rows", "16", "--num-workers", "1", "--quiet"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    run_cli("logitstore", "dump", *args, "--out", str(ref))
+    _kill_midway(["dump", *args[:-1], "--out", str(out)], out, min_rows=33)
+    with pytest.raises(StoreStateError, match="incomplete"):
+        logitstore.open_store(out)
+    partial = logitstore.open_store(out, allow_incomplete=True)
+    assert 33 <= len(partial) < 121 and len(partial) % 16 == 0
+    r = run_cli("logitstore", "verify", str(out), check=False)
+    assert r.returncode == 2 and "incomplete" in r.stderr and "--allow-incomplete" in r.stderr
+    assert "OK" in run_cli("logitstore", "verify", str(out), "--allow-incomplete").stdout
+    # A different flag is refused, naming what differs.
+    with pytest.raises(ResumeMismatchError, match="seed"):
+        logitstore.dump(str(ckpt), str(images), str(out), views=2, batch_size=8, chunk_rows=16, seed=1)
+    r = run_cli("logitstore", "dump", *args, "--out", str(out))
+    assert "resumed from row" in r.stdout
+    a, b = logitstore.open_store(ref), logitstore.open_store(out)
+    ra, rb = a[:], b[:]
+    assert list(ra.ids) == list(rb.ids) and len(a) == 120
+    for name in ("logits", "digests", "image_hw", "view_params"):
+        assert np.array_equal(getattr(ra, name), getattr(rb, name)), name
+    assert ra.logits.tobytes() == rb.logits.tobytes()
+    assert a.failures() == b.failures() and len(a.failures()) == 1
+    assert a.meta.run_fingerprint() == b.meta.run_fingerprint()
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, corpus):
+    ckpt = save_teacher(tmp_path / "slow.pt", arch="nets:slow_cnn", seconds=0.2)
+    out = tmp_path / "s.zarr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    proc = subprocess.Popen([sys.executable, "-m", "logitstore", "dump", "--teacher", str(ckpt), "--images",
+                             str(corpus), "--out", str(out), "--batch-size", "8", "--chunk-rows", "8",
+                             "--num-workers", "0", "--quiet"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if out.exists() and (zarr.open_group(str(out), mode="r").attrs.get(schema.ATTR_PROGRESS) or {}).get("rows"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert len(logitstore.open_store(out, allow_incomplete=True)) >= 8

@@ -1,0 +1,123 @@
+"""Reading a store: validation, checksums, info, verify, version rules."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import logitstore
+from logitstore import schema
+from logitstore.errors import FormatError, IntegrityError, StoreStateError
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, corpus, teacher_ckpt) -> Path:
+    out = tmp_path_factory.mktemp("store") / "s.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(out), num_workers=0, chunk_rows=32)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_slicing_and_chunks_agree(store_path):
+    st = logitstore.open_store(store_path)
+    assert st.n_chunks == 4 and st.chunk_bounds(3) == (96, 120)
+    whole = st[:]
+    assert np.array_equal(st.read_chunk(1).logits, whole.logits[32:64])
+    assert st[-1].ids[0] == whole.ids[-1] and len(st[10:20]) == 10
+    with pytest.raises(IndexError):
+        st[120]
+
+
+def test_a_flipped_byte_fails_the_read_and_verify(tmp_path, store_path):
+    bad = _copy(store_path, tmp_path / "bad.zarr")
+    chunk = bad / "logits" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    st = logitstore.open_store(bad)
+    np.testing.assert_array_equal(st.read_chunk(0).logits, logitstore.open_store(store_path).read_chunk(0).logits)
+    with pytest.raises(IntegrityError, match=r"'logits' chunk\(s\) 1\.\.1 fail their CRC32C"):
+        st.read_chunk(1)
+    r = run_cli("logitstore", "verify", str(bad), check=False)
+    assert r.returncode == 1 and "chunk(s) 1..1" in r.stderr and "FAILED" in r.stderr
+
+
+def test_verify_checks_images_against_digests(tmp_path, store_path, corpus):
+    r = run_cli("logitstore", "verify", str(store_path), "--images", str(corpus))
+    assert "120 images matched their digests" in r.stdout
+    images = tmp_path / "imgs"
+    import shutil
+
+    shutil.copytree(corpus, images)
+    victim = sorted(images.rglob("*.png"))[3]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    r = run_cli("logitstore", "verify", str(store_path), "--images", str(images), check=False)
+    assert r.returncode == 1 and victim.name in r.stderr and "differ from the digest" in r.stderr
+
+
+def test_info_reports_counts_sizes_and_predictions(store_path):
+    d = json.loads(run_cli("logitstore", "info", str(store_path), "--json").stdout)
+    assert d["images"] == 120 and d["failed"] == 0 and d["num_classes"] == 10 and d["complete"]
+    assert sum(d["class_histogram"].values()) == 120
+    assert d["top_classes"][0]["count"] == max(d["class_histogram"].values())
+    assert 0.1 <= d["confidence"]["mean"] <= 1.0 and 0 <= d["entropy_nats"]["mean"] <= np.log(10) + 1e-9
+    assert d["bytes_on_disk"] > 0 and d["logits_compression_ratio"] > 0
+    assert d["teacher"]["arch"] == "nets:tiny_cnn" and d["preprocess"]["size"] == [28, 28]
+    text = run_cli("logitstore", "info", str(store_path)).stdout
+    assert "most predicted" in text and "complete" in text
+
+
+def _set_root_attr(path: Path, **changes) -> None:
+    g = zarr.open_group(str(path), mode="a")
+    d = dict(g.attrs[schema.ATTR_ROOT])
+    d.update(changes)
+    g.attrs[schema.ATTR_ROOT] = d
+
+
+def test_readers_refuse_a_newer_major_and_read_a_newer_minor(tmp_path, store_path):
+    newer = _copy(store_path, tmp_path / "newer.zarr")
+    _set_root_attr(newer, format_version=f"{schema.FORMAT_MAJOR + 1}.0")
+    with pytest.raises(FormatError, match=rf"store format {schema.FORMAT_MAJOR + 1}\.0 is a newer major .* "
+                                          rf"{schema.FORMAT_VERSION}"):
+        logitstore.open_store(newer)
+    r = run_cli("logitstore", "info", str(newer), check=False)
+    assert r.returncode == 2 and "newer major" in r.stderr and "Traceback" not in r.stderr
+    minor = _copy(store_path, tmp_path / "minor.zarr")
+    _set_root_attr(minor, format_version=f"{schema.FORMAT_MAJOR}.{schema.FORMAT_MINOR + 1}")
+    assert len(logitstore.open_store(minor)) == 120
+
+
+def test_readers_refuse_stores_that_break_the_spec(tmp_path, store_path):
+    no_crc = tmp_path / "nocrc.zarr"
+    g = zarr.open_group(str(no_crc), mode="w")
+    g.attrs.update(dict(zarr.open_group(str(store_path), mode="r").attrs))
+    src = zarr.open_group(str(store_path), mode="r")
+    for name in src.array_keys():
+        a = src[name]
+        g.create_array(name, shape=a.shape, chunks=a.chunks, dtype=a.dtype, fill_value=a.fill_value)
+    with pytest.raises(FormatError, match="crc32c"):
+        logitstore.open_store(no_crc)
+    with pytest.raises(FormatError, match="not a logitstore store"):
+        logitstore.open_store(_plain_group(tmp_path / "plain.zarr"))
+    with pytest.raises(StoreStateError, match="no store there"):
+        logitstore.open_store(tmp_path / "missing.zarr")
+    wrong = _copy(store_path, tmp_path / "wrong.zarr")
+    _set_root_attr(wrong, classes=["a", "b"])
+    with pytest.raises(FormatError, match="logits"):
+        logitstore.open_store(wrong)
+
+
+def _plain_group(path: Path) -> Path:
+    zarr.open_group(str(path), mode="w")
+    return path
