@@ -12,6 +12,7 @@ import numpy as np
 from . import schema
 from .corpus import sha256_bytes
 from .errors import IntegrityError
+from .fingerprint import RowHasher
 from .store import LogitStore
 
 
@@ -64,7 +65,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
         "views": m.views.to_dict(), "num_classes": m.num_classes, "classes": list(m.classes),
         "dtype": m.dtype, "precision": m.precision, "seed": m.seed, "chunk_rows": m.chunk_rows,
         "teacher": m.teacher.to_dict(), "preprocess": m.preprocess.to_dict(), "corpus": m.corpus.to_dict(),
-        "created": m.created, "versions": m.versions,
+        "created": m.created, "versions": m.versions, "fingerprints": dict(m.fingerprints),
         "bytes_on_disk": sum(sizes.values()), "bytes_per_image": sum(sizes.values()) / n if sizes else None,
         "logits_raw_bytes": raw_logits,
         "logits_compression_ratio": raw_logits / stored_logits if stored_logits else None,
@@ -97,6 +98,7 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
     rep = VerifyReport(store.location, rows=len(store))
     root = Path(images).expanduser() if images else None
     seen: set[str] = set()
+    hasher = RowHasher()
     for k in range(store.n_chunks):
         rep.chunks += 1
         try:
@@ -104,6 +106,7 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
         except IntegrityError as exc:
             rep.problems.append(str(exc))
             continue
+        hasher.update(rows)
         bad = ~np.isfinite(rows.logits.astype(np.float32)).reshape(len(rows), -1).all(axis=1)
         for i in np.nonzero(bad)[0][:5]:
             rep.problems.append(f"{rows.ids[i]}: logits are NaN or inf")
@@ -125,6 +128,12 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
         if len(rep.problems) >= max_problems:
             rep.problems.append(f"stopped after {max_problems} problems")
             break
+    if store.meta.complete and not rep.problems:
+        got = hasher.result()
+        for key, value in got.items():
+            if store.meta.fingerprints.get(key) != value:
+                rep.problems.append(f"{store.location}: {key} fingerprint {value} differs from the stored "
+                                    f"{store.meta.fingerprints.get(key)} (the store was altered after it was written)")
     if store.meta.complete:
         for name in schema.FAILURE_ARRAYS:
             try:

@@ -173,6 +173,7 @@ class StoreMeta:
     batch_size: int
     created: str
     versions: dict[str, str]
+    fingerprints: dict[str, str] = field(default_factory=dict)  # teacher, corpus, contents (when complete)
 
     @property
     def num_classes(self) -> int:
@@ -184,7 +185,7 @@ class StoreMeta:
                 "views": self.views.to_dict(), "teacher": self.teacher.to_dict(),
                 "corpus": self.corpus.to_dict(), "dtype": self.dtype, "precision": self.precision,
                 "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
-                "created": self.created, "versions": dict(self.versions)}
+                "created": self.created, "versions": dict(self.versions), "fingerprints": dict(self.fingerprints)}
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What must be equal for a dump to resume into this store (everything that changes bytes)."""
@@ -226,9 +227,11 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
             teacher=TeacherInfo.from_dict(d["teacher"]), corpus=CorpusInfo.from_dict(d["corpus"]),
             dtype=d["dtype"], precision=d["precision"], seed=int(d["seed"]),
             chunk_rows=int(d["chunk_rows"]), batch_size=int(d["batch_size"]),
-            created=d["created"], versions=dict(d["versions"]))
+            created=d["created"], versions=dict(d["versions"]), fingerprints=dict(d.get("fingerprints") or {}))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
+    if meta.complete and not {"teacher", "corpus", "contents"} <= set(meta.fingerprints):
+        raise FormatError("a complete store must carry fingerprints teacher, corpus and contents")
     if meta.dtype not in LOGIT_DTYPES:
         raise FormatError(f"logits dtype {meta.dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
     if meta.num_classes < 1 or len(set(meta.classes)) != meta.num_classes:
@@ -241,11 +244,11 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
 def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
     """Rows per chunk: about 1 MiB of raw logits, a power of two in [256, 8192].
 
-    Measured in benchmarks/chunk_size.py: below ~256 KiB per chunk the per-chunk overhead
-    (a file, a codec pipeline run, a checksum) dominates reads and writes; above a few MiB
-    a reader's shuffle granularity and the trainer's per-worker share get coarse and the
-    writer holds more rows in RAM before a chunk is whole. 8192 rows caps small-C stores so a
-    corpus of tens of thousands of images still has several chunks to shuffle and share.
+    Measured in benchmarks/chunk_size.py (benchmarks/RESULTS.md): per-chunk overhead (a file,
+    a codec run, a checksum) dominates small chunks: 1 KiB chunks write/read at 1-2 MB/s,
+    80 KiB at 50-115 MB/s, 320 KiB-1 MiB at 150-300 MB/s. Larger chunks make the trainer's
+    shuffle and its per-worker shares coarse and make the writer hold more rows before a chunk
+    is whole; the 8192-row cap keeps a corpus of tens of thousands of images in several chunks.
     """
     target = (1 << 20) / max(1, views * num_classes * itemsize)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))

@@ -1,4 +1,4 @@
-"""Open a store (a path, a .zip, or an fsspec URL), validate it against the schema, read rows."""
+"""Open a store read-only (a path, a .zip, or an fsspec URL), validate it against the schema, read rows."""
 from __future__ import annotations
 
 import os
@@ -11,30 +11,8 @@ from zarr.codecs import Crc32cCodec
 
 from . import schema
 from .errors import FormatError, IntegrityError, StoreStateError
+from .locations import open_group
 from .schema import StoreMeta
-
-
-def open_group(location: str | os.PathLike, mode: str = "r",
-               storage_options: dict[str, Any] | None = None) -> zarr.Group:
-    """zarr's own stores for every location: LocalStore, ZipStore (read), FsspecStore (URLs)."""
-    loc = os.fspath(location)
-    try:
-        if loc.endswith(".zip") and "://" not in loc:
-            if mode != "r":
-                raise StoreStateError(f"{loc}: zip stores are read-only here; write a directory store "
-                                      "and pack it with `logitstore pack`")
-            from zarr.storage import ZipStore
-
-            return zarr.open_group(ZipStore(loc, mode="r"), mode="r", zarr_format=3)
-        if "://" in loc:
-            return zarr.open_group(loc, mode=mode, zarr_format=3, storage_options=storage_options)
-        return zarr.open_group(loc, mode=mode, zarr_format=3)
-    except FileNotFoundError:
-        raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)") from None
-    except (ValueError, TypeError) as exc:
-        if mode == "r":
-            raise FormatError(f"{loc}: not a readable Zarr v3 store ({' '.join(str(exc).split())[:200]})") from None
-        raise
 
 
 @dataclass
@@ -166,8 +144,6 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
                storage_options: dict[str, Any] | None = None) -> LogitStore:
     """Open a store read-only and validate it; an incomplete store is refused unless asked for."""
     loc = os.fspath(location)
-    if "://" not in loc and not os.path.exists(loc):
-        raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)")
     group = open_group(loc, mode="r", storage_options=storage_options)
     meta = schema.meta_from_attrs(dict(group.attrs))
     _validate_arrays(loc, group, meta)

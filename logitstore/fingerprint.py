@@ -1,0 +1,47 @@
+"""Fingerprints: short hashes that tell two teams whether they hold the same teacher, corpus, cache.
+
+Defined in docs/FORMAT.md ("Fingerprints"); computed from decoded values, so a store copied,
+zipped or re-compressed keeps its fingerprints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from .schema import TeacherInfo
+
+
+def teacher_fingerprint(info: TeacherInfo) -> str:
+    doc = json.dumps({"arch": info.arch, "sha256": info.sha256, "arch_kwargs": info.arch_kwargs}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+class RowHasher:
+    """Streams rows (in order, chunk by chunk) into the corpus and contents fingerprints."""
+
+    def __init__(self) -> None:
+        self._corpus, self._contents = hashlib.sha256(), hashlib.sha256()
+
+    def update(self, rows) -> None:
+        for image_id, digest in zip(rows.ids, rows.digests):
+            entry = str(image_id).encode("utf-8") + b"\0" + digest.tobytes()
+            self._corpus.update(entry)
+            self._contents.update(entry)
+        for arr in (rows.logits, rows.image_hw, rows.view_params):
+            self._contents.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+
+    def result(self) -> dict[str, str]:
+        return {"corpus": "sha256:" + self._corpus.hexdigest(), "contents": "sha256:" + self._contents.hexdigest()}
+
+
+def row_fingerprints(store) -> dict[str, str]:
+    """{"corpus": ids + digests, "contents": every row array} of a LogitStore, chunk by chunk.
+
+    A failed checksum raises IntegrityError.
+    """
+    hasher = RowHasher()
+    for _, rows in store.iter_chunks():
+        hasher.update(rows)
+    return hasher.result()

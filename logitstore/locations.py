@@ -1,0 +1,117 @@
+"""Where a store lives: a local directory, a read-only .zip, or an fsspec URL (s3://, file://, ...).
+
+Only zarr's own stores are used (LocalStore, ZipStore, FsspecStore); this module picks one and
+offers the few raw-key operations that copying a store byte for byte needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .errors import FormatError, StoreStateError
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def is_zip(location: str) -> bool:
+    return location.endswith(".zip") and not is_url(location)
+
+
+def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs (from --storage-option) -> fsspec storage options; VALUE is JSON when it parses.
+
+    `endpoint_url` and `region_name` are passed to the S3 client (s3fs `client_kwargs`).
+    """
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise StoreStateError(f"--storage-option {pair!r} must be KEY=VALUE (e.g. endpoint_url=http://...)")
+        key, value = pair.split("=", 1)
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    client = {k: opts.pop(k) for k in ("endpoint_url", "region_name") if k in opts}
+    if client:
+        opts.setdefault("client_kwargs", {}).update(client)
+    return opts
+
+
+def _missing_backend(location: str, exc: ImportError) -> StoreStateError:
+    scheme = location.split("://", 1)[0]
+    hint = "pip install 'logitstore[s3]'" if scheme in ("s3", "s3a") else f"install the fsspec backend for {scheme}://"
+    return StoreStateError(f"{location}: no filesystem for {scheme}:// ({exc}); {hint}")
+
+
+def open_raw_store(location: str | os.PathLike, mode: str = "r",
+                   storage_options: dict[str, Any] | None = None) -> Store:
+    """A zarr Store for `location` (mode 'r' or 'w'; zip stores are read-only here)."""
+    loc = os.fspath(location)
+    read_only = mode == "r"
+    try:
+        if is_zip(loc):
+            from zarr.storage import ZipStore
+
+            if not read_only:
+                raise StoreStateError(f"{loc}: a zip store is written once with `logitstore pack`, never in place")
+            if not os.path.isfile(loc):
+                raise StoreStateError(f"{loc}: no such zip store; check the path")
+            return ZipStore(loc, mode="r")
+        if is_url(loc):
+            from zarr.storage import FsspecStore
+
+            return FsspecStore.from_url(loc, storage_options=storage_options or {}, read_only=read_only)
+        from zarr.storage import LocalStore
+
+        if read_only and not os.path.isdir(loc):
+            raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)")
+        return LocalStore(loc, read_only=read_only)
+    except ImportError as exc:
+        raise _missing_backend(loc, exc) from None
+
+
+def open_group(location: str | os.PathLike, mode: str = "r",
+               storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """Open the root group; mode 'r' (read-only), 'a' (create or update) or 'w' (replace)."""
+    loc = os.fspath(location)
+    store = open_raw_store(loc, "r" if mode == "r" else "w", storage_options)
+    try:
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        if mode == "r":
+            raise FormatError(f"{loc}: not a readable Zarr v3 store ({' '.join(str(exc).split())[:200]})") from None
+        raise
+
+
+def list_keys(store: Store) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list()]
+
+    return sorted(sync(collect()))
+
+
+def get_bytes(store: Store, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def set_bytes(store: Store, key: str, data: bytes) -> None:
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def key_exists(store: Store, key: str) -> bool:
+    return bool(sync(store.exists(key)))
+
+
+def delete_all(store: Store) -> None:
+    sync(store.clear())

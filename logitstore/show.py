@@ -1,0 +1,176 @@
+"""`logitstore show`: see what the teacher saw, to judge whether an unlabeled corpus will teach.
+
+One PNG: for each class the teacher predicts, a row of sample images (the exact input view the
+teacher was given) with the teacher's confidence, next to the class histogram of its top-1
+predictions over the whole store.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+import click
+import numpy as np
+
+from .corpus import read_and_decode
+from .errors import CorpusError, IntegrityError, LogitStoreError
+from .store import LogitStore, open_store
+from .views import apply_view
+
+
+@dataclass
+class SheetSummary:
+    out: Path
+    images: int                      # rows of the store (first view of each)
+    class_counts: dict[str, int]     # teacher's top-1 histogram, every class
+    shown: dict[str, int]            # images drawn per class row
+    classes_drawn: list[str]         # the row order
+
+
+def _top1(store: LogitStore) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 class, its softmax probability at T=1) of every row's first view, chunk by chunk."""
+    preds, confs = [], []
+    for _, rows in store.iter_chunks():
+        z = rows.logits[:, 0, :].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        preds.append(p.argmax(axis=1))
+        confs.append(p.max(axis=1))
+    if not preds:
+        return np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(preds), np.concatenate(confs)
+
+
+def _teacher_views(store: LogitStore, root: Path, wanted: list[int]) -> dict[int, np.ndarray]:
+    """The first view of each wanted row as uint8 HxW (L) or HxWx3 (RGB), digest-checked.
+
+    Each chunk holding a wanted row is read once.
+    """
+    out: dict[int, np.ndarray] = {}
+    by_chunk: dict[int, list[int]] = {}
+    for r in sorted(wanted):
+        by_chunk.setdefault(r // store.chunk_rows, []).append(r)
+    pre, kind = store.meta.preprocess, store.meta.views.kind
+    for k, rows_in_chunk in by_chunk.items():
+        first, _ = store.chunk_bounds(k)
+        rows = store.read_chunk(k)
+        for r in rows_in_chunk:
+            i = r - first
+            path = root / str(rows.ids[i])
+            try:
+                digest, img = read_and_decode(path, pre.mode)
+            except FileNotFoundError:
+                raise CorpusError(f"{path}: missing; --images must be the corpus the store was dumped from "
+                                  f"(recorded root: {store.meta.corpus.root})") from None
+            except OSError as exc:
+                raise CorpusError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            if digest != rows.digests[i].tobytes():
+                raise IntegrityError(f"{path}: its bytes differ from the digest stored when it was dumped; "
+                                     "--images points at a different or modified corpus")
+            arr = apply_view(img, rows.view_params[i, 0], pre, kind).numpy().transpose(1, 2, 0)
+            out[r] = arr[:, :, 0] if arr.shape[2] == 1 else arr
+    return out
+
+
+def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.PathLike | None,
+                  out_png: str | os.PathLike, per_class: int = 8, seed: int = 0, max_classes: int = 20,
+                  title: str | None = None) -> SheetSummary:
+    """Draw `per_class` random images of each class the teacher predicts, with its confidence, and
+    its top-1 class histogram, into one PNG. With more than `max_classes` classes only the most
+    predicted ones get a row.
+
+    `images_root` defaults to the corpus root recorded in the store. Each drawn image is checked
+    against its stored digest, so a sheet never shows pictures the logits were not computed on.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
+
+    if per_class < 1 or max_classes < 1:
+        raise LogitStoreError(f"per_class ({per_class}) and max_classes ({max_classes}) must be at least 1")
+    if not isinstance(store, LogitStore):
+        store = open_store(store)
+    root = Path(images_root if images_root is not None else store.meta.corpus.root).expanduser()
+    if not root.is_dir():
+        raise CorpusError(f"{root}: no such folder; pass --images, the corpus root the store was dumped from")
+    classes = store.classes
+    pred, conf = _top1(store)
+    counts = np.bincount(pred, minlength=len(classes)) if len(pred) else np.zeros(len(classes), np.int64)
+    # Rows: every class in class order for small label sets (an empty row says "never predicted"),
+    # else the most predicted classes, most first.
+    drawn = (np.argsort(-counts, kind="stable")[:max_classes] if len(classes) > max_classes
+             else np.arange(len(classes)))
+    rng = np.random.default_rng(seed)
+    picks = {int(c): rng.permutation(np.nonzero(pred == c)[0])[:per_class] for c in drawn}
+    views = _teacher_views(store, root, [int(r) for p in picks.values() for r in p])
+
+    cell = 0.9
+    n_rows = len(drawn)
+    fig = Figure(figsize=(1.6 + per_class * cell + 4.2, 0.9 + n_rows * (cell + 0.25)))
+    grid = fig.add_gridspec(n_rows, per_class + 2, width_ratios=[1.8] + [cell] * per_class + [4.2],
+                            left=0.01, right=0.95, top=1 - 0.7 / fig.get_figheight(), bottom=0.02,
+                            wspace=0.08, hspace=0.45)
+    n = max(1, len(pred))
+    for r, c in enumerate(drawn):
+        label_ax = fig.add_subplot(grid[r, 0])
+        label_ax.axis("off")
+        label_ax.text(0.95, 0.5, f"{classes[c]}\n{counts[c]:,} ({100 * counts[c] / n:.1f}%)",
+                      ha="right", va="center", fontsize=9, transform=label_ax.transAxes)
+        for j in range(per_class):
+            ax = fig.add_subplot(grid[r, 1 + j])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if j == 0 and not len(picks[int(c)]):
+                ax.text(0.05, 0.5, "never predicted", fontsize=8, color="grey", va="center",
+                        transform=ax.transAxes, clip_on=False)
+            if j < len(picks[int(c)]):
+                row = int(picks[int(c)][j])
+                img = views[row]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+                ax.set_title(f"{conf[row]:.2f}", fontsize=7, pad=2)
+    # The histogram's bars line up with the rows: the same classes, in the same order.
+    hist_ax = fig.add_subplot(grid[:, -1])
+    ys = np.arange(n_rows)
+    frac = counts[drawn] / n
+    hist_ax.barh(ys, frac, height=0.6, color="#4c72b0")
+    for y, f in zip(ys, frac):
+        hist_ax.text(f, y, f" {100 * f:.1f}%", va="center", fontsize=7)
+    hist_ax.set_ylim(n_rows - 0.5, -0.5)
+    hist_ax.set_yticks(ys, [classes[int(c)] for c in drawn], fontsize=8)
+    hist_ax.yaxis.tick_right()
+    hist_ax.set_xlim(0, max(1 / len(classes), float(frac.max()) if n_rows else 0) * 1.25)
+    hist_ax.axvline(1 / len(classes), color="grey", lw=0.8, ls="--", label="uniform")
+    other = 1 - float(frac.sum())
+    hist_ax.set_xlabel("teacher's top-1, fraction of images" + (f"\n(other classes: {100 * other:.1f}%)"
+                                                               if len(drawn) < len(classes) else ""), fontsize=8)
+    hist_ax.tick_params(axis="x", labelsize=7)
+    hist_ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or f"{Path(store.location).name}: {len(pred):,} images by the teacher's top-1 class "
+                 f"(confidence above each image)", fontsize=10)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return SheetSummary(out=out, images=len(pred), class_counts={classes[k]: int(counts[k]) for k in range(len(classes))},
+                        shown={classes[int(c)]: len(picks[int(c)]) for c in drawn},
+                        classes_drawn=[classes[int(c)] for c in drawn])
+
+
+@click.command("show")
+@click.argument("store")
+@click.option("--images", default=None, type=click.Path(),
+              help="Corpus root the store was dumped from [default: the root recorded in the store].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--per-class", default=8, show_default=True, type=int, help="Images drawn per class.")
+@click.option("--max-classes", default=20, show_default=True, type=int,
+              help="Rows drawn when the teacher has more classes (the most predicted ones).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Which images are drawn.")
+def show(store: str, images: str | None, out: str, per_class: int, max_classes: int, seed: int) -> None:
+    """A contact sheet: sample images grouped by the teacher's top-1 class, with its confidence and
+    the class histogram. Use it to judge whether an unlabeled corpus will teach anything."""
+    summary = contact_sheet(store, images, out, per_class=per_class, seed=seed, max_classes=max_classes)
+    top = sorted(summary.class_counts.items(), key=lambda kv: -kv[1])[:5]
+    n = max(1, summary.images)
+    click.echo(f"wrote {summary.out}: {summary.images:,} images; most predicted: "
+               + ", ".join(f"{k} {100 * v / n:.1f}%" for k, v in top))
+
