@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LogitStoreError
+from .locations import parse_storage_options
 
 console = Console(stderr=True)
 
@@ -106,6 +107,8 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~1 MiB of logits].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
 def dump(**kw: Any) -> None:
     """Run a teacher over an image corpus and store its raw logits (resumes an interrupted run)."""
     from .pipeline import dump as run_dump
@@ -123,7 +126,7 @@ def dump(**kw: Any) -> None:
         std=_floats(kw["std"], "--std"), mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
         chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
         crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
-        progress=not quiet)
+        progress=not quiet, storage_options=parse_storage_options(kw["storage_option"]))
     t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
     rows = [("images stored", f"{summary.n_images:,}"), ("failed (recorded)", f"{summary.n_failed:,}"),
             ("views x classes", f"{summary.views} x {summary.num_classes}"),
@@ -145,12 +148,15 @@ def dump(**kw: Any) -> None:
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--allow-incomplete", is_flag=True, help="Describe the rows of an unfinished dump.")
-def info(store: str, as_json: bool, allow_incomplete: bool) -> None:
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
     """Metadata, counts, failures, size, compression and the teacher's prediction summary."""
     from .inspect_store import info as store_info
     from .store import open_store
 
-    d = store_info(open_store(store, allow_incomplete=allow_incomplete))
+    d = store_info(open_store(store, allow_incomplete=allow_incomplete,
+                              storage_options=parse_storage_options(storage_option)))
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -168,6 +174,7 @@ def info(store: str, as_json: bool, allow_incomplete: bool) -> None:
         ("preprocess", json.dumps(d["preprocess"])),
         ("corpus", f"{d['corpus']['root']}"),
         ("created", d["created"]),
+        *[(f"fingerprint {k}", v) for k, v in d["fingerprints"].items()],
         ("size on disk", f"{_human(d['bytes_on_disk'])} ({d['bytes_per_image'] or 0:,.1f} B/image)"),
         ("logits compression", f"{ratio:.2f}x" if ratio else "n/a"),
         ("confidence (T=1)", "mean {mean:.3f}, p10 {p10:.3f}, median {median:.3f}, p90 {p90:.3f}".format(
@@ -187,12 +194,15 @@ def info(store: str, as_json: bool, allow_incomplete: bool) -> None:
 @click.option("--images", default=None, type=click.Path(),
               help="Also check every image's bytes against its stored digest (corpus root).")
 @click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
-def verify(store: str, images: str | None, allow_incomplete: bool) -> None:
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+def verify(store: str, images: str | None, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
     """Check a store: complete, every chunk's checksum, finite logits, and (with --images) digests."""
     from .inspect_store import verify as run_verify
     from .store import open_store
 
-    rep = run_verify(open_store(store, allow_incomplete=allow_incomplete), images,
+    rep = run_verify(open_store(store, allow_incomplete=allow_incomplete,
+                                storage_options=parse_storage_options(storage_option)), images,
                      allow_incomplete=allow_incomplete)
     for p in rep.problems:
         click.echo(f"  problem: {p}", err=True)
@@ -203,6 +213,97 @@ def verify(store: str, images: str | None, allow_incomplete: bool) -> None:
                    err=True)
         sys.exit(1)
     click.echo(f"OK: {store}: {what}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--overwrite", is_flag=True, help="Replace whatever is at DST.")
+@click.option("--src-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for SRC; repeatable.")
+@click.option("--dst-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for DST; repeatable.")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for both; repeatable.")
+def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_option: tuple[str, ...],
+         storage_option: tuple[str, ...]) -> None:
+    """Copy a complete store between locations (directory, s3://..., file://..., .zip), resumably.
+
+    Every chunk's checksum is verified as it arrives; the completion marker is written last, so an
+    interrupted copy is re-run with the same command and skips what already arrived.
+    """
+    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option])
+
+
+@main.command()
+@click.argument("store")
+@click.argument("out", metavar="OUT.zarr.zip")
+@click.option("--overwrite", is_flag=True)
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE")
+def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...]) -> None:
+    """Write a store into one zip file (read directly, without unpacking, by every command)."""
+    if not out.endswith(".zip"):
+        raise click.BadParameter(f"{out!r} must end in .zip", param_hint="OUT")
+    _transfer(store, out, overwrite, list(storage_option), [])
+
+
+def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str]) -> None:
+    from rich.progress import Progress
+
+    from .transfer import copy_store
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"copy -> {dst}", total=None)
+        rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
+                 dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
+                 on_key=lambda n: bar.advance(task, n))
+    click.echo(f"OK: {src} -> {dst}: {rep.copied} objects copied ({_human(rep.bytes_copied)}), "
+               f"{rep.skipped} already there, every chunk checksum verified")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="Merged store to write.")
+@click.option("--prefix", default=None, help="Comma-separated id prefix per store [default: corpus folder names].")
+@click.option("--dedupe", is_flag=True, help="Drop images whose digest was already seen.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE")
+def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, overwrite: bool,
+          storage_option: tuple[str, ...]) -> None:
+    """Merge stores of several corpora dumped by the same teacher (same classes, preprocessing, views)."""
+    from .combine import merge as run_merge
+
+    rep = run_merge(list(stores), out, prefixes=prefix.split(",") if prefix else None, dedupe=dedupe,
+                    overwrite=overwrite, storage_options=parse_storage_options(storage_option))
+    for s in rep.sources:
+        click.echo(f"  {s['prefix']}/: {s['rows']:,} rows from {s['store']}")
+    click.echo(f"OK: {out}: {rep.rows:,} rows ({rep.dropped_duplicates:,} duplicates dropped)")
+
+
+@main.command()
+@click.argument("store")
+@click.option("-o", "--out", required=True, help="Selected store to write.")
+@click.option("--min-confidence", type=float, default=None, help="Keep rows whose top probability >= this.")
+@click.option("--max-entropy", type=float, default=None, help="Keep rows whose entropy (nats) <= this.")
+@click.option("--per-class", type=int, default=None, help="Keep the K most confident rows per predicted class.")
+@click.option("--limit", type=int, default=None, help="Keep at most this many rows (most confident first).")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Temperature of the softmax these criteria are measured on.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE")
+def select(store: str, out: str, min_confidence: float | None, max_entropy: float | None,
+           per_class: int | None, limit: int | None, temperature: float, overwrite: bool,
+           storage_option: tuple[str, ...]) -> None:
+    """Build a transfer set chosen by the teacher (confidence, entropy, class balance, size)."""
+    from .combine import select as run_select
+
+    rep = run_select(store, out, min_confidence=min_confidence, max_entropy=max_entropy, per_class=per_class,
+                     limit=limit, temperature=temperature, overwrite=overwrite,
+                     storage_options=parse_storage_options(storage_option))
+    t = Table(title=f"{out}: {rep.rows_out:,} of {rep.rows_in:,} rows", show_header=True)
+    t.add_column("predicted class")
+    t.add_column("rows", justify="right")
+    for c, n in rep.per_class.items():
+        t.add_row(c, f"{n:,}")
+    Console().print(t)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def open_raw_store(location: str | os.PathLike, mode: str = "r",
                 raise StoreStateError(f"{loc}: a zip store is written once with `logitstore pack`, never in place")
             if not os.path.isfile(loc):
                 raise StoreStateError(f"{loc}: no such zip store; check the path")
-            return ZipStore(loc, mode="r")
+            return sync(ZipStore.open(loc, mode="r"))
         if is_url(loc):
             from zarr.storage import FsspecStore
 

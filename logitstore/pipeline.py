@@ -160,8 +160,8 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
          std: Sequence[float] | None = None, mode: str | None = None,
          classes: str | Sequence[str] | None = None, overwrite: bool = False, chunk_rows: int | None = None,
          crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-         flip_prob: float = 0.5, progress: bool = False,
-         on_batch: Callable[[int], None] | None = None) -> DumpSummary:
+         flip_prob: float = 0.5, progress: bool = False, on_batch: Callable[[int], None] | None = None,
+         storage_options: dict[str, Any] | None = None) -> DumpSummary:
     """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
@@ -199,7 +199,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
         dtype=dtype, precision=precision, seed=seed,
         chunk_rows=chunk_rows or schema.default_chunk_rows(spec.count, width, itemsize), batch_size=batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions())
-    writer = open_writer(out, meta, overwrite=overwrite)
+    writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
     resumed_rows, start = writer.progress.rows, writer.progress.next_source
 
     if isinstance(model, torch.nn.Module):

@@ -146,6 +146,10 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
     loc = os.fspath(location)
     group = open_group(loc, mode="r", storage_options=storage_options)
     meta = schema.meta_from_attrs(dict(group.attrs))
+    if not meta.complete and not allow_incomplete:
+        raise StoreStateError(f"{loc}: the store is incomplete (a dump or copy was interrupted or is still "
+                              "running); finish it by re-running the same command, or pass "
+                              "--allow-incomplete to read the rows written so far")
     _validate_arrays(loc, group, meta)
     if meta.complete:
         rows = group[schema.LOGITS].shape[0]
@@ -155,9 +159,5 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
         if rows != meta.corpus.n_images:
             raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images}")
     else:
-        if not allow_incomplete:
-            raise StoreStateError(f"{loc}: the dump is incomplete (interrupted or still running); finish it by "
-                                  "re-running the same `logitstore dump` command, or pass "
-                                  "--allow-incomplete to read the rows written so far")
         rows = int((group.attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))
     return LogitStore(loc, group, meta, rows)

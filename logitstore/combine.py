@@ -1,0 +1,210 @@
+"""Derived stores: merge corpora dumped by one teacher, and select a transfer set by the teacher's outputs."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import schema
+from .errors import LogitStoreError
+from .schema import CorpusInfo, StoreMeta
+from .store import LogitStore, Rows, open_store
+from .writer import RowBatch, open_writer
+
+
+class MismatchError(LogitStoreError):
+    """Stores that cannot be combined: different teacher, classes, class order, preprocessing or views."""
+
+
+def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = True) -> str | None:
+    """The first difference that makes two stores' logits incomparable, or None."""
+    if a.classes != b.classes:
+        if set(a.classes) == set(b.classes):
+            return "the class order differs"
+        only_a = sorted(set(a.classes) - set(b.classes))[:5]
+        only_b = sorted(set(b.classes) - set(a.classes))[:5]
+        return f"the classes differ (only in the first: {only_a}; only in the second: {only_b})"
+    if a.preprocess != b.preprocess:
+        diff = {k: (v, b.preprocess.to_dict()[k]) for k, v in a.preprocess.to_dict().items()
+                if b.preprocess.to_dict()[k] != v}
+        return f"the preprocessing differs ({diff})"
+    if same_teacher and (a.teacher.arch, a.teacher.sha256) != (b.teacher.arch, b.teacher.sha256):
+        return (f"the teacher differs ({a.teacher.arch} sha256 {a.teacher.sha256[:12]} vs "
+                f"{b.teacher.arch} sha256 {b.teacher.sha256[:12]})")
+    if a.views != b.views:
+        return f"the views differ ({a.views.to_dict()} vs {b.views.to_dict()})"
+    if a.dtype != b.dtype:
+        return f"the logits dtype differs ({a.dtype} vs {b.dtype})"
+    return None
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str) -> StoreMeta:
+    return replace(base, complete=False, fingerprints={}, format_version=schema.FORMAT_VERSION,
+                   corpus=CorpusInfo(root, listing, listing_sha, n_rows),
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _write(out: str, meta: StoreMeta, batches: Iterable[RowBatch], overwrite: bool,
+           storage_options: dict[str, Any] | None) -> StoreMeta:
+    writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
+    if writer.progress.rows:  # derived stores are cheap to rebuild: start over rather than resume
+        writer.close(finalize=False)
+        writer = open_writer(out, meta, overwrite=True, storage_options=storage_options)
+    try:
+        for batch in batches:
+            writer.submit(batch)
+    except BaseException:
+        writer.close(finalize=False)
+        raise
+    return writer.close(finalize=True)
+
+
+def _batch(rows: Rows, keep: np.ndarray, first: int, ids: Sequence[str] | None = None,
+           failures: list[tuple[int, str, str]] | None = None) -> RowBatch:
+    n = int(keep.sum())
+    return RowBatch(np.arange(first, first + n, dtype=np.int64),
+                    list(ids) if ids is not None else [str(i) for i in rows.ids[keep]],
+                    rows.logits[keep], rows.digests[keep], rows.image_hw[keep], rows.view_params[keep],
+                    failures or [])
+
+
+@dataclass
+class MergeReport:
+    out: str
+    rows: int
+    dropped_duplicates: int
+    sources: list[dict[str, Any]]
+
+
+def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = None, dedupe: bool = False,
+          overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> MergeReport:
+    """Concatenate stores dumped by the same teacher into one; ids become `prefix/id`.
+
+    The default prefix is the name of each source's corpus folder, so when the corpora are
+    sibling folders the merged ids are paths under their common parent and the images stay findable.
+    """
+    if len(sources) < 2:
+        raise MismatchError("merge needs at least two stores")
+    stores = [open_store(s, storage_options=storage_options) for s in sources]
+    for s in stores[1:]:
+        problem = compatibility_problem(stores[0].meta, s.meta)
+        if problem:
+            raise MismatchError(f"cannot merge {stores[0].location} and {s.location}: {problem}")
+    names = list(prefixes) if prefixes else [PurePosixPath(s.meta.corpus.root).name or f"s{i}"
+                                             for i, s in enumerate(stores)]
+    if len(names) != len(stores) or len(set(names)) != len(names) or any("/" in p or not p for p in names):
+        raise MismatchError(f"prefixes {names} must be one unique, non-empty folder name per store; "
+                            "pass --prefix a,b,...")
+    roots = [os.path.dirname(s.meta.corpus.root.rstrip("/")) for s in stores]
+    sibling = all(r == roots[0] for r in roots) and names == [PurePosixPath(s.meta.corpus.root).name for s in stores]
+    root = roots[0] if sibling else ""
+    total = sum(len(s) for s in stores)
+    seen: set[bytes] = set()
+    dropped = 0
+
+    def batches() -> Iterator[RowBatch]:
+        nonlocal dropped
+        written = 0
+        for prefix, store in zip(names, stores):
+            failures = [(0, f"{prefix}/{i}", r) for i, r in store.failures()]
+            for _, rows in store.iter_chunks():
+                keep = np.ones(len(rows), dtype=bool)
+                if dedupe:
+                    for j, d in enumerate(rows.digests):
+                        key = d.tobytes()
+                        keep[j] = key not in seen
+                        seen.add(key)
+                    dropped += int((~keep).sum())
+                ids = [f"{prefix}/{i}" for i in rows.ids[keep]]
+                yield _batch(rows, keep, written, ids, failures)
+                failures = []
+                written += len(ids)
+
+    listing_sha = _sha256_text("merge:" + ",".join(s.meta.fingerprints["corpus"] for s in stores))
+    meta = _derived_meta(stores[0].meta, total, root, "merge", listing_sha)
+    final = _write(out, meta, batches(), overwrite, storage_options)
+    return MergeReport(out, final.corpus.n_images, dropped,
+                       [{"store": s.location, "prefix": p, "rows": len(s), "contents": s.meta.fingerprints["contents"]}
+                        for s, p in zip(stores, names)])
+
+
+def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Mean over views of softmax(logits / T), float64: [n, V, C] -> [n, C]."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p.mean(axis=1)
+
+
+@dataclass
+class SelectReport:
+    out: str
+    rows_in: int
+    rows_out: int
+    per_class: dict[str, int]
+
+
+def select(source: str, out: str, *, min_confidence: float | None = None, max_entropy: float | None = None,
+           per_class: int | None = None, limit: int | None = None, temperature: float = 1.0,
+           overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> SelectReport:
+    """Keep the rows the teacher is sure enough about; optionally K per predicted class, at most `limit`.
+
+    Confidence is the top probability and entropy is in nats, of the teacher's softmax at
+    `temperature` averaged over the stored views. With --per-class the K most confident rows of
+    each predicted class are kept; --limit then keeps the most confident overall. Rows keep their
+    original order.
+    """
+    store = open_store(source, storage_options=storage_options)
+    conf, ent, arg = [], [], []
+    for _, rows in store.iter_chunks():  # pass 1: three numbers per row, never the logits
+        p = _probabilities(rows.logits, temperature)
+        conf.append(p.max(axis=1))
+        ent.append(-(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1))
+        arg.append(p.argmax(axis=1))
+    conf_a, ent_a, arg_a = (np.concatenate(x) if x else np.zeros(0) for x in (conf, ent, arg))
+    keep = np.ones(len(store), dtype=bool)
+    if min_confidence is not None:
+        keep &= conf_a >= min_confidence
+    if max_entropy is not None:
+        keep &= ent_a <= max_entropy
+    if per_class is not None:
+        chosen = np.zeros_like(keep)
+        for c in range(store.meta.num_classes):
+            idx = np.nonzero(keep & (arg_a == c))[0]
+            chosen[idx[np.argsort(-conf_a[idx], kind="stable")[:per_class]]] = True
+        keep = chosen
+    if limit is not None and keep.sum() > limit:
+        idx = np.nonzero(keep)[0]
+        keep = np.zeros_like(keep)
+        keep[idx[np.argsort(-conf_a[idx], kind="stable")[:limit]]] = True
+    n_out = int(keep.sum())
+    if n_out == 0:
+        raise LogitStoreError(f"select: no row of {source} meets the criteria; loosen --min-confidence, "
+                              "--max-entropy or --per-class")
+
+    def batches() -> Iterator[RowBatch]:
+        written = 0
+        for k, rows in store.iter_chunks():  # pass 2: copy the chosen rows, chunk by chunk
+            a, b = store.chunk_bounds(k)
+            sel = keep[a:b]
+            if sel.any():
+                yield _batch(rows, sel, written)
+                written += int(sel.sum())
+
+    m = store.meta
+    meta = _derived_meta(m, n_out, m.corpus.root, m.corpus.listing,
+                         _sha256_text("select:" + m.fingerprints["contents"]))
+    final = _write(out, meta, batches(), overwrite, storage_options)
+    counts = np.bincount(arg_a[keep].astype(np.int64), minlength=m.num_classes)
+    return SelectReport(out, len(store), final.corpus.n_images,
+                        {m.classes[c]: int(counts[c]) for c in range(m.num_classes)})

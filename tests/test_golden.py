@@ -1,0 +1,53 @@
+"""Golden stores of each released format version: still readable, and still what the writer writes."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import logitstore
+from logitstore import schema
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+sys.path.insert(0, str(GOLDEN))
+from make_golden import build, golden_rows  # noqa: E402
+
+VERSIONS = sorted(p for p in GOLDEN.glob("v*.zarr"))
+
+
+def test_there_is_a_golden_store_of_the_current_version():
+    assert GOLDEN / f"v{schema.FORMAT_VERSION}.zarr" in VERSIONS
+
+
+@pytest.mark.parametrize("path", VERSIONS, ids=[p.name for p in VERSIONS])
+def test_golden_store_reads_back_its_values(path):
+    st = logitstore.open_store(path)
+    batches = golden_rows()
+    rows = st[:]
+    assert list(rows.ids) == [i for b in batches for i in b.ids]
+    assert np.array_equal(rows.logits, np.concatenate([b.logits for b in batches]))
+    assert np.array_equal(rows.view_params, np.concatenate([b.view_params for b in batches]))
+    assert np.array_equal(rows.digests, np.concatenate([b.digests for b in batches]))
+    assert st.failures() == [("img06.png", "UnidentifiedImageError: cannot identify image file")]
+    assert st.meta.classes == ("cat", "dog", "bird") and st.meta.views.count == 2
+    assert "OK" in __import__("conftest").run_cli("logitstore", "verify", str(path)).stdout
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_writer_still_writes_the_current_golden_store_byte_for_byte(tmp_path):
+    """An accidental change of arrays, dtypes, chunks, codecs or attributes fails here."""
+    build(tmp_path / "now.zarr")
+    now, golden = _files(tmp_path / "now.zarr"), _files(GOLDEN / f"v{schema.FORMAT_VERSION}.zarr")
+    assert sorted(now) == sorted(golden)
+    for key in golden:
+        if key.endswith("zarr.json"):
+            a, b = json.loads(now[key]), json.loads(golden[key])
+            assert a == b, f"{key} changed: bump format_version and add a golden store"
+        else:
+            assert now[key] == golden[key], f"{key} changed: bump format_version and add a golden store"

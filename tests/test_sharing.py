@@ -1,0 +1,191 @@
+"""Sharing caches: zip and S3 (a real S3-protocol server on 127.0.0.1), copy, merge, select, fingerprints."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import logitstore
+from logitstore.combine import MismatchError, merge, select
+from logitstore.errors import IntegrityError, StoreStateError
+from logitstore.transfer import copy_store
+
+from conftest import REPO, TESTS, run_cli, save_teacher
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback; AWS_* variables point every client (ours, s3fs, boto3) at it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="caches")
+    yield f"http://{host}:{port}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus, teacher_ckpt) -> Path:
+    out = tmp_path_factory.mktemp("share") / "s.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(out), num_workers=0, chunk_rows=32, views=2, seed=3)
+    return out
+
+
+def all_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_round_trip_local_zip_s3_local_keeps_every_byte(tmp_path, store, s3):
+    z = tmp_path / "s.zarr.zip"
+    run_cli("logitstore", "pack", str(store), str(z))
+    assert logitstore.open_store(z).meta.fingerprints == logitstore.open_store(store).meta.fingerprints
+    url = "s3://caches/team-a/s.zarr"
+    r = run_cli("logitstore", "copy", str(z), url, "--storage-option", f"endpoint_url={s3}")
+    assert "every chunk checksum verified" in r.stdout
+    back = tmp_path / "back.zarr"
+    run_cli("logitstore", "copy", url, str(back))
+    assert all_bytes(back) == all_bytes(store)
+    info = json.loads(run_cli("logitstore", "info", url, "--json").stdout)
+    assert info["fingerprints"] == logitstore.open_store(store).meta.fingerprints and info["images"] == 120
+    assert "OK" in run_cli("logitstore", "verify", url).stdout
+    assert np.array_equal(logitstore.open_store(url)[:].logits, logitstore.open_store(store)[:].logits)
+
+
+def test_dump_writes_straight_to_object_storage(tmp_path, corpus, teacher_ckpt, s3):
+    url = "s3://caches/direct/s.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), url, num_workers=0, chunk_rows=64)
+    local = tmp_path / "local.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(local), num_workers=0, chunk_rows=64)
+    a, b = logitstore.open_store(url), logitstore.open_store(local)
+    assert a.meta.fingerprints == b.meta.fingerprints and len(a) == 120
+
+
+def test_interrupted_copy_resumes_and_never_looks_complete(tmp_path, store):
+    dst = tmp_path / "dst.zarr"
+    seen = []
+
+    def stop_after_five(n):
+        seen.append(n)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_store(str(store), str(dst), on_key=stop_after_five)
+    with pytest.raises(StoreStateError, match="incomplete"):
+        logitstore.open_store(dst)
+    with pytest.raises(StoreStateError, match="already holds another store"):
+        copy_store_other(tmp_path, dst)
+    rep = copy_store(str(store), str(dst))
+    assert rep.skipped == 5 and rep.copied == rep.keys - 5  # on_key runs after each key is written
+    assert all_bytes(dst) == all_bytes(store)
+    again = copy_store(str(store), str(dst))
+    assert again.copied == 0 and again.skipped == again.keys
+
+
+def copy_store_other(tmp_path: Path, dst: Path) -> None:
+    """A different complete store may not be copied over a half-copied one without --overwrite."""
+    other = tmp_path / "other.zarr"
+    ckpt = save_teacher(tmp_path / "o.pt", seed=5)
+    imgs = tmp_path / "few"
+    imgs.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(imgs / "z.png")
+    logitstore.dump(str(ckpt), str(imgs), str(other), num_workers=0)
+    copy_store(str(other), str(dst))
+
+
+def test_a_corrupted_chunk_is_caught_by_copy_verify_and_readers(tmp_path, store):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    chunk = bad / "logits" / "c" / "2" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="logits/c/2/0/0"):
+        copy_store(str(bad), str(tmp_path / "copy.zarr"))
+    r = run_cli("logitstore", "verify", str(bad), check=False)
+    assert r.returncode == 1 and "'logits' chunk(s) 2..2" in r.stderr
+    with pytest.raises(IntegrityError, match="chunk"):
+        logitstore.open_store(bad)[:]
+
+
+def test_merge_prefixes_ids_and_dedupes_by_digest(tmp_path, store, corpus, teacher_ckpt):
+    twin = tmp_path / "twin.zarr"
+    shutil.copytree(store, twin)
+    out = tmp_path / "m.zarr"
+    r = run_cli("logitstore", "merge", str(store), str(twin), "-o", str(out), "--prefix", "a,b")
+    assert "240 rows" in r.stdout
+    m = logitstore.open_store(out)
+    ids = list(m[:].ids)
+    assert ids[:2] == ["a/part0/img00000.png", "a/part0/img00003.png"] and ids[120].startswith("b/")
+    assert np.array_equal(m[:120].logits, logitstore.open_store(store)[:].logits)
+    d = merge([str(store), str(twin)], str(tmp_path / "d.zarr"), prefixes=["a", "b"], dedupe=True)
+    assert d.rows == 120 and d.dropped_duplicates == 120
+
+
+def test_merge_refuses_other_teachers_classes_and_preprocessing(tmp_path, store, corpus):
+    other = save_teacher(tmp_path / "other.pt", seed=1)
+    o = tmp_path / "o.zarr"
+    logitstore.dump(str(other), str(corpus), str(o), num_workers=0, chunk_rows=32, views=2, seed=3)
+    with pytest.raises(MismatchError, match="the teacher differs"):
+        merge([str(store), str(o)], str(tmp_path / "x.zarr"), prefixes=["a", "b"])
+    ckpt = Path(logitstore.open_store(store).meta.teacher.file)
+    rev = tmp_path / "rev.zarr"
+    logitstore.dump(str(ckpt), str(corpus), str(rev), num_workers=0, chunk_rows=32, views=2, seed=3,
+                    classes=[str(i) for i in range(9, -1, -1)])
+    r = run_cli("logitstore", "merge", str(store), str(rev), "-o", str(tmp_path / "y.zarr"), "--prefix", "a,b",
+                check=False)
+    assert r.returncode == 2 and "the class order differs" in r.stderr
+    big = tmp_path / "big.zarr"
+    logitstore.dump(str(ckpt), str(corpus), str(big), num_workers=0, chunk_rows=32, views=2, seed=3, size=(32, 32))
+    with pytest.raises(MismatchError, match="preprocessing differs"):
+        merge([str(store), str(big)], str(tmp_path / "z.zarr"), prefixes=["a", "b"])
+
+
+def test_select_gives_the_counts_asked_for(tmp_path, store):
+    src = logitstore.open_store(store)
+    logits = src[:].logits.astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).mean(1)
+    conf, arg = p.max(1), p.argmax(1)
+    rep = select(str(store), str(tmp_path / "k.zarr"), per_class=3)
+    expected = {str(c): min(3, int((arg == c).sum())) for c in range(10)}
+    assert rep.per_class == expected and rep.rows_out == sum(expected.values())
+    k = logitstore.open_store(tmp_path / "k.zarr")
+    assert len(k) == rep.rows_out and k.meta.corpus.root == src.meta.corpus.root
+    thr = float(np.median(conf))
+    r = select(str(store), str(tmp_path / "c.zarr"), min_confidence=thr, limit=10)
+    assert r.rows_out == min(10, int((conf >= thr).sum()))
+    chosen = set(logitstore.open_store(tmp_path / "c.zarr")[:].ids)
+    top = set(np.asarray(src[:].ids)[np.argsort(-conf, kind="stable")[:10]])
+    assert chosen == top
+
+
+def test_info_json_fingerprints_tell_caches_apart(tmp_path, store, corpus, teacher_ckpt):
+    a = json.loads(run_cli("logitstore", "info", str(store), "--json").stdout)["fingerprints"]
+    other = tmp_path / "o.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(other), num_workers=0, chunk_rows=32, views=2, seed=4)
+    b = json.loads(run_cli("logitstore", "info", str(other), "--json").stdout)["fingerprints"]
+    assert a["teacher"] == b["teacher"] and a["corpus"] == b["corpus"] and a["contents"] != b["contents"]
+    assert all(v.startswith("sha256:") and len(v) == 71 for v in a.values())
