@@ -81,9 +81,13 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--teacher", required=True, help=TEACHER_HELP)
 @click.option("--weights", type=click.Path(dir_okay=False), help="State-dict file for --teacher NAME.")
 @click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture factory.")
-@click.option("--images", required=True, type=click.Path(),
+@click.option("--images", default=None, type=click.Path(),
               help="Folder of images (walked recursively) or a text file listing image paths.")
-@click.option("--out", required=True, help="Store to write (a directory ending .zarr).")
+@click.option("--out", required=True, help="Store to write (a directory ending .zarr), or a URL.")
+@click.option("--add-teacher", is_flag=True,
+              help="Add this teacher to the complete store at --out (same images, matched by digest; the "
+                   "stored views replayed), for ensembles. --images defaults to the store's corpus.")
+@click.option("--teacher-name", default=None, help="Name of the added teacher [default: file stem].")
 @click.option("--views", default=1, show_default=True, type=int,
               help="1: the deterministic eval view; V>1: V random resized crops (+flip) per image.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random views.")
@@ -105,6 +109,8 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
 @click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Horizontal flip probability (V>1).")
 @click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~1 MiB of logits].")
+@click.option("--embed-images", is_flag=True,
+              help="Also store every view's preprocessed uint8 pixels, so the store trains without the corpus.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
@@ -118,6 +124,12 @@ def dump(**kw: Any) -> None:
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON ({exc})", param_hint="--arch-kwargs") from None
     quiet = kw.pop("quiet")
+    storage_options = parse_storage_options(kw["storage_option"])
+    if kw["add_teacher"]:
+        _add_teacher(kw, arch_kwargs, storage_options, quiet)
+        return
+    if kw["images"] is None:
+        raise click.UsageError("Missing option '--images' (a folder of images or a listing file).")
     summary = run_dump(
         kw["teacher"], kw["images"], kw["out"], weights=kw["weights"], arch_kwargs=arch_kwargs,
         views=kw["views"], seed=kw["seed"], dtype=kw["dtype"], device=kw["device"],
@@ -126,7 +138,7 @@ def dump(**kw: Any) -> None:
         std=_floats(kw["std"], "--std"), mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
         chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
         crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
-        progress=not quiet, storage_options=parse_storage_options(kw["storage_option"]))
+        progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"])
     t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
     rows = [("images stored", f"{summary.n_images:,}"), ("failed (recorded)", f"{summary.n_failed:,}"),
             ("views x classes", f"{summary.views} x {summary.num_classes}"),
@@ -142,6 +154,20 @@ def dump(**kw: Any) -> None:
         click.echo(f"  failed: {image_id}: {reason}", err=True)
     if summary.n_failed > 10:
         click.echo(f"  ... and {summary.n_failed - 10} more (see `logitstore info {summary.out}`)", err=True)
+
+
+def _add_teacher(kw: dict[str, Any], arch_kwargs: dict[str, Any] | None, storage_options: dict[str, Any],
+                 quiet: bool) -> None:
+    from .add_teacher import add_teacher
+
+    s = add_teacher(kw["out"], kw["teacher"], name=kw["teacher_name"], images=kw["images"], weights=kw["weights"],
+                    arch_kwargs=arch_kwargs, device=kw["device"], precision=kw["precision"],
+                    batch_size=kw["batch_size"], num_workers=kw["num_workers"], size=_size(kw["size"]),
+                    resize=kw["resize"], mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"),
+                    mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
+                    storage_options=storage_options, progress=not quiet)
+    click.echo(f"OK: teacher {s.name!r} added to {s.store}: {s.rows:,} rows in {s.seconds:.1f} s "
+               f"({s.matched_by_digest:,} images found by digest elsewhere)")
 
 
 @main.command()

@@ -29,7 +29,9 @@ class RowHasher:
             entry = str(image_id).encode("utf-8") + b"\0" + digest.tobytes()
             self._corpus.update(entry)
             self._contents.update(entry)
-        for arr in (rows.logits, rows.image_hw, rows.view_params):
+        for arr in (rows.logits, rows.image_hw, rows.view_params, rows.pixels):
+            if arr is None:
+                continue
             self._contents.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
 
     def result(self) -> dict[str, str]:

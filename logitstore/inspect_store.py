@@ -1,6 +1,7 @@
 """What a store holds (`info`) and whether it can be trusted (`verify`). Both stream chunk by chunk."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
         "dtype": m.dtype, "precision": m.precision, "seed": m.seed, "chunk_rows": m.chunk_rows,
         "teacher": m.teacher.to_dict(), "preprocess": m.preprocess.to_dict(), "corpus": m.corpus.to_dict(),
         "created": m.created, "versions": m.versions, "fingerprints": dict(m.fingerprints),
+        "teachers": [{"name": "primary", "arch": m.teacher.arch, "fingerprint": m.fingerprints.get("teacher")}]
+        + [{"name": t.name, "arch": t.teacher.arch, "logits_sha256": t.fingerprint} for t in m.extra_teachers],
+        "embedded_pixels": m.embedded_pixels,
         "bytes_on_disk": sum(sizes.values()), "bytes_per_image": sum(sizes.values()) / n if sizes else None,
         "logits_raw_bytes": raw_logits,
         "logits_compression_ratio": raw_logits / stored_logits if stored_logits else None,
@@ -134,6 +138,17 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
             if store.meta.fingerprints.get(key) != value:
                 rep.problems.append(f"{store.location}: {key} fingerprint {value} differs from the stored "
                                     f"{store.meta.fingerprints.get(key)} (the store was altered after it was written)")
+    for extra in store.meta.extra_teachers:
+        h = hashlib.sha256()
+        try:
+            for k in range(store.n_chunks):
+                lg = store.teacher_logits(extra.name, *store.chunk_bounds(k))
+                h.update(np.ascontiguousarray(lg, dtype=lg.dtype.newbyteorder("<")).tobytes())
+        except IntegrityError as exc:
+            rep.problems.append(str(exc))
+            continue
+        if "sha256:" + h.hexdigest() != extra.fingerprint:
+            rep.problems.append(f"{store.location}: teacher {extra.name!r} logits differ from their fingerprint")
     if store.meta.complete:
         for name in schema.FAILURE_ARRAYS:
             try:

@@ -161,7 +161,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
          classes: str | Sequence[str] | None = None, overwrite: bool = False, chunk_rows: int | None = None,
          crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
          flip_prob: float = 0.5, progress: bool = False, on_batch: Callable[[int], None] | None = None,
-         storage_options: dict[str, Any] | None = None) -> DumpSummary:
+         storage_options: dict[str, Any] | None = None, embed_images: bool = False) -> DumpSummary:
     """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
@@ -198,7 +198,8 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
                                           len(corpus.ids)),
         dtype=dtype, precision=precision, seed=seed,
         chunk_rows=chunk_rows or schema.default_chunk_rows(spec.count, width, itemsize), batch_size=batch_size,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions())
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
+        embedded_pixels=embed_images)
     writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
     resumed_rows, start = writer.progress.rows, writer.progress.next_source
 
@@ -236,7 +237,8 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
                     lg = logits[torch.from_numpy(keep)]
                     _check_logits(lg.reshape(len(ids), -1), dtype, ids)
                     rows = RowBatch(ok["source"][keep], ids, lg.numpy().astype(np_dtype), ok["digests"][keep],
-                                    ok["hw"][keep], ok["params"][keep], failures)
+                                    ok["hw"][keep], ok["params"][keep], failures,
+                                    ok["pixels"][torch.from_numpy(keep)].numpy() if embed_images else None)
                 if len(rows) or failures:
                     writer.submit(rows)
                 n = len(ok["ids"]) if ok else 0

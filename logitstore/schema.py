@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,14 @@ IDS = "ids"                  # [N] string, path relative to the corpus root (POS
 DIGESTS = "digests"          # [N, 32] uint8, sha256 of the file bytes
 IMAGE_HW = "image_hw"        # [N, 2] int32, decoded height, width (after EXIF orientation)
 VIEW_PARAMS = "view_params"  # [N, V, 5] int32: top, left, height, width, flip
+PIXELS = "pixels"            # [N, V, ch, H, W] uint8, only with --embed-images
+TEACHERS = "teachers"        # group: teachers/<name>/logits [N, V, C], added teachers
 FAILED_IDS = "failed_ids"    # [F] string
 FAILED_REASONS = "failed_reasons"  # [F] string
 
-ROW_ARRAYS = (LOGITS, IDS, DIGESTS, IMAGE_HW, VIEW_PARAMS)
+ROW_ARRAYS = (LOGITS, IDS, DIGESTS, IMAGE_HW, VIEW_PARAMS)  # always present; PIXELS when embedded
+PRIMARY_TEACHER = "primary"
+PIXEL_CHUNK_BYTES = 4 << 20
 FAILURE_ARRAYS = (FAILED_IDS, FAILED_REASONS)
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 
@@ -174,6 +179,17 @@ class StoreMeta:
     created: str
     versions: dict[str, str]
     fingerprints: dict[str, str] = field(default_factory=dict)  # teacher, corpus, contents (when complete)
+    embedded_pixels: bool = False
+    extra_teachers: tuple["ExtraTeacher", ...] = ()
+
+    @property
+    def pixel_chunk_rows(self) -> int:
+        return pixel_chunk_rows(self.chunk_rows, self.views.count * self.preprocess.channels
+                                * self.preprocess.size[0] * self.preprocess.size[1])
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [PRIMARY_TEACHER, *(t.name for t in self.extra_teachers)]
 
     @property
     def num_classes(self) -> int:
@@ -185,7 +201,9 @@ class StoreMeta:
                 "views": self.views.to_dict(), "teacher": self.teacher.to_dict(),
                 "corpus": self.corpus.to_dict(), "dtype": self.dtype, "precision": self.precision,
                 "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
-                "created": self.created, "versions": dict(self.versions), "fingerprints": dict(self.fingerprints)}
+                "created": self.created, "versions": dict(self.versions), "fingerprints": dict(self.fingerprints),
+                "embedded_pixels": self.embedded_pixels,
+                "extra_teachers": [t.to_dict() for t in self.extra_teachers]}
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What must be equal for a dump to resume into this store (everything that changes bytes)."""
@@ -193,7 +211,39 @@ class StoreMeta:
                 "corpus": f"{self.corpus.n_listed} files, listing sha256={self.corpus.listing_sha256}",
                 "classes": list(self.classes), "preprocess": self.preprocess.to_dict(),
                 "views": self.views.to_dict(), "dtype": self.dtype, "precision": self.precision,
-                "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size}
+                "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
+                "embedded_pixels": self.embedded_pixels}
+
+
+@dataclass(frozen=True)
+class ExtraTeacher:
+    """A teacher added to an existing store: same images, same views, its own logits array."""
+
+    name: str
+    teacher: TeacherInfo
+    preprocess: Preprocess
+    precision: str
+    fingerprint: str        # sha256 of its logits (little-endian bytes, row order)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "teacher": self.teacher.to_dict(), "preprocess": self.preprocess.to_dict(),
+                "precision": self.precision, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExtraTeacher":
+        return cls(d["name"], TeacherInfo.from_dict(d["teacher"]), Preprocess.from_dict(d["preprocess"]),
+                   d["precision"], d["fingerprint"])
+
+
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def pixel_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
+    """Rows per chunk of embedded pixels: chunk_rows halved until a chunk is <= 4 MiB (divides it)."""
+    rows = chunk_rows
+    while rows > 1 and rows % 2 == 0 and rows * row_bytes > PIXEL_CHUNK_BYTES:
+        rows //= 2
+    return rows
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -227,7 +277,9 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
             teacher=TeacherInfo.from_dict(d["teacher"]), corpus=CorpusInfo.from_dict(d["corpus"]),
             dtype=d["dtype"], precision=d["precision"], seed=int(d["seed"]),
             chunk_rows=int(d["chunk_rows"]), batch_size=int(d["batch_size"]),
-            created=d["created"], versions=dict(d["versions"]), fingerprints=dict(d.get("fingerprints") or {}))
+            created=d["created"], versions=dict(d["versions"]), fingerprints=dict(d.get("fingerprints") or {}),
+            embedded_pixels=bool(d.get("embedded_pixels", False)),
+            extra_teachers=tuple(ExtraTeacher.from_dict(t) for t in d.get("extra_teachers") or ()))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
     if meta.complete and not {"teacher", "corpus", "contents"} <= set(meta.fingerprints):
@@ -238,6 +290,9 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
         raise FormatError("classes must be a non-empty list of unique names")
     if meta.chunk_rows < 1:
         raise FormatError("chunk_rows must be positive")
+    names = meta.teacher_names
+    if len(set(names)) != len(names) or not all(TEACHER_NAME.match(n) for n in names):
+        raise FormatError(f"teacher names {names} must be unique and match {TEACHER_NAME.pattern}")
     return meta
 
 

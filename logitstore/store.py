@@ -24,9 +24,14 @@ class Rows:
     digests: np.ndarray        # [n, 32] uint8
     image_hw: np.ndarray       # [n, 2] int32
     view_params: np.ndarray    # [n, V, 5] int32
+    pixels: np.ndarray | None = None  # [n, V, ch, H, W] uint8, when the store embeds them
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def row_array_names(meta: StoreMeta) -> tuple[str, ...]:
+    return (*schema.ROW_ARRAYS, schema.PIXELS) if meta.embedded_pixels else schema.ROW_ARRAYS
 
 
 class LogitStore:
@@ -34,7 +39,7 @@ class LogitStore:
 
     def __init__(self, location: str, group: zarr.Group, meta: StoreMeta, rows: int):
         self.location, self.group, self.meta, self._rows = location, group, meta, rows
-        self.arrays = {name: group[name] for name in schema.ROW_ARRAYS}
+        self.arrays = {name: group[name] for name in row_array_names(meta)}
 
     def __len__(self) -> int:
         return self._rows
@@ -75,21 +80,38 @@ class LogitStore:
             raise IndexError("store slices must be contiguous (step 1)")
         return self.read(a, b)
 
-    def read(self, a: int, b: int) -> Rows:
-        """Rows [a, b); a failed checksum raises IntegrityError naming the chunk."""
-        out = {}
-        for name, arr in self.arrays.items():
-            try:
-                out[name] = arr[a:b]
-            except Exception as exc:
-                if _is_checksum_error(exc):
-                    k0, k1 = a // self.chunk_rows, max(a, b - 1) // self.chunk_rows
-                    raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {k0}..{k1} fail their "
-                                         "CRC32C checksum (corrupted bytes); restore the store from its "
-                                         "source or re-run the dump") from None
-                raise
+    def _read_array(self, name: str, arr: zarr.Array, a: int, b: int) -> np.ndarray:
+        try:
+            return arr[a:b]
+        except Exception as exc:
+            if _is_checksum_error(exc):
+                rows = arr.chunks[0]
+                k0, k1 = a // rows, max(a, b - 1) // rows
+                raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {k0}..{k1} fail their "
+                                     "CRC32C checksum (corrupted bytes); restore the store from its "
+                                     "source or re-run the dump") from None
+            raise
+
+    def read(self, a: int, b: int, pixels: bool = True) -> Rows:
+        """Rows [a, b); a failed checksum raises IntegrityError naming the array and chunk."""
+        out = {name: self._read_array(name, arr, a, b) for name, arr in self.arrays.items()
+               if pixels or name != schema.PIXELS}
         return Rows(np.asarray(out[schema.IDS], dtype=object), out[schema.LOGITS], out[schema.DIGESTS],
-                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS])
+                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS], out.get(schema.PIXELS))
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """"primary" (the `logits` array) and the names of teachers added later."""
+        return self.meta.teacher_names
+
+    def teacher_logits(self, name: str, a: int, b: int) -> np.ndarray:
+        """[b - a, V, C] logits of one teacher by name."""
+        if name == schema.PRIMARY_TEACHER:
+            return self._read_array(schema.LOGITS, self.logits, a, b)
+        if name not in self.teacher_names:
+            raise StoreStateError(f"{self.location} has no teacher {name!r}; it has {', '.join(self.teacher_names)}")
+        path = f"{schema.TEACHERS}/{name}/{schema.LOGITS}"
+        return self._read_array(path, self.group[path], a, b)
 
     def read_chunk(self, k: int) -> Rows:
         return self.read(*self.chunk_bounds(k))
@@ -121,6 +143,10 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
         schema.IMAGE_HW: ((2,), (r, 2), ("int32",)),
         schema.VIEW_PARAMS: ((v, 5), (r, v, 5), ("int32",)),
     }
+    if meta.embedded_pixels:
+        pre = meta.preprocess
+        tail = (v, pre.channels, *pre.size)
+        expected[schema.PIXELS] = (tail, (meta.pixel_chunk_rows, *tail), ("uint8",))
     names = set(group.array_keys())
     n = None
     for name, (tail, chunks, dtypes) in expected.items():
@@ -158,6 +184,14 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
             raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, Arrays)")
         if rows != meta.corpus.n_images:
             raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images}")
+        for t in meta.extra_teachers:
+            path = f"{schema.TEACHERS}/{t.name}/{schema.LOGITS}"
+            try:
+                arr = group[path]
+            except KeyError:
+                raise FormatError(f"{loc}: teacher {t.name!r} is listed but array '{path}' is missing") from None
+            if arr.shape != group[schema.LOGITS].shape or arr.chunks != group[schema.LOGITS].chunks:
+                raise FormatError(f"{loc}: '{path}' must have the shape and chunks of 'logits'")
     else:
         rows = int((group.attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))
     return LogitStore(loc, group, meta, rows)

@@ -19,7 +19,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from . import schema
 from .errors import ResumeMismatchError, StoreStateError
 from .schema import StoreMeta
-from .store import LogitStore
+from .store import LogitStore, row_array_names
 from .fingerprint import row_fingerprints, teacher_fingerprint
 from .locations import open_group
 
@@ -45,20 +45,23 @@ class RowBatch:
     image_hw: np.ndarray         # [n, 2] int32
     view_params: np.ndarray      # [n, V, 5] int32
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # (source, id, reason)
+    pixels: np.ndarray | None = None  # [n, V, ch, H, W] uint8, with --embed-images
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, sel: slice) -> "RowBatch":
         return RowBatch(self.source[sel], self.ids[sel], self.logits[sel], self.digests[sel],
-                        self.image_hw[sel], self.view_params[sel], [])
+                        self.image_hw[sel], self.view_params[sel], [],
+                        None if self.pixels is None else self.pixels[sel])
 
     @staticmethod
     def concat(parts: list["RowBatch"]) -> "RowBatch":
+        pixels = [p.pixels for p in parts if p.pixels is not None and len(p)]
         return RowBatch(np.concatenate([p.source for p in parts]), [i for p in parts for i in p.ids],
                         np.concatenate([p.logits for p in parts]), np.concatenate([p.digests for p in parts]),
                         np.concatenate([p.image_hw for p in parts]), np.concatenate([p.view_params for p in parts]),
-                        [f for p in parts for f in p.failures])
+                        [f for p in parts for f in p.failures], np.concatenate(pixels) if pixels else None)
 
 
 @dataclass
@@ -80,6 +83,10 @@ def _create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
         schema.IMAGE_HW: ((capacity, 2), (r, 2), "int32", 0),
         schema.VIEW_PARAMS: ((capacity, v, 5), (r, v, 5), "int32", 0),
     }
+    if meta.embedded_pixels:
+        pre = meta.preprocess
+        tail = (v, pre.channels, *pre.size)
+        specs[schema.PIXELS] = ((capacity, *tail), (meta.pixel_chunk_rows, *tail), "uint8", 0)
     for name, (shape, chunks, dtype, fill) in specs.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                            compressors=chunk_codecs())
@@ -96,7 +103,7 @@ class StoreWriter:
 
     def __init__(self, group: zarr.Group, meta: StoreMeta, progress: Progress, queue_chunks: int = 4):
         self.group, self.meta, self.progress = group, meta, progress
-        self._arrays = {name: group[name] for name in schema.ROW_ARRAYS}
+        self._arrays = {name: group[name] for name in row_array_names(meta)}
         self._buffer: list[RowBatch] = []
         self._buffered = 0
         self._pending_failures: list[tuple[int, str, str]] = []
@@ -157,6 +164,8 @@ class StoreWriter:
         arr[schema.DIGESTS][a:b] = rows.digests
         arr[schema.IMAGE_HW][a:b] = rows.image_hw
         arr[schema.VIEW_PARAMS][a:b] = rows.view_params
+        if schema.PIXELS in arr:
+            arr[schema.PIXELS][a:b] = rows.pixels
         self._commit(b, int(rows.source[-1]) + 1)
 
     def _commit(self, rows: int, next_source: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import logitstore
 from logitstore.combine import MismatchError, merge, select
@@ -189,3 +190,63 @@ def test_info_json_fingerprints_tell_caches_apart(tmp_path, store, corpus, teach
     b = json.loads(run_cli("logitstore", "info", str(other), "--json").stdout)["fingerprints"]
     assert a["teacher"] == b["teacher"] and a["corpus"] == b["corpus"] and a["contents"] != b["contents"]
     assert all(v.startswith("sha256:") and len(v) == 71 for v in a.values())
+
+
+def test_embedded_images_are_the_teachers_inputs(tmp_path, corpus, teacher_ckpt):
+    from logitstore.corpus import read_and_decode
+    from logitstore.schema import Preprocess
+    from logitstore.views import apply_view
+
+    out = tmp_path / "e.zarr"
+    run_cli("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(corpus), "--out", str(out),
+            "--views", "2", "--embed-images", "--quiet", "--num-workers", "0")
+    st = logitstore.open_store(out)
+    rows = st[:8]
+    assert st.meta.embedded_pixels and rows.pixels.shape == (8, 2, 1, 28, 28) and rows.pixels.dtype == np.uint8
+    pre = Preprocess.from_dict(st.meta.preprocess.to_dict())
+    _, img = read_and_decode(corpus / rows.ids[3], "L")
+    for v in range(2):
+        expect = apply_view(img, rows.view_params[3, v], pre, "random_resized_crop").numpy()
+        assert np.array_equal(rows.pixels[3, v], expect)
+    assert "OK" in run_cli("logitstore", "verify", str(out)).stdout
+
+
+def test_a_second_teacher_joins_by_digest_and_replays_the_views(tmp_path, store, corpus):
+    from conftest import load_module
+    from logitstore.corpus import read_and_decode
+    from logitstore.schema import Preprocess
+    from logitstore.views import apply_view, normalize
+
+    st_path = tmp_path / "two.zarr"
+    shutil.copytree(store, st_path)
+    moved = tmp_path / "moved"
+    for i, p in enumerate(sorted(corpus.rglob("*.png"))):  # same bytes, another layout
+        (moved / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, moved / f"d{i % 4}" / f"x{i}.png")
+    second = save_teacher(tmp_path / "second.pt", seed=9)
+    r = run_cli("logitstore", "dump", "--teacher", str(second), "--out", str(st_path), "--add-teacher",
+                "--teacher-name", "second", "--images", str(moved), "--num-workers", "0", "--quiet")
+    assert "120 images found by digest" in r.stdout
+    st = logitstore.open_store(st_path)
+    assert st.teacher_names == ["primary", "second"]
+    assert np.array_equal(st.teacher_logits("primary", 0, 120), logitstore.open_store(store)[:].logits)
+    lg = st.teacher_logits("second", 0, 120).astype(np.float32)
+    rows = st[:]
+    model, pre = load_module(ckpt=second), Preprocess.from_dict(st.meta.preprocess.to_dict())
+    for i in (0, 57, 119):
+        _, img = read_and_decode(corpus / rows.ids[i], "L")
+        x = torch.stack([apply_view(img, p, pre, "random_resized_crop") for p in rows.view_params[i]])
+        np.testing.assert_allclose(lg[i], model(normalize(x, pre)).detach().numpy(), atol=2e-3)
+    assert "OK" in run_cli("logitstore", "verify", str(st_path)).stdout
+    again = run_cli("logitstore", "dump", "--teacher", str(second), "--out", str(st_path), "--add-teacher",
+                    "--teacher-name", "second", check=False)
+    assert again.returncode == 2 and "already has a teacher 'second'" in again.stderr
+
+
+def test_a_teacher_with_other_classes_cannot_join(tmp_path, store):
+    st_path = tmp_path / "x.zarr"
+    shutil.copytree(store, st_path)
+    ckpt = save_teacher(tmp_path / "five.pt", num_classes=5)
+    r = run_cli("logitstore", "dump", "--teacher", str(ckpt), "--out", str(st_path), "--add-teacher",
+                "--classes", "a,b,c,d,e", check=False)
+    assert r.returncode == 2 and "an ensemble needs the same class list" in r.stderr
