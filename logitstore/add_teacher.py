@@ -28,7 +28,7 @@ from .schema import ExtraTeacher, Preprocess
 from .store import LogitStore, open_store
 from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view
-from .writer import chunk_codecs
+from .writer import chunk_codecs, logits_filters
 
 
 @dataclass
@@ -134,7 +134,7 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
         group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     arr = group.create_array(f"{schema.TEACHERS}/{name}/{schema.LOGITS}", shape=store.logits.shape,
                              chunks=store.logits.chunks, dtype=meta.dtype, fill_value=0,
-                             compressors=chunk_codecs(), overwrite=True)
+                             filters=logits_filters(meta.keep_bits), compressors=chunk_codecs(), overwrite=True)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision in ("bf16", "fp16") else None)
     np_dtype = np.dtype(meta.dtype)

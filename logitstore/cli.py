@@ -109,6 +109,9 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
 @click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Horizontal flip probability (V>1).")
 @click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~1 MiB of logits].")
+@click.option("--keep-bits", default=None, type=int,
+              help="Lossy logits: keep this many mantissa bits (BitRound); see benchmarks/RESULTS.md for "
+                   "bytes against KL [default: lossless].")
 @click.option("--embed-images", is_flag=True,
               help="Also store every view's preprocessed uint8 pixels, so the store trains without the corpus.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
@@ -138,7 +141,8 @@ def dump(**kw: Any) -> None:
         std=_floats(kw["std"], "--std"), mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
         chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
         crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
-        progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"])
+        progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"],
+        keep_bits=kw["keep_bits"])
     t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
     rows = [("images stored", f"{summary.n_images:,}"), ("failed (recorded)", f"{summary.n_failed:,}"),
             ("views x classes", f"{summary.views} x {summary.num_classes}"),

@@ -161,7 +161,8 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
          classes: str | Sequence[str] | None = None, overwrite: bool = False, chunk_rows: int | None = None,
          crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
          flip_prob: float = 0.5, progress: bool = False, on_batch: Callable[[int], None] | None = None,
-         storage_options: dict[str, Any] | None = None, embed_images: bool = False) -> DumpSummary:
+         storage_options: dict[str, Any] | None = None, embed_images: bool = False,
+         keep_bits: int | None = None) -> DumpSummary:
     """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
@@ -169,6 +170,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
         raise LogitStoreError("--views and --batch-size must be at least 1")
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1) or not (0 < crop_ratio[0] <= crop_ratio[1]):
         raise LogitStoreError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
+    schema.check_keep_bits(keep_bits, dtype)
     dev = _resolve_device(device)
     precision = _resolve_precision(precision, dev)
     corpus = list_corpus(images)
@@ -199,7 +201,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
         dtype=dtype, precision=precision, seed=seed,
         chunk_rows=chunk_rows or schema.default_chunk_rows(spec.count, width, itemsize), batch_size=batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
-        embedded_pixels=embed_images)
+        embedded_pixels=embed_images, keep_bits=keep_bits)
     writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
     resumed_rows, start = writer.progress.rows, writer.progress.next_source
 

@@ -40,6 +40,7 @@ FAILURE_ARRAYS = (FAILED_IDS, FAILED_REASONS)
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 
 LOGIT_DTYPES = ("float16", "float32")
+MANTISSA_BITS = {"float16": 10, "float32": 23}
 FLOAT16_MAX = 65504.0
 VIEW_KINDS = ("eval", "random_resized_crop")
 MODES = ("RGB", "L")
@@ -181,6 +182,7 @@ class StoreMeta:
     fingerprints: dict[str, str] = field(default_factory=dict)  # teacher, corpus, contents (when complete)
     embedded_pixels: bool = False
     extra_teachers: tuple["ExtraTeacher", ...] = ()
+    keep_bits: int | None = None  # mantissa bits kept by lossy BitRound on logits; None: lossless
 
     @property
     def pixel_chunk_rows(self) -> int:
@@ -202,7 +204,7 @@ class StoreMeta:
                 "corpus": self.corpus.to_dict(), "dtype": self.dtype, "precision": self.precision,
                 "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
                 "created": self.created, "versions": dict(self.versions), "fingerprints": dict(self.fingerprints),
-                "embedded_pixels": self.embedded_pixels,
+                "embedded_pixels": self.embedded_pixels, "keep_bits": self.keep_bits,
                 "extra_teachers": [t.to_dict() for t in self.extra_teachers]}
 
     def run_fingerprint(self) -> dict[str, Any]:
@@ -212,7 +214,7 @@ class StoreMeta:
                 "classes": list(self.classes), "preprocess": self.preprocess.to_dict(),
                 "views": self.views.to_dict(), "dtype": self.dtype, "precision": self.precision,
                 "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
-                "embedded_pixels": self.embedded_pixels}
+                "embedded_pixels": self.embedded_pixels, "keep_bits": self.keep_bits}
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,18 @@ class ExtraTeacher:
 
 
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_keep_bits(keep_bits: int | None, dtype: str) -> None:
+    if keep_bits is not None and not 1 <= keep_bits < MANTISSA_BITS[dtype]:
+        raise FormatError(f"keep_bits {keep_bits} must be between 1 and {MANTISSA_BITS[dtype] - 1} for {dtype} "
+                          "(or absent for lossless logits)")
+
+
+def check_keep_bits(keep_bits: int | None, dtype: str) -> None:
+    if keep_bits is not None and not 1 <= keep_bits < MANTISSA_BITS[dtype]:
+        raise FormatError(f"keep_bits {keep_bits} must be between 1 and {MANTISSA_BITS[dtype] - 1} for {dtype} "
+                          "(or absent for lossless logits)")
 
 
 def pixel_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
@@ -279,6 +293,7 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
             chunk_rows=int(d["chunk_rows"]), batch_size=int(d["batch_size"]),
             created=d["created"], versions=dict(d["versions"]), fingerprints=dict(d.get("fingerprints") or {}),
             embedded_pixels=bool(d.get("embedded_pixels", False)),
+            keep_bits=None if d.get("keep_bits") is None else int(d["keep_bits"]),
             extra_teachers=tuple(ExtraTeacher.from_dict(t) for t in d.get("extra_teachers") or ()))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
@@ -290,6 +305,7 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
         raise FormatError("classes must be a non-empty list of unique names")
     if meta.chunk_rows < 1:
         raise FormatError("chunk_rows must be positive")
+    check_keep_bits(meta.keep_bits, meta.dtype)
     names = meta.teacher_names
     if len(set(names)) != len(names) or not all(TEACHER_NAME.match(n) for n in names):
         raise FormatError(f"teacher names {names} must be unique and match {TEACHER_NAME.pattern}")

@@ -34,6 +34,21 @@ def chunk_codecs() -> list[Any]:
     return [ZstdCodec(level=3), Crc32cCodec()]
 
 
+def logits_filters(keep_bits: int | None) -> list[Any]:
+    """Lossy option: BitRound keeps `keep_bits` mantissa bits so Zstd finds the zeros (see FORMAT.md)."""
+    if keep_bits is None:
+        return []
+    try:
+        from zarr.codecs.numcodecs import BitRound
+    except ImportError:  # zarr < 3.1.3
+        from numcodecs.zarr3 import BitRound
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "numcodecs codecs are not in the Zarr v3 spec": known, specified
+        return [BitRound(keepbits=keep_bits)]
+
+
 @dataclass
 class RowBatch:
     """Rows in listing order, with their listing positions (`source`), plus failures met on the way."""
@@ -89,6 +104,7 @@ def _create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
         specs[schema.PIXELS] = ((capacity, *tail), (meta.pixel_chunk_rows, *tail), "uint8", 0)
     for name, (shape, chunks, dtype, fill) in specs.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                           filters=logits_filters(meta.keep_bits) if name == schema.LOGITS else None,
                            compressors=chunk_codecs())
 
 

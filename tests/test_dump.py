@@ -321,3 +321,24 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, corpus):
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
     assert len(logitstore.open_store(out, allow_incomplete=True)) >= 8
+
+
+def test_keep_bits_rounds_logits_and_shrinks_the_store(tmp_path, corpus, teacher_ckpt):
+    from numcodecs import BitRound
+
+    full = logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "f.zarr"), num_workers=0,
+                           dtype="float32")
+    lossy = logitstore.dump(str(teacher_ckpt), str(corpus), str(tmp_path / "l.zarr"), num_workers=0,
+                            dtype="float32", keep_bits=6)
+    a = logitstore.open_store(tmp_path / "f.zarr")[:].logits
+    b = logitstore.open_store(tmp_path / "l.zarr")
+    assert b.meta.keep_bits == 6
+    np.testing.assert_array_equal(b[:].logits, BitRound(keepbits=6).encode(a).view(np.float32).reshape(a.shape))
+    assert np.abs(b[:].logits - a).max() <= np.abs(a).max() * 2.0 ** -6
+    lossy_bytes = sum(p.stat().st_size for p in (tmp_path / "l.zarr" / "logits").rglob("*") if p.is_file())
+    full_bytes = sum(p.stat().st_size for p in (tmp_path / "f.zarr" / "logits").rglob("*") if p.is_file())
+    assert lossy_bytes < 0.6 * full_bytes, (lossy_bytes, full_bytes)
+    assert "OK" in run_cli("logitstore", "verify", str(tmp_path / "l.zarr")).stdout
+    r = run_cli("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(corpus), "--out",
+                str(tmp_path / "x.zarr"), "--keep-bits", "10", check=False)
+    assert r.returncode == 2 and "between 1 and 9 for float16" in r.stderr
