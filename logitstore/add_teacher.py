@@ -23,10 +23,9 @@ from .corpus import decode_image, list_corpus, sha256_bytes
 from .errors import CorpusError, IntegrityError, StoreStateError, TeacherError
 from .locations import open_group
 from .pipeline import (_check_logits, _forward, _progress_bar, _read_classes, _resolve_device,
-                       _resolve_precision)
+                       _resolve_precision, prepare_teacher, to_device)
 from .schema import ExtraTeacher, Preprocess
 from .store import LogitStore, open_store
-from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view
 from .writer import chunk_codecs, logits_filters
 
@@ -107,14 +106,9 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                               "or --teacher-name to add it under another name")
     dev = _resolve_device(device)
     precision = _resolve_precision(precision, dev)
-    t = load_teacher(teacher, weights, arch_kwargs)
-    pre = resolve_preprocess(t, {"size": list(size) if size else None, "resize": resize,
-                                 "mean": list(mean) if mean else None, "std": list(std) if std else None,
-                                 "mode": mode})
-    model = t.model
-    if isinstance(model, torch.nn.Module):
-        model = model.eval().to(dev)
-    width = probe_num_classes(model, pre, t.info.file)
+    t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
+                                    {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode})
+    model = to_device(t.model, dev)
     names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if tuple(names) != meta.classes:
         what = ("the class order differs" if sorted(names) == sorted(meta.classes)

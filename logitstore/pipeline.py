@@ -110,6 +110,30 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, Any] | None,
+                    overrides: dict[str, Any]) -> tuple[Any, Preprocess, int]:
+    """Load a teacher in eval mode, settle its preprocessing (flags over checkpoint), learn its width."""
+    t = load_teacher(teacher, weights, arch_kwargs)
+    o = overrides
+    pre = resolve_preprocess(t, {"size": list(o["size"]) if o.get("size") else None, "resize": o.get("resize"),
+                                 "mean": list(o["mean"]) if o.get("mean") else None,
+                                 "std": list(o["std"]) if o.get("std") else None, "mode": o.get("mode")})
+    if isinstance(t.model, torch.nn.Module):
+        try:
+            t.model.eval()
+        except (NotImplementedError, RuntimeError):  # torch.export modules may refuse .eval()
+            pass
+    return t, pre, probe_num_classes(t.model, pre, t.info.file)  # probed on the CPU, before moving
+
+
+def to_device(model: Any, dev: torch.device) -> Any:
+    if isinstance(model, torch.nn.Module):
+        model = model.to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def _versions() -> dict[str, str]:
     import numcodecs
     import PIL
@@ -175,17 +199,9 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
     precision = _resolve_precision(precision, dev)
     corpus = list_corpus(images)
 
-    t = load_teacher(teacher, weights, arch_kwargs)
-    pre = resolve_preprocess(t, {"size": list(size) if size else None, "resize": resize,
-                                 "mean": list(mean) if mean else None, "std": list(std) if std else None,
-                                 "mode": mode})
+    t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
+                                    {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode})
     model = t.model
-    if isinstance(model, torch.nn.Module):
-        try:
-            model.eval()
-        except (NotImplementedError, RuntimeError):  # torch.export modules may refuse .eval()
-            pass
-    width = probe_num_classes(model, pre, t.info.file)
     names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if len(names) != width:
         raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
@@ -205,10 +221,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
     writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
     resumed_rows, start = writer.progress.rows, writer.progress.next_source
 
-    if isinstance(model, torch.nn.Module):
-        model = model.to(dev)
-        if dev.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+    model = to_device(model, dev)
     # Batches are fixed ranges of listing positions; a resumed run restarts at the boundary of the
     # batch that holds its first missing image, so every image is seen in the same batch as in an
     # uninterrupted run and the logits match bit for bit.

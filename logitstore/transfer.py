@@ -84,17 +84,24 @@ def copy_store(src: str, dst: str, *, src_options: dict[str, Any] | None = None,
     for key in keys:
         if existing is not None and key_exists(dstore, key):
             report.skipped += 1  # each key is written whole (atomic rename / object PUT): present = arrived
+            if on_key:
+                on_key(1)
         else:
-            data = get_bytes(sstore, key)
-            check_chunk(key, data, src)
-            set_bytes(dstore, key, data)
-            report.copied += 1
-            report.bytes_copied += len(data)
-        if on_key:
-            on_key(1)
+            _copy_key(sstore, dstore, key, src, report, on_key)
     set_bytes(dstore, ROOT_KEY, root)  # the completion marker, last
     report.copied += 1
     return report
+
+
+def _copy_key(sstore: Any, dstore: Any, key: str, src: str, report: CopyReport,
+              on_key: Callable[[int], None] | None) -> None:
+    data = get_bytes(sstore, key)
+    check_chunk(key, data, src)
+    set_bytes(dstore, key, data)
+    report.copied += 1
+    report.bytes_copied += len(data)
+    if on_key:
+        on_key(1)
 
 
 def _write_zip(sstore: Any, keys: list[str], root: bytes, dst: str, src: str, overwrite: bool,
@@ -112,13 +119,7 @@ def _write_zip(sstore: Any, keys: list[str], root: bytes, dst: str, src: str, ov
     zstore = sync(ZipStore.open(tmp, mode="w", compression=zipfile.ZIP_STORED))
     try:
         for key in keys:
-            data = get_bytes(sstore, key)
-            check_chunk(key, data, src)
-            set_bytes(zstore, key, data)
-            report.copied += 1
-            report.bytes_copied += len(data)
-            if on_key:
-                on_key(1)
+            _copy_key(sstore, zstore, key, src, report, on_key)
         set_bytes(zstore, ROOT_KEY, root)
     finally:
         zstore.close()
