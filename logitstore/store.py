@@ -89,13 +89,19 @@ class LogitStore:
         try:
             return arr[a:b]
         except Exception as exc:
-            if _is_checksum_error(exc):
-                rows = arr.chunks[0]
-                k0, k1 = a // rows, max(a, b - 1) // rows
-                raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {k0}..{k1} fail their "
-                                     "CRC32C checksum (corrupted bytes); restore the store from its "
-                                     "source or re-run the dump") from None
-            raise
+            if not _is_checksum_error(exc):
+                raise
+        rows = arr.chunks[0]
+        bad = []
+        for k in range(a // rows, (max(a, b - 1) // rows) + 1):  # find which chunk(s) fail
+            try:
+                arr[k * rows:min(b, (k + 1) * rows)]
+            except Exception as exc:
+                if _is_checksum_error(exc):
+                    bad.append(k)
+        where = ", ".join(f"{k} ('{name}/c/{k}/...')" for k in bad[:5])
+        raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {where} fail their CRC32C checksum "
+                             "(corrupted bytes); restore the store from its source or re-run the dump")
 
     def read(self, a: int, b: int, pixels: bool = True) -> Rows:
         """Rows [a, b); a failed checksum raises IntegrityError naming the array and chunk."""

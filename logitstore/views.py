@@ -64,8 +64,9 @@ def _random_resized_crop_box(height: int, width: int, scale: tuple[float, float]
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(img: torch.Tensor, size: list[int]) -> torch.Tensor:
-    return F.resize(img, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+def resize(img: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """The one resize of the pipeline: bilinear with antialiasing, on uint8 [..., H, W]."""
+    return F.resize(img, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def apply_view(img: torch.Tensor, params: np.ndarray, pre: Preprocess, kind: str,
@@ -77,14 +78,14 @@ def apply_view(img: torch.Tensor, params: np.ndarray, pre: Preprocess, kind: str
     size = list(pre.size)
     if kind == EVAL:
         if pre.resize is not None:
-            img = F.center_crop(_resize(img, [pre.resize]), size)
+            img = F.center_crop(resize(img, [pre.resize]), size)
         else:
-            img = _resize(img, size)
+            img = resize(img, size)
         if out_size is not None and tuple(out_size) != tuple(size):
-            img = _resize(img, list(out_size))
+            img = resize(img, list(out_size))
         return img
     top, left, h, w, flip = (int(x) for x in params)
-    img = _resize(img[:, top:top + h, left:left + w], list(out_size or size))
+    img = resize(img[:, top:top + h, left:left + w], list(out_size or size))
     return img.flip(-1) if flip else img
 
 

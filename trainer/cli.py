@@ -1,0 +1,175 @@
+"""`trainer` command line: parse flags, call the library, print. User errors are one line, exit 2."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from logitstore.errors import LogitStoreError
+from logitstore.locations import parse_storage_options
+
+from .errors import TrainerError
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit; bugs keep their traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (TrainerError, LogitStoreError) as exc:
+            click.echo(f"trainer: error: {' '.join(str(exc).split())}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("trainer: interrupted; checkpoint.pt in --out holds the last finished epoch, if any "
+                       "(continue with --resume)", err=True)
+            ctx.exit(130)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        vals = [int(p) for p in text.lower().replace("x", ",").split(",") if p]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 1:
+        raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--input-size")
+    return vals[0], vals[1]
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="logitstore")
+def main() -> None:
+    """Distil image classifiers from stores of teacher logits (no teacher in memory)."""
+
+
+STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:NAME (e.g. torchvision:resnet18), "
+                "or package.module:factory (called with num_classes and in_channels where it takes them).")
+
+
+@main.command()
+@click.option("--store", "stores", multiple=True, required=True, type=click.Path(),
+              help="Logit store written by `logitstore dump`. Repeat to read several stores of the same teacher "
+                   "(same classes, preprocessing and views) as one dataset.")
+@click.option("--images", multiple=True, type=click.Path(),
+              help="Where the corpus is now [default: the root recorded in the store]; once per --store.")
+@click.option("--student", default="lenet", show_default=True, help=STUDENT_HELP)
+@click.option("--student-kwargs", default=None, help="JSON object of extra keyword arguments for the student factory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: checkpoint.pt (latest epoch), metrics.jsonl, curves.png.")
+@click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the stores' training rows.")
+@click.option("--batch-size", default=128, show_default=True, type=int, help="Images per step, per process.")
+@click.option("--lr", default=None, type=float, help="Peak learning rate [default: 0.1 sgd, 0.001 adamw].")
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]),
+              help="SGD with Nesterov momentum, or AdamW.")
+@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD (Nesterov) momentum.")
+@click.option("--weight-decay", default=None, type=float,
+              help="On weights, not biases or norms [default: 5e-4 sgd, 0.05 adamw].")
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=float,
+              help="Linear warmup, then a cosine decay to 0 over the remaining epochs (stepped every batch).")
+@click.option("--clip-grad", default=5.0, show_default=True, type=float, help="Max gradient norm; 0 turns it off.")
+@click.option("--temperature", "-T", default=4.0, show_default=True, type=float,
+              help="Distillation temperature: loss = T^2 KL(softmax(t/T) || softmax(s/T)), in float32.")
+@click.option("--alpha", default=0.0, show_default=True, type=float,
+              help="Weight of a cross-entropy on hard labels, where images have one (needs --labels or "
+                   "--labels-from-folders).")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="Hard labels: a JSON object {image id: class} or CSV lines 'image id,class'.")
+@click.option("--labels-from-folders", is_flag=True,
+              help="Hard label = an image's parent folder name, where that is a class name.")
+@click.option("--eval", "eval_images", default=None, type=click.Path(),
+              help="Labeled test folder (one sub-folder per class, named after the store's classes); top-1/top-5 "
+                   "each epoch.")
+@click.option("--holdout", default=0.02, show_default=True, type=float,
+              help="Fraction of each chunk's rows kept out of training to measure agreement with the teacher.")
+@click.option("--shuffle-blocks", default=8, show_default=True, type=int,
+              help="Blocks shuffled together (the shuffle buffer). A block is a chunk of the store, or several "
+                   "consecutive chunks when chunks are under 2048 rows; block order is reshuffled every epoch.")
+@click.option("--cache-images", default=None, type=float,
+              help="GiB of RAM for decoded images, so each is decoded once per run [default: half the available "
+                   "memory]; 0 decodes every epoch.")
+@click.option("--skip-mismatched", is_flag=True,
+              help="Leave out (and count) images that are missing or differ from their stored digest, instead of "
+                   "stopping.")
+@click.option("--input-size", default=None, help="Student input H,W [default: the teacher's]; only the final "
+                                                 "resize changes.")
+@click.option("--in-channels", default=None, type=int,
+              help="Student input channels [default: the store's; 3 for torchvision:*]; 3 on a greyscale store "
+                   "repeats the grey channel.")
+@click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto: bf16 autocast (and channels_last) on GPU, fp32 on CPU.")
+@click.option("--num-workers", default=None, type=int,
+              help="Image decoding processes per training process [default: cores - 1, at most 8].")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds the student's initialisation, the chunk order, the shuffles and the view choice.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pt.")
+@click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
+@click.option("--stop-after", default=None, type=int,
+              help="End this invocation after N epochs (the schedule still spans --epochs); continue with --resume.")
+@click.option("--teachers", default=None,
+              help="Distil from an ensemble of the store's teachers, e.g. primary,big (see `logitstore dump "
+                   "--add-teacher`): their softmaxes at --temperature, averaged [default: primary only].")
+@click.option("--teacher-weights", default=None, help="Comma-separated weight per --teachers entry [default: equal].")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
+def fit(**kw: Any) -> None:
+    """Distil a student from logit stores: `trainer fit --store cache.zarr --student lenet --out runs/a`."""
+    from .fit import fit as run_fit
+    from .report import summary_table
+
+    quiet = kw.pop("quiet")
+    kw["input_size"] = _size(kw["input_size"])
+    kw["images"] = list(kw["images"]) or None
+    kw["teachers"] = kw["teachers"].split(",") if kw["teachers"] else None
+    try:
+        kw["teacher_weights"] = [float(w) for w in kw["teacher_weights"].split(",")] if kw["teacher_weights"] else None
+    except ValueError:
+        raise click.BadParameter(f"{kw['teacher_weights']!r}: expected comma-separated numbers",
+                                 param_hint="--teacher-weights") from None
+    kw["storage_options"] = parse_storage_options(kw.pop("storage_option"))
+    stores = list(kw.pop("stores"))
+    out = kw.pop("out")
+    result = run_fit(stores, out, progress=not quiet, **kw)
+    if result.history and not quiet:
+        Console().print(summary_table(result.history, result.info))
+        click.echo(f"checkpoint: {result.checkpoint}")
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="A student checkpoint (RUN_DIR/checkpoint.pt), or any checkpoint in that format.")
+@click.option("--images", required=True, type=click.Path(),
+              help="Labeled folder: one sub-folder per class, named after the checkpoint's classes.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto: bf16 autocast on GPU, fp32 on CPU.")
+@click.option("--num-workers", default=0, show_default=True, type=int, help="Image decoding processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(checkpoint: str, images: str, batch_size: int, device: str, precision: str, num_workers: int,
+          as_json: bool) -> None:
+    """Top-1 and top-5 accuracy of a saved student on a labeled folder."""
+    from .evaluate import evaluate
+
+    res = evaluate(checkpoint, images, batch_size=batch_size, device=device, num_workers=num_workers,
+                   precision=precision)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    t = Table(title=f"trainer eval {checkpoint}", show_header=False)
+    t.add_row("images", f"{res.n:,}")
+    t.add_row("top-1", f"{100 * res.top1:.2f}%")
+    t.add_row(f"top-{res.k}", f"{100 * res.top5:.2f}%")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The training loop: distil a student from stores of teacher logits, with checkpoints, resume and DDP.
+
+Reads top to bottom: `fit` sets up (stores, student, optimizer, schedule, resume), then each
+epoch runs `train_one_epoch`, measures the student (held-out agreement with the teacher, and a
+labeled folder if given), saves the checkpoint and the metrics. No teacher is ever loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from logitstore.store import LogitStore
+
+from . import report
+from .data import SKIPPED, Batches, InputSpec, Request, batches_per_epoch, default_cache_bytes, make_batches, \
+    make_input_spec, open_stores, read_ahead
+from .device import autocast, resolve_device, resolve_precision
+from .errors import ConfigError, RunDirError, StoreMismatchError
+from .evaluate import evaluate_model, labeled_folder, load_checkpoint
+from .loss import distillation_loss, objective
+from .students import build_student, natural_in_channels, parse_student_kwargs, resolve_student
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class FitConfig:
+    """Every choice of a run, as plain values (saved in the checkpoint as `args`)."""
+
+    stores: list[str]
+    out: str
+    student: str = "lenet"
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
+    images: list[str] | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None              # None: 0.1 for sgd, 1e-3 for adamw
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float | None = None    # None: 5e-4 for sgd, 0.05 for adamw
+    warmup_epochs: float = 1.0
+    clip_grad: float = 5.0               # max global gradient norm; 0 turns clipping off
+    temperature: float = 4.0
+    alpha: float = 0.0
+    labels: str | None = None
+    labels_from_folders: bool = False
+    eval_images: str | None = None
+    holdout: float = 0.02
+    shuffle_blocks: int = 8
+    cache_images: float | None = None    # GiB; None: half the available memory
+    skip_mismatched: bool = False
+    input_size: tuple[int, int] | None = None
+    in_channels: int | None = None
+    device: str | None = None
+    precision: str = "auto"
+    num_workers: int | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    stop_after: int | None = None
+    teachers: list[str] | None = None          # ensemble of a store's teachers; None: the primary
+    teacher_weights: list[float] | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL stores
+
+    def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size", "shuffle_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature {self.temperature}: must be positive")
+        if self.alpha < 0 or self.warmup_epochs < 0 or self.clip_grad < 0:
+            raise ConfigError("--alpha, --warmup-epochs and --clip-grad must not be negative")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+        if self.seed < 0:
+            raise ConfigError(f"--seed {self.seed}: must not be negative")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError("--stop-after must be at least 1")
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    checkpoint: str
+    history: list[dict[str, Any]]     # one record per epoch (also in metrics.jsonl)
+    info: dict[str, Any]              # facts about the run, for the summary table
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
+    """torchrun's environment -> a process group (nccl on GPUs, gloo on CPUs) and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world == 1:
+        return Dist(), dev
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))), dev
+
+
+def default_workers(local_world: int) -> int:
+    """One core stays with the training loop; the rest decode (decoding only matters in epoch 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(0, cores // local_world - 1))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warmup from ~0 to 1, then a half cosine down to 0 at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm scales: decaying them only fights the normalisation.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    if cfg.optimizer == "sgd":
+        lr = 0.1 if cfg.lr is None else cfg.lr
+        wd = 5e-4 if cfg.weight_decay is None else cfg.weight_decay
+        groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    lr = 1e-3 if cfg.lr is None else cfg.lr
+    wd = 0.05 if cfg.weight_decay is None else cfg.weight_decay
+    groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    """Write to a temporary file then rename: a crash mid-save leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def _same_stores(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:
+    """'' if the stores are the same ones (wherever they now live), else what differs."""
+    strip = lambda fps: [{k: v for k, v in fp.items() if k != "location"} for fp in fps]  # noqa: E731
+    if len(saved) != len(now):
+        return f"the checkpoint was trained on {len(saved)} store(s), this run gives {len(now)}"
+    for i, (a, b) in enumerate(zip(strip(saved), strip(now))):
+        diff = [k for k in b if a.get(k) != b.get(k)]
+        if diff:
+            return (f"store {i + 1} ({now[i]['location']}) differs from the checkpoint's "
+                    f"({saved[i]['location']}) in {', '.join(diff)}")
+    return ""
+
+
+def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Request], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, spec: InputSpec, device: torch.device,
+                    cfg: FitConfig, precision: str, ddp: Dist, bar: Any, task: Any) -> dict[str, Any]:
+    model.train()
+    # Sums stay on the device: reading a loss every step would stall the GPU queue.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, soft*n, hard*n, n
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step, batch in enumerate(batches(requests)):
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        n = len(pixels)
+        if n == 0:  # every image of this batch was skipped (--skip-mismatched)
+            continue
+        x = spec.to_input(pixels)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        teacher = batch["logits"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with autocast(precision, device):
+            out = model(x)
+        loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        sums += torch.stack([loss.detach().double() * n, soft.double() * n, hard.double() * n,
+                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if ddp.main and (step % 20 == 0):
+            done = float(sums[3]) * ddp.world
+            bar.update(task, completed=step + 1, rate=done / max(1e-9, time.perf_counter() - t0),
+                       loss=float(sums[0] / max(1.0, float(sums[3]))))
+        elif ddp.main:
+            bar.update(task, completed=step + 1)
+    if ddp.world > 1:
+        dist.all_reduce(sums)
+    seconds = time.perf_counter() - t0
+    n = float(sums[3])
+    record = {"lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0]) / max(1.0, n),
+              "train_kd": float(sums[1]) / max(1.0, n), "samples": int(n), "seconds": round(seconds, 3),
+              "samples_per_s": n / seconds if seconds > 0 else 0.0}
+    if cfg.alpha > 0:
+        record["train_ce"] = float(sums[2]) / max(1.0, n)
+    if ddp.main:
+        bar.update(task, rate=record["samples_per_s"], loss=record["train_loss"])
+    return record
+
+
+@torch.no_grad()
+def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Request], spec: InputSpec,
+                      device: torch.device, temperature: float, precision: str) -> dict[str, Any]:
+    """How often the student's argmax is the teacher's on held-out rows, and the distillation loss there."""
+    was_training = model.training
+    model.eval()
+    agree = kd = n = 0.0
+    for batch in batches(requests):
+        if len(batch["pixels"]) == 0:
+            continue
+        x = spec.to_input(batch["pixels"].to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        teacher = batch["logits"].to(device).float()
+        with autocast(precision, device):
+            out = model(x).float()
+        m = len(x)
+        agree += float((out.argmax(1) == teacher.argmax(1)).sum())
+        kd += float(distillation_loss(out, teacher, temperature)) * m
+        n += m
+    model.train(was_training)
+    return {"agree": agree / n, "holdout_kd": kd / n, "holdout_n": int(n)} if n else {}
+
+
+def fit(stores: Sequence[str | os.PathLike | LogitStore], out: str | os.PathLike, *, student: str = "lenet",
+        student_kwargs: dict[str, Any] | str | None = None, images: Sequence[str | os.PathLike] | None = None,
+        epochs: int = 10, batch_size: int = 128, lr: float | None = None, optimizer: str = "sgd",
+        momentum: float = 0.9, weight_decay: float | None = None, warmup_epochs: float = 1.0,
+        clip_grad: float = 5.0, temperature: float = 4.0, alpha: float = 0.0, labels: str | None = None,
+        labels_from_folders: bool = False, eval_images: str | os.PathLike | None = None, holdout: float = 0.02,
+        shuffle_blocks: int = 8, cache_images: float | None = None, skip_mismatched: bool = False,
+        input_size: tuple[int, int] | None = None, in_channels: int | None = None, device: str | None = None,
+        precision: str = "auto", num_workers: int | None = None, seed: int = 0, resume: bool = False,
+        overwrite: bool = False, stop_after: int | None = None, teachers: Sequence[str] | None = None,
+        teacher_weights: Sequence[float] | None = None, storage_options: dict[str, Any] | None = None,
+        progress: bool = False) -> FitResult:
+    """Distil a student from one or more logit stores into `out`. See `trainer fit --help`.
+
+    `stores` are paths (or stores already opened with logitstore.open_store).
+    """
+    cfg = FitConfig(
+        stores=[str(s.location) if isinstance(s, LogitStore) or hasattr(s, "meta") else os.fspath(s) for s in stores],
+        out=os.fspath(out), student=student, student_kwargs=parse_student_kwargs(student_kwargs),
+        images=[os.fspath(p) for p in images] if images else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        clip_grad=clip_grad, temperature=temperature, alpha=alpha,
+        labels=os.fspath(labels) if labels else None, labels_from_folders=labels_from_folders,
+        eval_images=os.fspath(eval_images) if eval_images else None, holdout=holdout,
+        shuffle_blocks=shuffle_blocks, cache_images=cache_images, skip_mismatched=skip_mismatched,
+        input_size=tuple(input_size) if input_size else None, in_channels=in_channels, device=device,
+        precision=precision, num_workers=num_workers, seed=seed, resume=resume, overwrite=overwrite,
+        stop_after=stop_after, teachers=list(teachers) if teachers else None,
+        teacher_weights=list(teacher_weights) if teacher_weights else None,
+        storage_options=dict(storage_options or {}))
+    cfg.check()
+    ddp, dev = setup_distributed(cfg.device)
+    try:
+        return _fit(cfg, list(stores), ddp, dev, progress)
+    finally:
+        if ddp.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progress: bool) -> FitResult:
+    run_dir = Path(cfg.out)
+    ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    if cfg.resume and not ckpt_path.is_file():
+        raise RunDirError(f"{ckpt_path}: no checkpoint to resume from; drop --resume to start a new run")
+    if not cfg.resume and ckpt_path.exists() and not cfg.overwrite:
+        raise RunDirError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
+                          "--overwrite to start again, or choose another --out")
+    precision = resolve_precision(cfg.precision, dev)
+
+    # --- data, student, evaluation set --------------------------------------------------------
+    data = open_stores(stores, cfg.images, cfg.holdout, cfg.labels, cfg.labels_from_folders,
+                       teachers=cfg.teachers, teacher_weights=cfg.teacher_weights, temperature=cfg.temperature,
+                       storage_options=cfg.storage_options)
+    if cfg.alpha > 0 and data.n_labeled == 0:
+        raise ConfigError("--alpha needs hard labels, and none of the store's images has one; pass --labels FILE "
+                          "or --labels-from-folders (or --alpha 0)")
+    if cfg.alpha == 0 and (cfg.labels or cfg.labels_from_folders):
+        raise ConfigError("labels were given but --alpha is 0, so they would be ignored; pass --alpha A")
+    rows_per_rank = data.rows_per_rank(ddp.world)
+    if rows_per_rank == 0:
+        raise ConfigError(f"{data.n_train} training images cannot be shared by {ddp.world} processes")
+    arch = resolve_student(cfg.student)
+    spec = make_input_spec(data.pre, cfg.input_size, cfg.in_channels or natural_in_channels(arch, data.pre.channels))
+    folder = labeled_folder(cfg.eval_images, data.classes) if cfg.eval_images else None
+    torch.manual_seed(cfg.seed)
+    model, arch_kwargs = build_student(arch, len(data.classes), spec.channels, spec.size, cfg.student_kwargs)
+    model = model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    # --- optimisation, and where a resumed run picks up ---------------------------------------
+    optimizer = make_optimizer(model, cfg)
+    steps = batches_per_epoch(rows_per_rank, cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
+    start_epoch, history = 0, []
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["arch"] != arch or dict(ckpt.get("arch_kwargs") or {}) != arch_kwargs:
+            raise RunDirError(f"{ckpt_path} holds a {ckpt['arch']} {ckpt.get('arch_kwargs')} student, this run asks "
+                              f"for {arch} {arch_kwargs}; resume with the same --student and --student-kwargs")
+        diff = _same_stores(ckpt.get("stores") or [], data.fingerprints())
+        if diff:
+            raise StoreMismatchError(f"--resume: {diff}; resume with the stores the run started with")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if dev.type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        start_epoch = int(ckpt["epoch"])
+        history = [r for r in report.read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report.write_metrics(metrics_path, history)
+    train_model = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
+        if ddp.world > 1 else model
+
+    # --- the pipeline: one DataLoader, whose workers fill one shared decode cache ---------------
+    budget = default_cache_bytes(ddp.local_world) if cfg.cache_images is None else int(cfg.cache_images * 2 ** 30)
+    workers = default_workers(ddp.local_world) if cfg.num_workers is None else cfg.num_workers
+    batches = make_batches(data, spec, budget, workers, cfg.skip_mismatched, pin_memory=dev.type == "cuda")
+    cache = batches.source.cache
+    held_out = data.holdout_requests(cfg.batch_size) if ddp.main else []
+
+    info = {"stores": ", ".join(cfg.stores), "images": f"{len(data):,} ({data.n_train:,} train, "
+            f"{len(data.holdout) if data.holdout is not None else 0:,} held out)",
+            "student": f"{arch} ({sum(p.numel() for p in model.parameters()):,} parameters)",
+            "device": f"{dev} ({precision}), {ddp.world} process(es) x {workers} worker(s)",
+            "decode cache": f"{report.human_bytes(cache.nbytes)} of {report.human_bytes(cache.needed)} needed"}
+    bar = report.progress_bar(progress and ddp.main)
+    with bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.stop_after is not None and epoch - start_epoch >= cfg.stop_after:
+                break
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps)
+            requests = read_ahead(data.requests(epoch, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
+                                                cfg.shuffle_blocks))
+            record = {"epoch": epoch + 1, **train_one_epoch(train_model, batches, requests, optimizer, scheduler,
+                                                            spec, dev, cfg, precision, ddp, bar, task)}
+            skipped = torch.from_numpy((cache.flags == SKIPPED).astype("uint8"))
+            if ddp.world > 1:  # an image may be met (and skipped) by a different rank each epoch
+                dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
+            record["skipped"] = int(skipped.sum())
+            if ddp.main:
+                record.update(teacher_agreement(model, batches, held_out, spec, dev, cfg.temperature, precision))
+                if folder is not None:
+                    res = evaluate_model(model, folder, spec, dev, cfg.batch_size, workers, precision)
+                    record.update({"eval_top1": res.top1, "eval_top5": res.top5, "eval_n": res.n})
+                save_checkpoint(ckpt_path, {
+                    "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": model.state_dict(),
+                    "classes": list(data.classes), "preprocess": spec.student_preprocess(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1, "args": dataclasses.asdict(cfg), "stores": data.fingerprints(),
+                    "rng": {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []}})
+                history.append(record)
+                report.write_metrics(metrics_path, history)
+                # Redraw every epoch only when epochs are long enough for a ~0.5 s plot not to matter.
+                if record["seconds"] > 60:
+                    report.plot_curves(history, run_dir / CURVES)
+            if ddp.world > 1:
+                dist.barrier()
+    if ddp.main and history:
+        report.plot_curves(history, run_dir / CURVES)
+    info["skipped images"] = history[-1]["skipped"] if history else 0
+    return FitResult(str(run_dir), str(ckpt_path), history, info)
