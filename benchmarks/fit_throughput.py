@@ -57,7 +57,7 @@ class InMemoryStore:
         a = k * self.chunk_rows
         return a, min(self._n, a + self.chunk_rows)
 
-    def read(self, a: int, b: int) -> Rows:
+    def read(self, a: int, b: int, pixels: bool = False) -> Rows:
         r = self.rows
         return Rows(r.ids[a:b], r.logits[a:b], r.digests[a:b], r.image_hw[a:b], r.view_params[a:b])
 
