@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .errors import LogitStoreError
 from .locations import parse_storage_options
+from .show import show
 
 console = Console(stderr=True)
 
@@ -335,6 +336,8 @@ def select(store: str, out: str, min_confidence: float | None, max_entropy: floa
         t.add_row(c, f"{n:,}")
     Console().print(t)
 
+
+main.add_command(show)  # defined beside the contact-sheet code it drives
 
 if __name__ == "__main__":
     main()
