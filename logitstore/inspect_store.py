@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from . import schema
 from .corpus import sha256_bytes
 from .errors import IntegrityError
 from .fingerprint import RowHasher
+from .locations import stored_bytes
 from .store import LogitStore
 
 
@@ -27,18 +27,9 @@ def _softmax_stats(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return p.max(axis=1), ent, p.argmax(axis=1)
 
 
-def _dir_bytes(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
-
-
 def store_bytes(store: LogitStore) -> dict[str, int]:
-    """Bytes on disk per array (local directory stores; 0 where unknown)."""
-    if "://" in store.location or not os.path.isdir(store.location):
-        return {}
-    return {name: _dir_bytes(os.path.join(store.location, name)) for name in schema.ROW_ARRAYS}
+    """Stored (compressed) bytes per row array, from the store itself: local, zip or object storage."""
+    return {name: stored_bytes(store.group.store, name) for name in store.arrays}
 
 
 def info(store: LogitStore, top: int = 10) -> dict[str, Any]:

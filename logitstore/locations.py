@@ -115,3 +115,8 @@ def key_exists(store: Store, key: str) -> bool:
 
 def delete_all(store: Store) -> None:
     sync(store.clear())
+
+
+def stored_bytes(store: Store, prefix: str = "") -> int:
+    """Bytes stored under `prefix` (the whole store for ""), wherever the store lives."""
+    return int(sync(store.getsize_prefix(prefix)))

@@ -19,6 +19,7 @@ from .errors import LogitRangeError, LogitStoreError, TeacherError
 from .schema import CorpusInfo, Preprocess, StoreMeta, ViewSpec
 from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view, normalize, sample_view_params
+from .locations import stored_bytes
 from .writer import RowBatch, open_writer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -154,15 +155,6 @@ def _read_classes(classes: str | Sequence[str] | None) -> list[str] | None:
     return [c.strip() for c in classes.split(",")]
 
 
-def _store_bytes(out: str) -> int:
-    if "://" in out:
-        return 0
-    total = 0
-    for dirpath, _, files in os.walk(out):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
-
-
 def _check_logits(logits: torch.Tensor, dtype: str, ids: list[str]) -> None:
     finite = torch.isfinite(logits).flatten(1).all(1)
     if not bool(finite.all()):
@@ -272,7 +264,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
     return DumpSummary(out=out, n_listed=len(corpus.ids), n_images=meta.corpus.n_images,
                        n_failed=meta.corpus.n_failed, views=spec.count, num_classes=width, dtype=dtype,
                        precision=precision, device=str(dev), chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows,
-                       seconds=seconds, bytes_on_disk=_store_bytes(out),
+                       seconds=seconds, bytes_on_disk=stored_bytes(writer.group.store),
                        failures=[(f[0], f[1]) for f in writer.progress.failures])
 
 
