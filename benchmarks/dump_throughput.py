@@ -6,7 +6,7 @@
 
     python -m benchmarks.dump_throughput [--images 4000] [--mnist ../shared/datasets/mnist.npz]
 
-Each is run --repeats times, interleaved; the best run counts (least disturbed by the machine).
+Each is run --repeats times, interleaved in rotating order; the best run counts (least disturbed by the machine).
 """
 from __future__ import annotations
 
@@ -98,8 +98,12 @@ def main() -> None:
                    ckpt)
         best: dict[str, float] = {}
         sizes: dict[str, int] = {}
+        names = ["a", "b", "b32", "c"]
         for r in range(args.repeats):
-            for name in ("a", "b", "b32", "c"):
+            # Rotate the order each repeat and let the last run's worker processes exit first, so
+            # no run always follows the same neighbour.
+            for name in names[r % 4:] + names[:r % 4]:
+                time.sleep(1.0)
                 out = tmp / f"out-{name}-{r}"
                 t0 = time.perf_counter()
                 if name == "a":

@@ -4,7 +4,7 @@
 
 The server is moto's (`moto_server`, a separate process on 127.0.0.1); the store is copied there
 with `logitstore copy`. Both runs use the same student, images (decode cache warm after epoch 1),
-seed and settings; the best epoch after the first counts.
+seed and settings; the best epoch after the first, over interleaved repeats, counts.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best counts")
     ap.add_argument("--mnist", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/mnist.npz")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -82,12 +83,13 @@ def main() -> None:
             t0 = time.perf_counter()
             copy_store(str(local), url)
             copy_s = time.perf_counter() - t0
-            rates = {}
-            for name, store in (("local disk", str(local)), ("S3 on loopback", url)):
-                res = trainer.fit([store], tmp / name.replace(" ", "_"), images=[tmp / "images"], student="lenet",
-                                  epochs=args.epochs, batch_size=256, num_workers=0, seed=0)
-                rates[name] = max(r["samples_per_s"] for r in res.history[1:]) if len(res.history) > 1 \
-                    else res.history[0]["samples_per_s"]
+            rates: dict[str, float] = {}
+            for rep in range(args.repeats):
+                for name, store in (("local disk", str(local)), ("S3 on loopback", url)):
+                    res = trainer.fit([store], tmp / f"{name.replace(' ', '_')}{rep}", images=[tmp / "images"],
+                                      student="lenet", epochs=args.epochs, batch_size=256, num_workers=0, seed=0)
+                    best = max(r["samples_per_s"] for r in res.history[1:] or res.history)
+                    rates[name] = max(rates.get(name, 0.0), best)
             n_chunks = logitstore.open_store(local).n_chunks
     finally:
         proc.terminate()

@@ -316,8 +316,8 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
     """Rows per chunk: about 1 MiB of raw logits, a power of two in [256, 8192].
 
     Measured in benchmarks/chunk_size.py (benchmarks/RESULTS.md): per-chunk overhead (a file,
-    a codec run, a checksum) dominates small chunks: 1 KiB chunks write/read at 1-2 MB/s,
-    80 KiB at 50-115 MB/s, 320 KiB-1 MiB at 150-300 MB/s. Larger chunks make the trainer's
+    a codec run, a checksum) dominates small chunks: 1 KiB chunks write/read at 1-3 MB/s,
+    80 KiB at 25-125 MB/s, 320-500 KiB at 95-530 MB/s. Larger chunks make the trainer's
     shuffle and its per-worker shares coarse and make the writer hold more rows before a chunk
     is whole; the 8192-row cap keeps a corpus of tens of thousands of images in several chunks.
     """

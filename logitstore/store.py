@@ -54,6 +54,12 @@ class LogitStore:
         return (f"LogitStore({self.location!r}, {len(self)} images x {self.meta.views.count} views x "
                 f"{self.meta.num_classes} classes, {self.meta.dtype}, {state})")
 
+    def head(self, n: int) -> "LogitStore":
+        """The first n rows, read as a store of their own (a transfer-set size sweep on one dump)."""
+        if not 0 < n <= len(self):
+            raise IndexError(f"head({n}): the store has {len(self)} rows")
+        return LogitStore(self.location, self.group, self.meta, n)
+
     @property
     def logits(self) -> zarr.Array:
         return self.arrays[schema.LOGITS]

@@ -37,6 +37,9 @@ def test_slicing_and_chunks_agree(store_path):
     assert st[-1].ids[0] == whole.ids[-1] and len(st[10:20]) == 10
     with pytest.raises(IndexError):
         st[120]
+    head = st.head(50)
+    assert len(head) == 50 and head.n_chunks == 2 and head.chunk_bounds(1) == (32, 50)
+    assert np.array_equal(head.read_chunk(1).logits, whole.logits[32:50])
 
 
 def test_a_flipped_byte_fails_the_read_and_verify(tmp_path, store_path):

@@ -173,7 +173,7 @@ def first_rows(path: Path, n: int) -> LogitStore:
     store = logitstore.open_store(path)
     if n > len(store):
         raise SystemExit(f"{path}: asked for {n:,} rows, the store has {len(store):,}")
-    return LogitStore(store.location, store.group, store.meta, n)
+    return store.head(n)
 
 
 def distil(store: Path | LogitStore, run: Path, test_dir: Path, *, epochs: int, temperature: float, seed: int,
