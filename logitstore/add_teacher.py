@@ -22,8 +22,8 @@ from . import schema
 from .corpus import decode_image, list_corpus, sha256_bytes
 from .errors import CorpusError, IntegrityError, StoreStateError, TeacherError
 from .locations import open_group
-from .pipeline import (_check_logits, _forward, _progress_bar, _read_classes, _resolve_device,
-                       _resolve_precision, prepare_teacher, to_device)
+from .device import resolve_device, resolve_precision
+from .pipeline import _check_logits, _forward, _progress_bar, _read_classes, prepare_teacher, to_device
 from .schema import ExtraTeacher, Preprocess
 from .store import LogitStore, open_store
 from .views import apply_view
@@ -104,8 +104,8 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     if name in meta.teacher_names and not overwrite:
         raise StoreStateError(f"{store_path} already has a teacher {name!r}; pass --overwrite to replace it "
                               "or --teacher-name to add it under another name")
-    dev = _resolve_device(device)
-    precision = _resolve_precision(precision, dev)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
                                     {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode})
     model = to_device(t.model, dev)

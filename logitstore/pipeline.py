@@ -15,15 +15,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__, schema
 from .corpus import Corpus, describe_failure, list_corpus, read_and_decode
+from .device import resolve_device, resolve_precision
 from .errors import LogitRangeError, LogitStoreError, TeacherError
 from .schema import CorpusInfo, Preprocess, StoreMeta, ViewSpec
 from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view, normalize, sample_view_params
 from .locations import stored_bytes
 from .writer import RowBatch, open_writer
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 class DumpInterrupted(LogitStoreError):
     """Ctrl-C: everything committed so far is kept; the same command resumes."""
@@ -87,28 +85,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "failures": [(it["source"], it["id"], it["error"]) for it in items if it["error"] is not None],
     }
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LogitStoreError(f"--device {device!r} is not a torch device (use cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LogitStoreError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise LogitStoreError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise LogitStoreError("--precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-    return precision
 
 
 def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, Any] | None,
@@ -187,8 +163,8 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1) or not (0 < crop_ratio[0] <= crop_ratio[1]):
         raise LogitStoreError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
     schema.check_keep_bits(keep_bits, dtype)
-    dev = _resolve_device(device)
-    precision = _resolve_precision(precision, dev)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     corpus = list_corpus(images)
 
     t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
