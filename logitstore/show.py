@@ -120,6 +120,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
             ax = fig.add_subplot(grid[r, 1 + j])
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.set_facecolor("none")  # so the "never predicted" note may run on across empty cells
             for side in ax.spines.values():
                 side.set_visible(False)
             if j == 0 and not len(picks[int(c)]):
