@@ -105,7 +105,7 @@ def _create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
     for name, (shape, chunks, dtype, fill) in specs.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                            filters=logits_filters(meta.keep_bits) if name == schema.LOGITS else None,
-                           compressors=chunk_codecs())
+                           compressors=chunk_codecs(), overwrite=True)
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -229,6 +229,8 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
                                       "re-run with the original settings, or pass --overwrite to start over")
         p = group.attrs.get(schema.ATTR_PROGRESS) or {}
         progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", 0)), list(p.get("failures", [])))
+        if progress.rows == 0 and not set(row_array_names(meta)) <= set(group.array_keys()):
+            _create_arrays(group, meta, meta.corpus.n_listed)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress)
     if existing is None and any(True for _ in group.keys()) and not overwrite:
         raise StoreStateError(f"{path} holds something that is not a logitstore store; "
