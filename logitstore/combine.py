@@ -38,8 +38,9 @@ def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = Tr
                 f"{b.teacher.arch} sha256 {b.teacher.sha256[:12]})")
     if a.views != b.views:
         return f"the views differ ({a.views.to_dict()} vs {b.views.to_dict()})"
-    if a.dtype != b.dtype:
-        return f"the logits dtype differs ({a.dtype} vs {b.dtype})"
+    for what in ("dtype", "keep_bits", "embedded_pixels", "precision"):
+        if getattr(a, what) != getattr(b, what):
+            return f"the {what} differs ({getattr(a, what)} vs {getattr(b, what)})"
     return None
 
 
@@ -48,7 +49,8 @@ def _sha256_text(text: str) -> str:
 
 
 def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str) -> StoreMeta:
-    return replace(base, complete=False, fingerprints={}, format_version=schema.FORMAT_VERSION,
+    # Added teachers' arrays are not carried into derived stores, so they are not listed either.
+    return replace(base, complete=False, fingerprints={}, format_version=schema.FORMAT_VERSION, extra_teachers=(),
                    corpus=CorpusInfo(root, listing, listing_sha, n_rows),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -74,7 +76,7 @@ def _batch(rows: Rows, keep: np.ndarray, first: int, ids: Sequence[str] | None =
     return RowBatch(np.arange(first, first + n, dtype=np.int64),
                     list(ids) if ids is not None else [str(i) for i in rows.ids[keep]],
                     rows.logits[keep], rows.digests[keep], rows.image_hw[keep], rows.view_params[keep],
-                    failures or [])
+                    failures or [], None if rows.pixels is None else rows.pixels[keep])
 
 
 @dataclass
@@ -164,6 +166,8 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
     each predicted class are kept; --limit then keeps the most confident overall. Rows keep their
     original order.
     """
+    if temperature <= 0 or (per_class is not None and per_class < 1) or (limit is not None and limit < 1):
+        raise LogitStoreError("select: --temperature must be positive and --per-class, --limit at least 1")
     store = open_store(source, storage_options=storage_options)
     conf, ent, arg = [], [], []
     for _, rows in store.iter_chunks():  # pass 1: three numbers per row, never the logits

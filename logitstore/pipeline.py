@@ -158,8 +158,8 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
     """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
-    if views < 1 or batch_size < 1:
-        raise LogitStoreError("--views and --batch-size must be at least 1")
+    if views < 1 or batch_size < 1 or (chunk_rows is not None and chunk_rows < 1):
+        raise LogitStoreError("--views, --batch-size and --chunk-rows must be at least 1")
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1) or not (0 < crop_ratio[0] <= crop_ratio[1]):
         raise LogitStoreError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
     schema.check_keep_bits(keep_bits, dtype)
@@ -213,7 +213,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
                 failures = [f for f in batch["failures"] if f[0] >= start]
                 ok = batch["ok"]
                 rows = _failures_only(failures, spec.count, width, np_dtype)
-                if ok:
+                if ok and (ok["source"] >= start).any():  # a resumed run re-reads a batch it may have kept
                     logits = _forward(model, ok["pixels"], pre, dev, autocast)
                     keep = ok["source"] >= start
                     ids = [i for i, k in zip(ok["ids"], keep) if k]

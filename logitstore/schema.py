@@ -246,12 +246,6 @@ def check_keep_bits(keep_bits: int | None, dtype: str) -> None:
                           "(or absent for lossless logits)")
 
 
-def check_keep_bits(keep_bits: int | None, dtype: str) -> None:
-    if keep_bits is not None and not 1 <= keep_bits < MANTISSA_BITS[dtype]:
-        raise FormatError(f"keep_bits {keep_bits} must be between 1 and {MANTISSA_BITS[dtype] - 1} for {dtype} "
-                          "(or absent for lossless logits)")
-
-
 def pixel_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
     """Rows per chunk of embedded pixels: chunk_rows halved until a chunk is <= 4 MiB (divides it)."""
     rows = chunk_rows
