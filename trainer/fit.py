@@ -162,6 +162,13 @@ def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _shareable_args(cfg: FitConfig) -> dict[str, Any]:
+    """The run's args for the checkpoint, without storage option values (they may be credentials)."""
+    args = dataclasses.asdict(cfg)
+    args["storage_options"] = sorted(cfg.storage_options)
+    return args
+
+
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
     """Write to a temporary file then rename: a crash mid-save leaves the previous checkpoint whole."""
     tmp = path.with_name(path.name + ".tmp")
@@ -375,7 +382,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
                                                 cfg.shuffle_blocks))
             record = {"epoch": epoch + 1, **train_one_epoch(train_model, batches, requests, optimizer, scheduler,
                                                             spec, dev, cfg, precision, ddp, bar, task)}
-            skipped = torch.from_numpy((cache.flags == SKIPPED).astype("uint8"))
+            # On the training device: NCCL (GPU runs) reduces device tensors only.
+            skipped = torch.from_numpy((cache.flags == SKIPPED).astype("uint8")).to(dev)
             if ddp.world > 1:  # an image may be met (and skipped) by a different rank each epoch
                 dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
             record["skipped"] = int(skipped.sum())
@@ -388,7 +396,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
                     "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": model.state_dict(),
                     "classes": list(data.classes), "preprocess": spec.student_preprocess(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1, "args": dataclasses.asdict(cfg), "stores": data.fingerprints(),
+                    "epoch": epoch + 1, "args": _shareable_args(cfg), "stores": data.fingerprints(),
                     "rng": {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []}})
                 history.append(record)
