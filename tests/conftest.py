@@ -36,6 +36,13 @@ def mnist() -> dict[str, np.ndarray]:
         return {k: d[k] for k in d.files}
 
 
+def flip_byte(path: Path, offset: int, mask: int) -> None:
+    """Corrupt one byte of a file in place (a chunk, to prove checksums catch it)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def write_pngs(images: np.ndarray, folder: Path, labels: np.ndarray | None = None) -> list[Path]:
     paths = []
     for i, img in enumerate(images):

@@ -15,7 +15,7 @@ from logitstore.combine import MismatchError, merge, select
 from logitstore.errors import IntegrityError, StoreStateError
 from logitstore.transfer import copy_store
 
-from conftest import REPO, TESTS, run_cli, save_teacher
+from conftest import flip_byte, run_cli, save_teacher
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +93,7 @@ def test_a_corrupted_chunk_is_caught_by_copy_verify_and_readers(tmp_path, store)
     bad = tmp_path / "bad.zarr"
     shutil.copytree(store, bad)
     chunk = bad / "logits" / "c" / "2" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[5] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    flip_byte(chunk, 5, 0xFF)
     with pytest.raises(IntegrityError, match="logits/c/2/0/0"):
         copy_store(str(bad), str(tmp_path / "copy.zarr"))
     r = run_cli("logitstore", "verify", str(bad), check=False)

@@ -12,7 +12,7 @@ import logitstore
 from logitstore import schema
 from logitstore.errors import FormatError, IntegrityError, StoreStateError
 
-from conftest import run_cli
+from conftest import flip_byte, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,7 @@ def test_slicing_and_chunks_agree(store_path):
 def test_a_flipped_byte_fails_the_read_and_verify(tmp_path, store_path):
     bad = _copy(store_path, tmp_path / "bad.zarr")
     chunk = bad / "logits" / "c" / "1" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    chunk.write_bytes(bytes(data))
+    flip_byte(chunk, len(chunk.read_bytes()) // 2, 0x01)
     st = logitstore.open_store(bad)
     np.testing.assert_array_equal(st.read_chunk(0).logits, logitstore.open_store(store_path).read_chunk(0).logits)
     with pytest.raises(IntegrityError, match=r"'logits' chunk\(s\) 1 \('logits/c/1/...'\) fail their CRC32C"):

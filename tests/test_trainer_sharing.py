@@ -16,14 +16,15 @@ from trainer.data import make_batches, make_input_spec, open_stores
 from trainer.errors import ConfigError, ImageError, StoreMismatchError
 from trainer.loss import ensemble_logits
 
-from conftest import save_teacher
+from conftest import flip_byte, save_teacher
 from trainer_fixtures import World, world  # noqa: F401  (fixture)
 
 FAST = dict(student="lenet", epochs=1, batch_size=64, num_workers=0, holdout=0.05, seed=3)
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
+def _same_weights(run_a: Path, run_b: Path) -> bool:
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=True)["state_dict"] for r in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ensemble_logits_are_the_mixture_of_softmaxes():
@@ -44,17 +45,14 @@ def test_fit_streams_from_object_storage_like_from_disk(world: World, tmp_path: 
     copy_store(str(world.store), url)
     trainer.fit([url], tmp_path / "s3", images=[world.corpus], **FAST)
     trainer.fit([world.store], tmp_path / "local", **FAST)
-    a, b = _weights(tmp_path / "s3"), _weights(tmp_path / "local")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(tmp_path / "s3", tmp_path / "local")
 
 
 def test_corrupted_chunk_stops_training_naming_the_chunk(world: World, tmp_path: Path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(world.store, bad)
     chunk = bad / "logits" / "c" / "3" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[7] ^= 0x10
-    chunk.write_bytes(bytes(data))
+    flip_byte(chunk, 7, 0x10)
     with pytest.raises(IntegrityError, match=r"'logits' chunk\(s\) 3 "):
         trainer.fit([bad], tmp_path / "run", images=[world.corpus], **FAST)
 
@@ -80,8 +78,7 @@ def test_embedded_pixels_train_without_the_corpus(world: World, tmp_path: Path):
     # Training from the embedded pixels is training from the files: the same weights, bit for bit.
     trainer.fit([emb], tmp_path / "emb", **FAST)
     trainer.fit([world.store_views], tmp_path / "files", **FAST)
-    a, b = _weights(tmp_path / "emb"), _weights(tmp_path / "files")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(tmp_path / "emb", tmp_path / "files")
 
 
 def test_ensemble_of_a_stores_teachers(world: World, tmp_path: Path):
