@@ -23,7 +23,7 @@ from .corpus import decode_image, list_corpus, sha256_bytes
 from .errors import CorpusError, IntegrityError, StoreStateError, TeacherError
 from .locations import open_group
 from .device import resolve_device, resolve_precision
-from .pipeline import _check_logits, _forward, _progress_bar, _read_classes, prepare_teacher, to_device
+from .pipeline import _check_logits, _forward, progress_bar, _read_classes, prepare_teacher, to_device
 from .schema import ExtraTeacher, Preprocess
 from .store import LogitStore, open_store
 from .views import apply_view
@@ -136,7 +136,7 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     buffer: list[np.ndarray] = []
     written = seen = 0
     t0 = time.perf_counter()
-    with _progress_bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"teacher {name}", total=len(store))
         for pixels in loader:
             logits = _forward(model, pixels, pre, dev, autocast)

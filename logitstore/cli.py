@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -119,8 +120,15 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+@click.option("--segment-rows", default=None, type=int,
+              help="Under torchrun: listing positions per unit of work, a multiple of --batch-size "
+                   "[default: about 8 segments per process, at most 64 chunks each].")
 def dump(**kw: Any) -> None:
-    """Run a teacher over an image corpus and store its raw logits (resumes an interrupted run)."""
+    """Run a teacher over an image corpus and store its raw logits (resumes an interrupted run).
+
+    Under torchrun (`torchrun --nproc-per-node K -m logitstore dump ...`) the K processes share the
+    work, one GPU each; a killed job is finished by the same command, with any number of processes.
+    """
     from .pipeline import dump as run_dump
 
     try:
@@ -143,7 +151,9 @@ def dump(**kw: Any) -> None:
         chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
         crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
         progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"],
-        keep_bits=kw["keep_bits"])
+        keep_bits=kw["keep_bits"], segment_rows=kw["segment_rows"])
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
+        return
     t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
     rows = [("images stored", f"{summary.n_images:,}"), ("failed (recorded)", f"{summary.n_failed:,}"),
             ("views x classes", f"{summary.views} x {summary.num_classes}"),

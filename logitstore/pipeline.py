@@ -21,7 +21,7 @@ from .schema import CorpusInfo, Preprocess, StoreMeta, ViewSpec
 from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view, normalize, sample_view_params
 from .locations import stored_bytes
-from .writer import RowBatch, open_writer
+from .writer import RowBatch, StoreWriter, open_writer
 
 class DumpInterrupted(LogitStoreError):
     """Ctrl-C: everything committed so far is kept; the same command resumes."""
@@ -145,17 +145,74 @@ def _check_logits(logits: torch.Tensor, dtype: str, ids: list[str]) -> None:
                                   f"(+-{schema.FLOAT16_MAX:g}); re-run with --dtype float32")
 
 
-def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
-         arch_kwargs: dict[str, Any] | None = None, views: int = 1, seed: int = 0, dtype: str = "float16",
-         device: str | None = None, precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
-         size: tuple[int, int] | None = None, resize: int | None = None, mean: Sequence[float] | None = None,
-         std: Sequence[float] | None = None, mode: str | None = None,
-         classes: str | Sequence[str] | None = None, overwrite: bool = False, chunk_rows: int | None = None,
-         crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-         flip_prob: float = 0.5, progress: bool = False, on_batch: Callable[[int], None] | None = None,
-         storage_options: dict[str, Any] | None = None, embed_images: bool = False,
-         keep_bits: int | None = None) -> DumpSummary:
-    """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`."""
+@dataclass
+class DumpJob:
+    """Everything settled before the first image is read: the teacher on its device, the corpus, the metadata."""
+
+    model: Any
+    corpus: Corpus
+    meta: StoreMeta
+    device: torch.device
+    num_workers: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.meta.batch_size
+
+    def batches(self, start: int, stop: int) -> list[list[int]]:
+        """Listing positions [start, stop) as the fixed batches of an uninterrupted run: a resumed run
+        restarts at the boundary of the batch that holds its first missing image, so every image is
+        seen in the same batch as in an uninterrupted run and the logits match bit for bit."""
+        b = self.batch_size
+        return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
+
+    def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
+            on_batch: Callable[[int], None] | None = None) -> None:
+        """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here)."""
+        meta, pre, dev = self.meta, self.meta.preprocess, self.device
+        batches = self.batches(start, stop)
+        if not batches:
+            return
+        workers = self.num_workers
+        loader = DataLoader(_CorpusViews(self.corpus, pre, meta.views, meta.seed), batch_sampler=batches,
+                            num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+                            prefetch_factor=4 if workers else None, persistent_workers=False)
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if meta.precision == "bf16" else torch.float16)
+                    if meta.precision in ("bf16", "fp16") else None)
+        np_dtype = np.float16 if meta.dtype == "float16" else np.float32
+        v, c = meta.views.count, meta.num_classes
+        for batch in loader:
+            failures = [f for f in batch["failures"] if f[0] >= start]
+            ok = batch["ok"]
+            rows = _failures_only(failures, v, c, np_dtype)
+            if ok and (ok["source"] >= start).any():  # a resumed run re-reads a batch it may have kept
+                logits = _forward(self.model, ok["pixels"], pre, dev, autocast)
+                keep = ok["source"] >= start
+                ids = [i for i, k in zip(ok["ids"], keep) if k]
+                lg = logits[torch.from_numpy(keep)]
+                _check_logits(lg.reshape(len(ids), -1), meta.dtype, ids)
+                rows = RowBatch(ok["source"][keep], ids, lg.numpy().astype(np_dtype), ok["digests"][keep],
+                                ok["hw"][keep], ok["params"][keep], failures,
+                                ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None)
+            if len(rows) or failures:
+                writer.submit(rows)
+            n = len(ok["ids"]) if ok else 0
+            if progress is not None:
+                progress.advance(task, n + len(batch["failures"]))
+            if on_batch is not None:
+                on_batch(n)
+
+
+def prepare_dump(teacher: str, images: str, *, weights: str | None = None,
+                 arch_kwargs: dict[str, Any] | None = None, views: int = 1, seed: int = 0, dtype: str = "float16",
+                 device: str | None = None, precision: str = "auto", batch_size: int = 64,
+                 num_workers: int | None = None, size: tuple[int, int] | None = None, resize: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, mode: str | None = None,
+                 classes: str | Sequence[str] | None = None, chunk_rows: int | None = None,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip_prob: float = 0.5, embed_images: bool = False, keep_bits: int | None = None,
+                 local_rank: int | None = None) -> DumpJob:
+    """Validate the flags, list the corpus, load the teacher onto its device and settle the metadata."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
     if views < 1 or batch_size < 1 or (chunk_rows is not None and chunk_rows < 1):
@@ -164,12 +221,13 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
         raise LogitStoreError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
     schema.check_keep_bits(keep_bits, dtype)
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:  # one GPU per torchrun process
+        dev = torch.device("cuda", local_rank)
     precision = resolve_precision(precision, dev)
     corpus = list_corpus(images)
 
     t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
                                     {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode})
-    model = t.model
     names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if len(names) != width:
         raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
@@ -186,48 +244,50 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
         chunk_rows=chunk_rows or schema.default_chunk_rows(spec.count, width, itemsize), batch_size=batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         embedded_pixels=embed_images, keep_bits=keep_bits)
-    writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
-    resumed_rows, start = writer.progress.rows, writer.progress.next_source
-
-    model = to_device(model, dev)
-    # Batches are fixed ranges of listing positions; a resumed run restarts at the boundary of the
-    # batch that holds its first missing image, so every image is seen in the same batch as in an
-    # uninterrupted run and the logits match bit for bit.
-    first_batch = start // batch_size
-    batches = [list(range(b, min(b + batch_size, len(corpus.ids))))
-               for b in range(first_batch * batch_size, len(corpus.ids), batch_size)]
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    loader = DataLoader(_CorpusViews(corpus, pre, spec, seed), batch_sampler=batches, num_workers=workers,
-                        collate_fn=_collate, pin_memory=dev.type == "cuda",
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else None)
-    np_dtype = np.float16 if dtype == "float16" else np.float32
+    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers)
 
+
+def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
+         arch_kwargs: dict[str, Any] | None = None, views: int = 1, seed: int = 0, dtype: str = "float16",
+         device: str | None = None, precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
+         size: tuple[int, int] | None = None, resize: int | None = None, mean: Sequence[float] | None = None,
+         std: Sequence[float] | None = None, mode: str | None = None,
+         classes: str | Sequence[str] | None = None, overwrite: bool = False, chunk_rows: int | None = None,
+         crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+         flip_prob: float = 0.5, progress: bool = False, on_batch: Callable[[int], None] | None = None,
+         storage_options: dict[str, Any] | None = None, embed_images: bool = False,
+         keep_bits: int | None = None, segment_rows: int | None = None) -> DumpSummary:
+    """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`.
+
+    Under torchrun (WORLD_SIZE set), or to finish a store a distributed dump started, the work is
+    split over the processes (logitstore/distributed.py); `segment_rows` is its unit of work.
+    """
+    from . import distributed
+
+    ctx = distributed.context_from_env()
+    if ctx is None and not overwrite and distributed.is_distributed_store(out, storage_options):
+        ctx = distributed.DistContext(0, 1, 0)  # finish it in this one process
+    job = prepare_dump(teacher, images, weights=weights, arch_kwargs=arch_kwargs, views=views, seed=seed,
+                       dtype=dtype, device=device, precision=precision, batch_size=batch_size,
+                       num_workers=num_workers, size=size, resize=resize, mean=mean, std=std, mode=mode,
+                       classes=classes, chunk_rows=chunk_rows, crop_scale=crop_scale, crop_ratio=crop_ratio,
+                       flip_prob=flip_prob, embed_images=embed_images, keep_bits=keep_bits,
+                       local_rank=None if ctx is None else ctx.local_rank)
+    if ctx is not None:
+        return distributed.dump_distributed(job, out, ctx, overwrite=overwrite, storage_options=storage_options,
+                                            segment_rows=segment_rows, progress=progress, on_batch=on_batch)
+    if segment_rows is not None:
+        raise LogitStoreError("--segment-rows applies to distributed dumps only (run under torchrun)")
+    writer = open_writer(out, job.meta, overwrite=overwrite, storage_options=storage_options)
+    resumed_rows, start = writer.progress.rows, writer.progress.next_source
+    n_listed = len(job.corpus.ids)
     t0 = time.perf_counter()
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress)
     try:
         with bar:
-            task = bar.add_task("dump", total=len(corpus.ids), completed=first_batch * batch_size)
-            for batch in loader:
-                failures = [f for f in batch["failures"] if f[0] >= start]
-                ok = batch["ok"]
-                rows = _failures_only(failures, spec.count, width, np_dtype)
-                if ok and (ok["source"] >= start).any():  # a resumed run re-reads a batch it may have kept
-                    logits = _forward(model, ok["pixels"], pre, dev, autocast)
-                    keep = ok["source"] >= start
-                    ids = [i for i, k in zip(ok["ids"], keep) if k]
-                    lg = logits[torch.from_numpy(keep)]
-                    _check_logits(lg.reshape(len(ids), -1), dtype, ids)
-                    rows = RowBatch(ok["source"][keep], ids, lg.numpy().astype(np_dtype), ok["digests"][keep],
-                                    ok["hw"][keep], ok["params"][keep], failures,
-                                    ok["pixels"][torch.from_numpy(keep)].numpy() if embed_images else None)
-                if len(rows) or failures:
-                    writer.submit(rows)
-                n = len(ok["ids"]) if ok else 0
-                bar.advance(task, n + len(batch["failures"]))
-                if on_batch is not None:
-                    on_batch(n)
+            task = bar.add_task("dump", total=n_listed, completed=(start // batch_size) * batch_size)
+            job.run(writer, start, n_listed, bar, task, on_batch)
     except KeyboardInterrupt:
         writer.close(finalize=False)
         raise DumpInterrupted(f"interrupted: {writer.progress.rows} images are saved in {out}; run the same "
@@ -236,12 +296,17 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
         writer.close(finalize=False)
         raise
     meta = writer.close(finalize=True)
-    seconds = time.perf_counter() - t0
-    return DumpSummary(out=out, n_listed=len(corpus.ids), n_images=meta.corpus.n_images,
-                       n_failed=meta.corpus.n_failed, views=spec.count, num_classes=width, dtype=dtype,
-                       precision=precision, device=str(dev), chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows,
-                       seconds=seconds, bytes_on_disk=stored_bytes(writer.group.store),
-                       failures=[(f[0], f[1]) for f in writer.progress.failures])
+    return make_summary(job, out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(writer.group.store),
+                        [(f[0], f[1]) for f in writer.progress.failures])
+
+
+def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
+                 failures: list[tuple[str, str]]) -> DumpSummary:
+    return DumpSummary(out=out, n_listed=len(job.corpus.ids), n_images=meta.corpus.n_images,
+                       n_failed=meta.corpus.n_failed, views=meta.views.count, num_classes=meta.num_classes,
+                       dtype=meta.dtype, precision=meta.precision, device=str(job.device),
+                       chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows, seconds=seconds,
+                       bytes_on_disk=nbytes, failures=failures)
 
 
 def _failures_only(failures: list[tuple[int, str, str]], v: int, c: int, np_dtype: Any) -> RowBatch:
@@ -266,7 +331,7 @@ def _forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor
     return out.float().cpu().view(b, v, -1)
 
 
-def _progress_bar(enabled: bool):
+def progress_bar(enabled: bool):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 

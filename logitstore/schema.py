@@ -21,6 +21,12 @@ FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 ATTR_ROOT = "logitstore"
 # Updated at every committed chunk while a dump runs; removed when the store is complete.
 ATTR_PROGRESS = "logitstore_progress"
+# A distributed dump's progress: it writes segments of the listing under SEGMENTS/ first, then
+# assembles them into the row arrays (docs/FORMAT.md, "Distributed writing").
+PROGRESS_SEGMENT_ROWS = "segment_rows"
+PROGRESS_PHASE = "phase"
+PHASE_SEGMENTS, PHASE_ASSEMBLY, PHASE_ASSEMBLED = "segments", "assembly", "assembled"
+SEGMENTS = "_segments"
 
 # Arrays. Every array is chunked along its first axis with the same number of rows.
 LOGITS = "logits"            # [N, V, C] float16 | float32, raw pre-softmax

@@ -89,7 +89,7 @@ class Progress:
         return {"rows": self.rows, "next_source": self.next_source, "failures": self.failures}
 
 
-def _create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
+def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
     r, v, c = meta.chunk_rows, meta.views.count, meta.num_classes
     specs = {
         schema.LOGITS: ((capacity, v, c), (r, v, c), meta.dtype, 0),
@@ -108,6 +108,18 @@ def _create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
                            compressors=chunk_codecs(), overwrite=True)
 
 
+def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Any) -> None:
+    """Rows (a RowBatch or a store's Rows) into every row array at [a, a + len(rows))."""
+    b = a + len(rows)
+    arrays[schema.LOGITS][a:b] = rows.logits
+    arrays[schema.IDS][a:b] = np.array(list(rows.ids), dtype=object)
+    arrays[schema.DIGESTS][a:b] = rows.digests
+    arrays[schema.IMAGE_HW][a:b] = rows.image_hw
+    arrays[schema.VIEW_PARAMS][a:b] = rows.view_params
+    if schema.PIXELS in arrays:
+        arrays[schema.PIXELS][a:b] = rows.pixels
+
+
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     diffs = [f"{k}: store has {old.get(k)!r}, this run has {new.get(k)!r}"
              for k in new if old.get(k) != new.get(k)]
@@ -115,10 +127,18 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 class StoreWriter:
-    """Buffered, whole-chunk writer with a background thread. Use `open_writer`."""
+    """Buffered, whole-chunk writer with a background thread. Use `open_writer`.
 
-    def __init__(self, group: zarr.Group, meta: StoreMeta, progress: Progress, queue_chunks: int = 4):
+    `end` is the listing position after the last row this writer may receive: the listing's length,
+    or the end of a distributed dump's segment. A segment is never completed as a store of its own:
+    closing it commits its last rows (progress `next_source` = `end`) and leaves it for assembly.
+    """
+
+    def __init__(self, group: zarr.Group, meta: StoreMeta, progress: Progress, queue_chunks: int = 4,
+                 end: int | None = None, segment: bool = False):
         self.group, self.meta, self.progress = group, meta, progress
+        self.end = meta.corpus.n_listed if end is None else end
+        self.segment = segment
         self._arrays = {name: group[name] for name in row_array_names(meta)}
         self._buffer: list[RowBatch] = []
         self._buffered = 0
@@ -141,7 +161,7 @@ class StoreWriter:
         self._raise_if_failed()
         if finalize:
             self._flush(final=True)
-            return self._finalize()
+            return self.meta if self.segment else self._finalize()
         return self.meta
 
     def _raise_if_failed(self) -> None:
@@ -170,19 +190,11 @@ class StoreWriter:
             rest = rows.take(slice(n, None))
             self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
         if final:
-            self._commit(self.progress.rows, self.meta.corpus.n_listed)
+            self._commit(self.progress.rows, self.end)
 
     def _write_rows(self, rows: RowBatch) -> None:
-        a, b = self.progress.rows, self.progress.rows + len(rows)
-        arr = self._arrays
-        arr[schema.LOGITS][a:b] = rows.logits
-        arr[schema.IDS][a:b] = np.array(rows.ids, dtype=object)
-        arr[schema.DIGESTS][a:b] = rows.digests
-        arr[schema.IMAGE_HW][a:b] = rows.image_hw
-        arr[schema.VIEW_PARAMS][a:b] = rows.view_params
-        if schema.PIXELS in arr:
-            arr[schema.PIXELS][a:b] = rows.pixels
-        self._commit(b, int(rows.source[-1]) + 1)
+        write_rows(self._arrays, self.progress.rows, rows)
+        self._commit(self.progress.rows + len(rows), int(rows.source[-1]) + 1)
 
     def _commit(self, rows: int, next_source: int) -> None:
         done = [f for f in self._pending_failures if f[0] < next_source]
@@ -191,52 +203,72 @@ class StoreWriter:
         self.group.attrs[schema.ATTR_PROGRESS] = self.progress.to_dict()
 
     def _finalize(self) -> StoreMeta:
-        n, failures = self.progress.rows, self.progress.failures
-        for name in schema.FAILURE_ARRAYS:
-            values = [f[0] if name == schema.FAILED_IDS else f[1] for f in failures]
-            arr = self.group.create_array(name, shape=(len(values),), chunks=(max(1, min(len(values), 65536)),),
-                                          dtype=str, fill_value="", compressors=chunk_codecs(),
-                                          overwrite=True)
-            if values:
-                arr[:] = np.array(values, dtype=object)
-        for a in self._arrays.values():
-            a.resize((n, *a.shape[1:]))
-        corpus = replace(self.meta.corpus, n_images=n, n_failed=len(failures))
-        # Reading every chunk back both fingerprints the contents and proves each chunk decodes
-        # (checksums included) before the store is called complete.
-        rows = row_fingerprints(LogitStore(str(self.group.store), self.group, self.meta, n))
-        self.meta = replace(self.meta, corpus=corpus, complete=True,
-                            fingerprints={"teacher": teacher_fingerprint(self.meta.teacher), **rows})
-        self.group.attrs[schema.ATTR_ROOT] = self.meta.to_dict()
-        if schema.ATTR_PROGRESS in self.group.attrs:
-            del self.group.attrs[schema.ATTR_PROGRESS]
+        self.meta = finalize_store(self.group, self.meta, self.progress.rows, self.progress.failures)
         return self.meta
 
 
+def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[list[str]]) -> StoreMeta:
+    """Rows [0, n) are written: add the failure arrays, trim to n, fingerprint, mark complete."""
+    for name in schema.FAILURE_ARRAYS:
+        values = [f[0] if name == schema.FAILED_IDS else f[1] for f in failures]
+        arr = group.create_array(name, shape=(len(values),), chunks=(max(1, min(len(values), 65536)),),
+                                 dtype=str, fill_value="", compressors=chunk_codecs(), overwrite=True)
+        if values:
+            arr[:] = np.array(values, dtype=object)
+    for name in row_array_names(meta):
+        a = group[name]
+        if a.shape[0] != n:
+            a.resize((n, *a.shape[1:]))
+    meta = replace(meta, corpus=replace(meta.corpus, n_images=n, n_failed=len(failures)), complete=True)
+    # Reading every chunk back both fingerprints the contents and proves each chunk decodes
+    # (checksums included) before the store is called complete.
+    rows = row_fingerprints(LogitStore(str(group.store), group, meta, n))
+    meta = replace(meta, fingerprints={"teacher": teacher_fingerprint(meta.teacher), **rows})
+    group.attrs[schema.ATTR_ROOT] = meta.to_dict()
+    if schema.ATTR_PROGRESS in group.attrs:
+        del group.attrs[schema.ATTR_PROGRESS]
+    return meta
+
+
+def check_resumable(path: str, old: StoreMeta, meta: StoreMeta) -> None:
+    """Refuse to resume a complete store, or one started with different settings (naming them)."""
+    if old.complete:
+        raise StoreStateError(f"{path} is already a complete store; pass --overwrite to replace it "
+                              "or choose another --out")
+    diff = describe_differences(old.run_fingerprint(), meta.run_fingerprint())
+    if diff:
+        raise ResumeMismatchError(f"{path} holds an unfinished dump started differently ({diff}); "
+                                  "re-run with the original settings, or pass --overwrite to start over")
+
+
 def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
-                storage_options: dict[str, Any] | None = None) -> StoreWriter:
-    """Create a store at `path`, or resume the incomplete one there if it was started identically."""
+                storage_options: dict[str, Any] | None = None,
+                span: tuple[int, int] | None = None) -> StoreWriter:
+    """Create a store at `path`, or resume the incomplete one there if it was started identically.
+
+    `span` = (lo, hi): the store receives only listing positions [lo, hi) (one segment of a
+    distributed dump; see logitstore/distributed.py) and is left for assembly when closed.
+    """
+    lo, hi = span or (0, meta.corpus.n_listed)
     group = open_group(path, mode="a", storage_options=storage_options)
     existing = group.attrs.get(schema.ATTR_ROOT)
     if existing is not None and not overwrite:
         old = schema.meta_from_attrs(dict(group.attrs))
-        if old.complete:
-            raise StoreStateError(f"{path} is already a complete store; pass --overwrite to replace it "
-                                  "or choose another --out")
-        diff = describe_differences(old.run_fingerprint(), meta.run_fingerprint())
-        if diff:
-            raise ResumeMismatchError(f"{path} holds an unfinished dump started differently ({diff}); "
-                                      "re-run with the original settings, or pass --overwrite to start over")
+        check_resumable(path, old, meta)
         p = group.attrs.get(schema.ATTR_PROGRESS) or {}
-        progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", 0)), list(p.get("failures", [])))
+        if schema.PROGRESS_SEGMENT_ROWS in p:
+            raise StoreStateError(f"{path} is an unfinished distributed dump; finish it with the same command "
+                                  "under torchrun (any number of processes), or pass --overwrite to start over")
+        progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", lo)), list(p.get("failures", [])))
         if progress.rows == 0 and not set(row_array_names(meta)) <= set(group.array_keys()):
-            _create_arrays(group, meta, meta.corpus.n_listed)  # killed while creating them: nothing to keep
-        return StoreWriter(group, replace(meta, created=old.created), progress)
+            create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
+        return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)
     if existing is None and any(True for _ in group.keys()) and not overwrite:
         raise StoreStateError(f"{path} holds something that is not a logitstore store; "
                               "choose another --out or pass --overwrite")
     group = open_group(path, mode="w", storage_options=storage_options)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
-    _create_arrays(group, meta, meta.corpus.n_listed)
-    group.attrs[schema.ATTR_PROGRESS] = Progress().to_dict()
-    return StoreWriter(group, meta, Progress())
+    create_arrays(group, meta, hi - lo)
+    progress = Progress(0, lo)
+    group.attrs[schema.ATTR_PROGRESS] = progress.to_dict()
+    return StoreWriter(group, meta, progress, end=hi, segment=span is not None)

@@ -1,6 +1,7 @@
 """Streaming a store: shares, order, view replay, the decode cache, and bad input."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from logitstore.corpus import decode_image
 from logitstore.views import apply_view, normalize
 from trainer.data import Segment, batches_per_epoch, epoch_share, make_batches, make_input_spec, open_stores
 from trainer.errors import ImageError, StoreMismatchError
+from trainer.loss import NO_LABEL
 
 from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
 
@@ -185,6 +187,14 @@ def test_held_out_rows_are_never_trained_on(world: World):
         for req in data.requests(epoch, 64):
             trained |= set(req.keys.tolist())
     assert not trained & held and len(trained) == len(data) - len(held)
+    # Read again on each pass, view 0, in batches: the stored rows.
+    store = logitstore.open_store(world.store)
+    for _ in range(2):
+        got = list(data.holdout_requests(batch_size=16))
+        assert [len(r) for r in got] == [16, 16, 8]
+        keys = np.concatenate([r.keys for r in got])
+        assert np.array_equal(keys, data.holdout.keys)
+        assert np.array_equal(np.concatenate([r.logits for r in got]), store[0:len(store)].logits[keys, 0])
 
 
 def test_read_ahead_keeps_the_order_raises_the_readers_errors_and_stops_with_its_consumer():
@@ -215,3 +225,47 @@ def test_small_chunks_are_read_in_blocks_of_consecutive_chunks(world: World):
     data = open_stores([world.store], holdout=0, min_block_rows=200)
     assert data.block_rows == [256]  # 4 chunks of 64 rows
     assert [(b.start, b.stop) for b in data.train_blocks] == [(0, 256), (256, 512), (512, 640)]
+
+
+def _chunk_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the arrays whose chunks are read from a local store from now on, in order."""
+    from zarr.storage import LocalStore
+
+    seen: list[str] = []
+    get = LocalStore.get
+
+    async def recording_get(self, key, *args, **kwargs):
+        if "/c/" in key:
+            seen.append(key.split("/c/")[0])
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", recording_get)
+    return seen
+
+
+def test_opening_reads_no_array_and_keeps_nothing_per_row(world: World, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    store = logitstore.open_store(world.store)
+    ids = store[0:len(store)].ids
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({ids[0]: "3", ids[5]: "7", ids[600]: "1"}))
+    seen = _chunk_reads(monkeypatch)
+    data = open_stores([world.store], labels=labels, min_block_rows=64)
+    assert seen == []                                 # 640 rows, 10 chunks: not one read to open
+    assert data.n_labeled == 3 and set(seen) == {"ids"}
+
+    seen.clear()
+    image_bytes = 28 * 28
+    batches = make_batches(data, make_input_spec(data.pre, None, 1), cache_bytes=100 * image_bytes + 5)
+    assert set(seen) == {"image_hw"}                  # the decode cache's layout: image sizes only
+    cache = batches.source.cache
+    assert cache.n_cacheable == 100 and cache.shapes.shape == (100, 3) and len(cache.starts) == 100
+    assert cache.nbytes == 100 * image_bytes and cache.needed == len(data) * image_bytes
+    assert len(cache.flags) == len(data)              # one state byte per row, for skipped images
+
+    seen.clear()
+    req = data.read(Segment(0, 0, 64), seed=0, epoch=0)
+    assert set(seen) == {"ids", "logits", "digests", "view_params"}  # what a Request holds, no image_hw
+    assert req.labels[0] == 3 and req.labels[5] == 7 and (np.delete(req.labels, [0, 5]) == NO_LABEL).all()
+    unlabeled = open_stores([world.store])
+    assert unlabeled.n_labeled == 0 and (unlabeled.read(Segment(0, 0, 64), 0, 0).labels == NO_LABEL).all()

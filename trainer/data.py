@@ -23,7 +23,7 @@ import math
 import os
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from logitstore.corpus import decode_image, describe_failure, sha256_bytes
+from logitstore import schema
 from logitstore.schema import Preprocess
 from logitstore.store import LogitStore, open_store
 from logitstore.views import EVAL, apply_view, normalize, resize
@@ -271,11 +272,50 @@ def make_ensemble(stores: Sequence[LogitStore], teachers: Sequence[str] | None,
 # Embedded pixels travel with the rows they belong to; a shuffle group holds at most this many bytes of them.
 PIXEL_GROUP_BYTES = 1 << 30
 
+# Rows per read when one small array is scanned from end to end (image sizes for the decode cache,
+# ids to count labels): 64 chunks of 1000-class rows, 8 of 10-class ones; zarr decodes a read's
+# chunks concurrently, and at 2-8 bytes a row of image_hw a read is still well under 1 MiB.
+SCAN_ROWS = 1 << 15
+
+
+class HeldOut:
+    """The held-out rows: the tail of every block, kept as segments and read again on each pass.
+
+    Not kept in RAM: 2% of 5 million 1000-class float16 rows is 200 MB of logits, and re-reading
+    them costs one chunk per block per pass (benchmarks/scale.py).
+    """
+
+    def __init__(self, segments: Sequence[Segment], offsets: np.ndarray):
+        self.segments, self._offsets = list(segments), offsets
+
+    def __len__(self) -> int:
+        return sum(seg.rows for seg in self.segments)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return np.concatenate([self._offsets[seg.store] + np.arange(seg.start, seg.stop, dtype=np.int64)
+                               for seg in self.segments])
+
+
+class _Passes:
+    """A re-iterable: each iteration is a new pass over what `make()` yields (the DataLoader iterates
+    its batch_sampler once per pass)."""
+
+    def __init__(self, make: Any):
+        self._make = make
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._make())
+
 
 class StoreSet:
     """One or more stores of the same teacher read as one dataset, with a held-out slice.
 
     A root of None means the store's embedded pixels are used instead of its corpus.
+
+    Nothing here grows with the number of rows: opening reads no array (blocks and held-out tails
+    follow from the row counts), labels are looked up from each read's ids, and the held-out rows
+    are read on each pass. benchmarks/scale.py measures it at millions of rows.
     """
 
     def __init__(self, stores: Sequence[LogitStore], roots: Sequence[Path | None], holdout: float = 0.02,
@@ -291,43 +331,28 @@ class StoreSet:
         self.classes, self.pre = list(meta.classes), meta.preprocess
         self.view_kind, self.view_count = meta.views.kind, meta.views.count
         self.offsets = np.cumsum([0] + [len(s) for s in self.stores]).astype(np.int64)
-        n = int(self.offsets[-1])
-        if n == 0:
+        if int(self.offsets[-1]) == 0:
             raise StoreMismatchError(f"{self.stores[0].location}: the store holds no images")
-        self.shapes = np.zeros((n, 3), np.int32)  # C, H, W of each decoded original: decode-cache layout
-        self.shapes[:, 0] = self.pre.channels
-        self.labels = np.full(n, NO_LABEL, np.int64)
+        self.label_map = labels
+        self.labels_from_folders = labels_from_folders and labels is None
         self.block_rows = [s.chunk_rows * max(1, -(-min_block_rows // s.chunk_rows)) for s in self.stores]
+        # Each block's tail is held out: tails spread the held-out slice over the whole listing, so
+        # a class-sorted corpus still has every class in it.
         self.train_blocks: list[Segment] = []
-        held: list[Request] = []
-        # One pass over every block: image sizes (to lay out the decode cache), labels, and the
-        # held-out tail of each block. Tails spread the held-out slice over the whole listing, so
-        # a class-sorted corpus still has every class in it; it also finds a corrupt chunk now
-        # rather than hours into training.
-        for s, store in enumerate(self.stores):
-            base = int(self.offsets[s])
+        held: list[Segment] = []
+        for s in range(len(self.stores)):
             for k in range(self._n_blocks(s)):
                 a, b = self._block_bounds(s, k)
-                rows = self._read_rows(s, a, b, pixels=False)
-                self.shapes[base + a:base + b, 1:] = rows.image_hw
-                if labels is not None:
-                    self.labels[base + a:base + b] = [labels.get(str(i), NO_LABEL) for i in rows.ids]
-                elif labels_from_folders:
-                    self.labels[base + a:base + b] = folder_labels(rows.ids, self.classes)
                 tail = math.ceil(holdout * (b - a)) if holdout > 0 else 0
                 if b - tail > a:
                     self.train_blocks.append(Segment(s, a, b - tail))
                 if tail:
-                    seg = Segment(s, b - tail, b)
-                    if self.embedded:
-                        held.append(self._request(seg, self._read_rows(s, b - tail, b), b - tail,
-                                                  np.zeros(tail, np.int64)))
-                    else:
-                        held.append(self._request(seg, rows, a, np.zeros(tail, np.int64)))
-        self.holdout = Request.concat(held) if held else None
+                    held.append(Segment(s, b - tail, b))
+        self.holdout = HeldOut(held, self.offsets) if held else None
         self.n_train = sum(b.rows for b in self.train_blocks)
         if self.n_train == 0:
             raise ConfigError(f"--holdout {holdout} leaves no images to train on")
+        self._n_labeled: int | None = None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -341,7 +366,23 @@ class StoreSet:
 
     @property
     def n_labeled(self) -> int:
-        return int((self.labels != NO_LABEL).sum())
+        """Rows with a hard label. Reads every id once, on the first call (only --alpha asks)."""
+        if self._n_labeled is None:
+            if self.label_map is None and not self.labels_from_folders:
+                self._n_labeled = 0
+            else:
+                self._n_labeled = sum(int((self._labels(ids) != NO_LABEL).sum()) for ids in self._scan(schema.IDS))
+        return self._n_labeled
+
+    def _labels(self, ids: np.ndarray) -> np.ndarray:
+        """[n] int64 class index of each id (NO_LABEL where it has none), from the labels file or the
+        parent folder: looked up per read, so no per-row label array is held."""
+        if self.label_map is not None:
+            m = self.label_map
+            return np.fromiter((m.get(str(i), NO_LABEL) for i in ids), np.int64, len(ids))
+        if self.labels_from_folders:
+            return folder_labels(ids, self.classes)
+        return np.full(len(ids), NO_LABEL, np.int64)
 
     def rows_per_rank(self, world: int) -> int:
         return self.n_train // world
@@ -352,25 +393,57 @@ class StoreSet:
                  **(dict(getattr(s.meta, "fingerprints", None) or {}) or s.meta.run_fingerprint())}
                 for s in self.stores]
 
-    def _read_rows(self, s: int, a: int, b: int, pixels: bool | None = None) -> Any:
-        """Rows [a, b) of store s: embedded pixels only where they replace the corpus, and the
-        ensemble's combined logits in place of the primary teacher's when distilling from several."""
+    def _array(self, s: int, name: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of one array of store s. A LogitStore reads that array alone, and a failed
+        checksum raises IntegrityError naming the array and chunk; any other reader (an in-memory
+        stand-in) is read whole-row."""
         store = self.stores[s]
-        rows = store.read(a, b, pixels=self.embedded if pixels is None else pixels)
-        if self.ensemble is not None:
-            rows = replace(rows, logits=self.ensemble.combine(store, a, b))
-        return rows
+        read_array = getattr(store, "_read_array", None)
+        if read_array is None:
+            return getattr(store.read(a, b, pixels=name == schema.PIXELS), name)
+        return read_array(name, store.arrays[name], a, b)
 
-    def _request(self, seg: Segment, rows: Any, rows_start: int, views: np.ndarray) -> Request:
-        """Rows of `seg` out of a read that starts at `rows_start`, with one view chosen per row."""
-        sel = slice(seg.start - rows_start, seg.stop - rows_start)
-        n = seg.rows
-        keys = self.offsets[seg.store] + np.arange(seg.start, seg.stop, dtype=np.int64)
-        ar = np.arange(n)
-        return Request(keys=keys, stores=np.full(n, seg.store, np.int32), ids=np.asarray(rows.ids[sel], object),
-                       digests=np.asarray(rows.digests[sel]), params=np.asarray(rows.view_params[sel][ar, views]),
-                       logits=np.asarray(rows.logits[sel][ar, views]), labels=self.labels[keys],
-                       pixels=None if rows.pixels is None else np.asarray(rows.pixels[sel][ar, views]))
+    def _scan(self, name: str) -> Iterator[np.ndarray]:
+        """One array of every store, in key order, in reads of about SCAN_ROWS rows (whole chunks)."""
+        for s, store in enumerate(self.stores):
+            step = store.chunk_rows * max(1, SCAN_ROWS // store.chunk_rows)
+            for a in range(0, len(store), step):
+                yield self._array(s, name, a, min(len(store), a + step))
+
+    def image_shapes(self, budget_bytes: int) -> tuple[np.ndarray, int]:
+        """The decode cache's layout: C, H, W of the first rows (key order) whose decoded originals fit
+        `budget_bytes` ([k, 3] int32), and the bytes every row's original needs.
+
+        Reads `image_hw` alone, from end to end (this also finds a corrupt image_hw chunk before
+        training starts), and keeps sizes only for the rows that fit: the cache's bookkeeping grows
+        with its budget, not with the corpus.
+        """
+        c = self.pre.channels
+        fit, total, full = [], 0, budget_bytes <= 0
+        for hw in self._scan(schema.IMAGE_HW):
+            ends = total + c * np.cumsum(hw.astype(np.int64).prod(axis=1))
+            if not full:
+                k = int(np.searchsorted(ends, budget_bytes, side="right"))
+                fit.append(hw[:k])
+                full = k < len(hw)
+            total = int(ends[-1]) if len(ends) else total
+        hw = np.concatenate(fit) if fit else np.zeros((0, 2), np.int32)
+        return np.column_stack([np.full(len(hw), c, np.int32), hw]).astype(np.int32), total
+
+    def _read(self, seg: Segment, views: np.ndarray) -> Request:
+        """Rows of `seg` with one stored view each: only the arrays a Request holds are read (not
+        image_hw; embedded pixels only where they replace the corpus; the ensemble's combined logits
+        in place of the primary teacher's when distilling from several)."""
+        s, a, b = seg
+        ar = np.arange(b - a)
+        ids = np.asarray(self._array(s, schema.IDS, a, b), object)
+        logits = (self.ensemble.combine(self.stores[s], a, b) if self.ensemble is not None
+                  else self._array(s, schema.LOGITS, a, b))
+        pixels = self._array(s, schema.PIXELS, a, b)[ar, views] if self.embedded else None
+        return Request(keys=self.offsets[s] + np.arange(a, b, dtype=np.int64), stores=np.full(b - a, s, np.int32),
+                       ids=ids, digests=np.asarray(self._array(s, schema.DIGESTS, a, b)),
+                       params=np.asarray(self._array(s, schema.VIEW_PARAMS, a, b)[ar, views]),
+                       logits=np.asarray(logits[ar, views]), labels=self._labels(ids), pixels=pixels)
 
     def _views(self, seg: Segment, seed: int, epoch: int) -> np.ndarray:
         """Which stored view each row contributes this epoch: a per-image offset (from the seed), then
@@ -383,8 +456,7 @@ class StoreSet:
         return (offset[seg.start - a:seg.stop - a] + epoch) % self.view_count
 
     def read(self, seg: Segment, seed: int, epoch: int) -> Request:
-        return self._request(seg, self._read_rows(seg.store, seg.start, seg.stop), seg.start,
-                             self._views(seg, seed, epoch))
+        return self._read(seg, self._views(seg, seed, epoch))
 
     def requests(self, epoch: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
                  shuffle_blocks: int = 8) -> Iterator[Request]:
@@ -412,11 +484,22 @@ class StoreSet:
         if carry is not None and len(carry) > 1:
             yield carry
 
-    def holdout_requests(self, batch_size: int) -> list[Request]:
-        h = self.holdout
-        if h is None:
-            return []
-        return [h.take(slice(i, i + batch_size)) for i in range(0, len(h), batch_size)]
+    def holdout_requests(self, batch_size: int) -> Iterable[Request]:
+        """The held-out rows (view 0) in batches, read anew (one pass ahead) each time it is iterated."""
+        return _Passes(lambda: read_ahead(self._holdout_batches(batch_size)))
+
+    def _holdout_batches(self, batch_size: int) -> Iterator[Request]:
+        carry: Request | None = None
+        for seg in self.holdout.segments if self.holdout is not None else ():
+            rows = self._read(seg, np.zeros(seg.rows, np.int64))
+            if carry is not None and len(carry):
+                rows = Request.concat([carry, rows])
+            full = len(rows) // batch_size
+            for i in range(full):
+                yield rows.take(slice(i * batch_size, (i + 1) * batch_size))
+            carry = rows.take(slice(full * batch_size, None))
+        if carry is not None and len(carry):
+            yield carry
 
 
 def open_stores(stores: Sequence[str | os.PathLike | LogitStore], images: Sequence[str | os.PathLike] | None = None,
@@ -497,17 +580,21 @@ class DecodeCache:
     Decoded once per run (by whichever worker meets an image first), read by every worker in
     every later epoch. If the corpus does not fit the budget, the first images (in key order)
     that do are cached and the rest are decoded each time.
+
+    `shapes` ([k, 3] C, H, W) covers only those first k rows, so the layout costs 20 bytes per
+    cached image, bounded by the budget. The state (EMPTY | CACHED | SKIPPED) is one byte for
+    every row: a skipped image must stay skipped wherever it is, and fit.py unites the ranks'
+    skips row by row.
     """
 
-    def __init__(self, shapes: np.ndarray, budget_bytes: int):
+    def __init__(self, shapes: np.ndarray, n_rows: int, needed: int):
         sizes = shapes.astype(np.int64).prod(axis=1)
         ends = np.cumsum(sizes)
         self.shapes, self.starts = shapes, ends - sizes
-        self.needed = int(ends[-1]) if len(ends) else 0
-        self.n_cacheable = int(np.searchsorted(ends, max(0, budget_bytes), side="right"))
-        self.nbytes = int(ends[self.n_cacheable - 1]) if self.n_cacheable else 0
+        self.n_rows, self.n_cacheable, self.needed = n_rows, len(shapes), needed
+        self.nbytes = int(ends[-1]) if len(ends) else 0
         self.pixels = _shared_bytes(self.nbytes)
-        self.state = _shared_bytes(len(shapes)).zero_()  # EMPTY | CACHED | SKIPPED per image
+        self.state = _shared_bytes(n_rows).zero_()
 
     def __getstate__(self) -> dict[str, Any]:
         # The shared tensors travel by handle; a NumPy view would be pickled as a copy.
@@ -561,7 +648,7 @@ class ImageSource(Dataset):
         self._uniform: bool | None = None
 
     def __len__(self) -> int:
-        return len(self.cache.shapes)
+        return self.cache.n_rows
 
     def __getitem__(self, index: int) -> Any:
         raise TypeError("ImageSource is read a batch at a time (it takes Requests)")
@@ -595,10 +682,10 @@ class ImageSource(Dataset):
         over images (which costs as much as a small student's step)."""
         if self._uniform is None:
             pre, c = self.spec.pre, self.spec.pre.channels
-            shapes = self.cache.shapes[:self.cache.n_cacheable]
+            shapes = self.cache.shapes
             self._uniform = bool(
                 self.kind == EVAL and pre.resize is None and tuple(self.spec.size) == tuple(pre.size)
-                and len(shapes) == len(self.cache.shapes) and len(shapes)
+                and len(shapes) == self.cache.n_rows and len(shapes)
                 and (shapes == np.array([c, *pre.size], np.int32)).all())
         if not self._uniform or not (self.cache.flags[keys] == CACHED).all():
             return None
@@ -727,8 +814,15 @@ class Batches:
 
 def make_batches(data: StoreSet, spec: InputSpec, cache_bytes: int, num_workers: int = 0,
                  skip_mismatched: bool = False, pin_memory: bool = False) -> Batches:
-    """The pipeline of one run: a decode cache laid out for `data`, and the DataLoader that fills it."""
-    cache = DecodeCache(data.shapes, cache_bytes)
+    """The pipeline of one run: a decode cache laid out for `data`, and the DataLoader that fills it.
+
+    Stores that embed their pixels decode nothing, so their cache is empty (and nothing is read for it).
+    """
+    if data.embedded:
+        shapes, needed = np.zeros((0, 3), np.int32), 0
+    else:
+        shapes, needed = data.image_shapes(cache_bytes)
+    cache = DecodeCache(shapes, len(data), needed)
     source = ImageSource(data.roots, [str(s.location) for s in data.stores], spec, data.view_kind, cache,
                          skip_mismatched)
     return Batches(source, num_workers, pin_memory)

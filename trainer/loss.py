@@ -54,3 +54,57 @@ def ensemble_logits(teacher_logits: np.ndarray, weights: np.ndarray, temperature
     mixed = log_p + np.log(np.asarray(weights, np.float64))[None, :, None]
     top = mixed.max(axis=1, keepdims=True)
     return (temperature * (top[:, 0] + np.log(np.exp(mixed - top).sum(axis=1)))).astype(np.float32)
+
+
+def topk_distillation_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                           tail_lse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL over K+1 buckets (the teacher's top-K classes and one tail bucket), mean over the batch.
+
+    The teacher side is exact from a top-K store (`logitstore.sparse.encode_topk`): values [B, K]
+    are its K largest raw logits at classes `indices` [B, K], tail_lse [B] the logsumexp of z / T
+    over its other C-K classes at this T. The student's tail bucket is its probability mass on
+    those same C-K classes, so the loss is a KL between two distributions on K+1 outcomes. It
+    equals `distillation_loss` when K = C-1 and is <= it otherwise (merging outcomes never
+    raises a KL). float32 throughout, like `distillation_loss`.
+    """
+    idx = indices.long()
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_s_top = log_s.gather(-1, idx)
+    # masked_fill, not log(1 - sum p_top): the tail can be ~1e-8 of the mass, where 1 - sum cancels
+    log_s_tail = torch.logsumexp(log_s.scatter(-1, idx, float("-inf")), dim=-1)
+
+    v = values.float() / temperature
+    tail = tail_lse.float()
+    norm = torch.logaddexp(torch.logsumexp(v, dim=-1), tail)
+    log_p = torch.cat([v - norm[:, None], (tail - norm)[:, None]], dim=-1)
+    log_q = torch.cat([log_s_top, log_s_tail[:, None]], dim=-1)
+    p = log_p.exp()
+    # p = 0 (a tail of -inf logits) contributes 0, not 0 * -inf
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    return kl.mean() * (temperature * temperature)
+
+
+def sampled_distillation_loss(student_logits: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+                              logits: torch.Tensor, proposal: torch.Tensor, lse: torch.Tensor,
+                              temperature: float) -> torch.Tensor:
+    """T^2 * importance-sampled estimate of KL(p_T || s_T), mean over the batch.
+
+    From a sampled store (`logitstore.sparse.encode_sample`): K draws from a proposal q, kept as
+    distinct classes `indices` [B, K] with `counts` (0 = padding), the teacher's raw `logits` and
+    `proposal` q at them, and lse [B] = logsumexp(z / T) over all classes at this T. Per row,
+        (1/K) sum_k counts_k * p_T(i_k) / q(i_k) * (log p_T(i_k) - log s_T(i_k)),  p_T(i) = exp(z_i/T - lse),
+    whose expectation over the draws is KL(p_T || s_T), and whose gradient's expectation is the
+    gradient of that KL, at any T with a stored lse (the weights p_T / q do the reweighting). The
+    estimate of one row can be negative. Variance grows when q is much sharper than p_T (a
+    proposal at T=1 serving a loss at T=8): the rarely drawn tail carries large weights.
+    """
+    idx = indices.long()
+    n = counts.float()
+    drawn = n > 0
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, idx)
+    log_p = logits.float() / temperature - lse.float()[:, None]
+    # padding has q = 0; give it q = 1 so that its weight is finite before the mask zeroes it
+    log_q = torch.where(drawn, proposal.float(), torch.ones_like(n)).log()
+    weight = torch.where(drawn, n * (log_p - log_q).exp(), torch.zeros_like(n))
+    kl = (weight * (log_p - log_s)).sum(-1) / n.sum(-1).clamp_min(1)
+    return kl.mean() * (temperature * temperature)

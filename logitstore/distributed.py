@@ -1,0 +1,259 @@
+"""A dump spread over processes (torchrun): each dumps its own segments of the listing, then all
+copy the segments into the store's row arrays, each its own chunks.
+
+Why segments: rows are in listing order with unreadable files left out (docs/FORMAT.md), so an
+image's row is only known once every earlier image has been read. Each process therefore writes
+whole segments (fixed runs of `segment_rows` listing positions, dealt round robin) as ordinary
+resumable stores under `_segments/<k>/`: one writer per segment, whole chunks, progress after each
+chunk, exactly like a single-process dump. When every segment is done the row offsets are known;
+each process then writes the final chunks k with k % world == rank, so no chunk ever has two
+writers. Rank 0 alone writes the root metadata. A process that dies loses only the chunks it had
+not committed; the same command (with any number of processes) finishes what is missing.
+
+torch.distributed (gloo: the dump needs no collective on the GPU) only carries small Python
+objects: the plan, each process's outcome, and the barriers between phases.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import numpy as np
+import torch.distributed as dist
+from zarr.core.sync import sync
+
+from . import schema
+from .errors import LogitStoreError, ResumeMismatchError, StoreStateError
+from .locations import is_zip, open_group, stored_bytes
+from .schema import StoreMeta
+from .store import LogitStore, Rows, open_store, row_array_names
+from .writer import check_resumable, create_arrays, finalize_store, open_writer, write_rows
+
+# Segments per process when the segment size is not given: enough that processes finish close
+# together and a dead one loses little, few enough that a segment is many chunks long.
+SEGMENTS_PER_PROCESS = 8
+MAX_SEGMENT_CHUNKS = 64
+# Fast processes wait for slow ones between phases; a dead process ends the job through torchrun.
+PHASE_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def context_from_env() -> DistContext | None:
+    """This process's place in a torchrun job, or None outside one."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return DistContext(int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]),
+                       int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_distributed_store(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether `location` holds an unfinished distributed dump."""
+    try:
+        group = open_group(location, mode="r", storage_options=storage_options)
+        progress = group.attrs.get(schema.ATTR_PROGRESS)
+    except Exception:  # nothing there, or not a store: the caller's own checks say what is wrong
+        return False
+    return isinstance(progress, dict) and schema.PROGRESS_SEGMENT_ROWS in progress
+
+
+def segment_location(out: str, k: int) -> str:
+    return f"{out.rstrip('/')}/{schema.SEGMENTS}/{k:06d}"
+
+
+def default_segment_rows(n_listed: int, batch_size: int, chunk_rows: int, world: int) -> int:
+    rows = min(MAX_SEGMENT_CHUNKS * chunk_rows, math.ceil(n_listed / (SEGMENTS_PER_PROCESS * world)))
+    return max(1, math.ceil(rows / batch_size)) * batch_size
+
+
+class _Comm:
+    """The few collectives a distributed dump needs; with one process, none at all."""
+
+    def __init__(self, ctx: DistContext):
+        self.ctx, self._owns = ctx, False
+        if ctx.world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)
+            self._owns = True
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.ctx.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.ctx.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def outcome(self, fn: Callable[[], Any], only_rank0: bool = False) -> list[Any]:
+        """Run fn (here, or on rank 0 only) and share every rank's result; a user error on any rank is
+        raised on every rank, so all stop with the same one-line message instead of waiting forever."""
+        result: Any = None
+        if not only_rank0 or self.ctx.rank == 0:
+            try:
+                result = fn()
+            except LogitStoreError as exc:
+                result = exc
+        results = self.gather(result)
+        for r in results:
+            if isinstance(r, LogitStoreError):
+                raise r
+        return results
+
+    def close(self) -> None:
+        if self._owns:
+            dist.destroy_process_group()
+
+
+def dump_distributed(job: Any, out: str, ctx: DistContext, *, overwrite: bool = False,
+                     storage_options: dict[str, Any] | None = None, segment_rows: int | None = None,
+                     progress: bool = False, on_batch: Callable[[int], None] | None = None) -> Any:
+    """`logitstore.dump` for one process of a torchrun job (or one process finishing such a dump)."""
+    from .pipeline import make_summary
+
+    if is_zip(out):
+        raise StoreStateError(f"{out}: a zip store is written once with `logitstore pack`; dump to a "
+                              "directory or URL, then pack it")
+    meta, so = job.meta, storage_options
+    comm = _Comm(ctx)
+    try:
+        t0 = time.perf_counter()
+        plan = comm.outcome(lambda: _open_root(out, meta, overwrite, so, segment_rows, ctx.world), True)[0]
+        n_seg = math.ceil(meta.corpus.n_listed / plan[schema.PROGRESS_SEGMENT_ROWS])
+        resumed = 0
+        if plan[schema.PROGRESS_PHASE] == schema.PHASE_SEGMENTS:
+            done = comm.outcome(lambda: _dump_segments(job, out, ctx, plan[schema.PROGRESS_SEGMENT_ROWS], so,
+                                                       progress, on_batch))
+            resumed = sum(done)
+            plan = comm.outcome(lambda: _plan_assembly(out, meta, n_seg, so), True)[0]
+        if plan[schema.PROGRESS_PHASE] == schema.PHASE_ASSEMBLY:
+            comm.outcome(lambda: _assemble(out, meta, plan["offsets"], ctx, so))
+        final = comm.outcome(lambda: _finish(out, n_seg, so), True)[0]
+        failures = [(str(i), str(r)) for i, r in plan.get("failures", [])]
+        nbytes = stored_bytes(open_group(out, "r", so).store) if ctx.rank == 0 else 0
+        return make_summary(job, out, final, resumed, time.perf_counter() - t0, nbytes, failures)
+    finally:
+        comm.close()
+
+
+def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | None,
+               segment_rows: int | None, world: int) -> dict[str, Any]:
+    """Rank 0: create the store (or check the one to resume) and return its progress."""
+    group = open_group(out, mode="a", storage_options=so)
+    if group.attrs.get(schema.ATTR_ROOT) is not None and not overwrite:
+        check_resumable(out, schema.meta_from_attrs(dict(group.attrs)), meta)
+        p = dict(group.attrs.get(schema.ATTR_PROGRESS) or {})
+        if schema.PROGRESS_SEGMENT_ROWS not in p:
+            raise StoreStateError(f"{out} is an unfinished single-process dump; finish it with the same command "
+                                  "without torchrun, or pass --overwrite to start over")
+        if segment_rows is not None and segment_rows != p[schema.PROGRESS_SEGMENT_ROWS]:
+            raise ResumeMismatchError(f"{out} was started with --segment-rows {p[schema.PROGRESS_SEGMENT_ROWS]}; "
+                                      "re-run with that (or without the flag), or pass --overwrite")
+        return p
+    if group.attrs.get(schema.ATTR_ROOT) is None and any(True for _ in group.keys()) and not overwrite:
+        raise StoreStateError(f"{out} holds something that is not a logitstore store; "
+                              "choose another --out or pass --overwrite")
+    rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
+    if rows < 1 or rows % meta.batch_size:
+        # Whole teacher batches keep every image in the batch it has in a single-process run.
+        raise LogitStoreError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
+                              f"{meta.batch_size}")
+    group = open_group(out, mode="w", storage_options=so)
+    group.attrs[schema.ATTR_ROOT] = meta.to_dict()
+    p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS}
+    group.attrs[schema.ATTR_PROGRESS] = p
+    return p
+
+
+def _dump_segments(job: Any, out: str, ctx: DistContext, rows: int, so: dict[str, Any] | None,
+                   progress: bool, on_batch: Callable[[int], None] | None) -> int:
+    """Every segment of this rank, each resumed where it stopped; returns the rows that were already there."""
+    from .pipeline import DumpInterrupted, progress_bar
+
+    n = job.meta.corpus.n_listed
+    mine = [(k, k * rows, min(n, (k + 1) * rows)) for k in range(ctx.rank, math.ceil(n / rows), ctx.world)]
+    resumed = 0
+    bar = progress_bar(progress and ctx.rank == 0)
+    with bar:
+        label = f"dump (rank 0 of {ctx.world})" if ctx.world > 1 else "dump"
+        task = bar.add_task(label, total=sum(hi - lo for _, lo, hi in mine))
+        for k, lo, hi in mine:
+            writer = open_writer(segment_location(out, k), job.meta, storage_options=so, span=(lo, hi))
+            start = writer.progress.next_source
+            resumed += writer.progress.rows
+            bar.advance(task, min(hi, (start // job.batch_size) * job.batch_size) - lo)
+            try:
+                job.run(writer, start, hi, bar, task, on_batch)
+            except KeyboardInterrupt:
+                writer.close(finalize=False)
+                raise DumpInterrupted(f"interrupted: the finished chunks are saved in {out}; run the same "
+                                      "command again to resume") from None
+            except BaseException:
+                writer.close(finalize=False)
+                raise
+            writer.close(finalize=True)
+    return resumed
+
+
+def _segments(out: str, n_seg: int, so: dict[str, Any] | None) -> list[LogitStore]:
+    return [open_store(segment_location(out, k), allow_incomplete=True, storage_options=so) for k in range(n_seg)]
+
+
+def _plan_assembly(out: str, meta: StoreMeta, n_seg: int, so: dict[str, Any] | None) -> dict[str, Any]:
+    """Rank 0, once every segment is done: row offsets, failures, and the final arrays, created empty."""
+    parts = _segments(out, n_seg, so)
+    offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+    failures = [list(f) for p in parts for f in p.failures()]
+    group = open_group(out, mode="a", storage_options=so)
+    create_arrays(group, meta, offsets[-1])
+    p = {**dict(group.attrs[schema.ATTR_PROGRESS]), schema.PROGRESS_PHASE: schema.PHASE_ASSEMBLY,
+         "offsets": offsets, "failures": failures}
+    group.attrs[schema.ATTR_PROGRESS] = p
+    return p
+
+
+def _assemble(out: str, meta: StoreMeta, offsets: list[int], ctx: DistContext, so: dict[str, Any] | None) -> None:
+    """Copy segment rows into this rank's final chunks (k % world == rank), each written whole."""
+    group = open_group(out, mode="a", storage_options=so)
+    arrays = {name: group[name] for name in row_array_names(meta)}
+    parts: dict[int, LogitStore] = {}
+    r, n = meta.chunk_rows, offsets[-1]
+    for k in range(ctx.rank, math.ceil(n / r), ctx.world):
+        a, b = k * r, min(n, (k + 1) * r)
+        pieces, pos, s = [], a, int(np.searchsorted(offsets, a, side="right")) - 1
+        while pos < b:
+            while offsets[s + 1] <= pos:  # empty segments (every file failed) hold no rows
+                s += 1
+            if s not in parts:
+                parts[s] = open_store(segment_location(out, s), allow_incomplete=True, storage_options=so)
+            stop = min(b, offsets[s + 1])
+            pieces.append(parts[s].read(pos - offsets[s], stop - offsets[s], pixels=meta.embedded_pixels))
+            pos = stop
+        write_rows(arrays, a, _concat(pieces))
+
+
+def _concat(pieces: list[Rows]) -> Rows:
+    if len(pieces) == 1:
+        return pieces[0]
+    pixels = [p.pixels for p in pieces if p.pixels is not None]
+    return Rows(np.concatenate([p.ids for p in pieces]), np.concatenate([p.logits for p in pieces]),
+                np.concatenate([p.digests for p in pieces]), np.concatenate([p.image_hw for p in pieces]),
+                np.concatenate([p.view_params for p in pieces]), np.concatenate(pixels) if pixels else None)
+
+
+def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:
+    """Rank 0, once every chunk is assembled: drop the segments, fingerprint, mark complete (last)."""
+    group = open_group(out, mode="a", storage_options=so)
+    p = dict(group.attrs[schema.ATTR_PROGRESS])
+    if p[schema.PROGRESS_PHASE] != schema.PHASE_ASSEMBLED:
+        p[schema.PROGRESS_PHASE] = schema.PHASE_ASSEMBLED
+        group.attrs[schema.ATTR_PROGRESS] = p
+    sync(group.store.delete_dir(schema.SEGMENTS))
+    meta = schema.meta_from_attrs(dict(group.attrs))
+    return finalize_store(group, meta, int(p["offsets"][-1]), p["failures"])
