@@ -97,6 +97,9 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                 storage_options: dict[str, Any] | None = None, progress: bool = False) -> AddTeacherSummary:
     store = open_store(store_path, storage_options=storage_options)
     meta = store.meta
+    if meta.sparse:
+        raise StoreStateError(f"{store_path} keeps {meta.targets.kind} targets; --add-teacher adds full logits "
+                              "to full-logits stores only (dump the other teacher to its own store instead)")
     name = name or _default_name(teacher)
     if not schema.TEACHER_NAME.match(name) or name == schema.PRIMARY_TEACHER:
         raise TeacherError(f"teacher name {name!r} must match {schema.TEACHER_NAME.pattern} and not be "

@@ -52,6 +52,15 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _describe_targets(t: dict[str, Any]) -> str:
+    temps = ",".join(f"{x:g}" for x in t.get("temperatures", []))
+    if t["kind"] == "topk":
+        return f"; top-{t['k']} + tail log-sum-exp at T = {temps}"
+    if t["kind"] == "sample":
+        return f"; {t['k']} draws at T = {t['proposal_temperature']:g}, exact at T = {temps}"
+    return ""
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and a non-zero exit; bugs keep their traceback."""
 
@@ -114,6 +123,17 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--keep-bits", default=None, type=int,
               help="Lossy logits: keep this many mantissa bits (BitRound); see benchmarks/RESULTS.md for "
                    "bytes against KL [default: lossless].")
+@click.option("--topk", default=None, type=int,
+              help="Large label spaces: keep each view's K largest logits and their classes, plus the rest's "
+                   "log-sum-exp at --temperatures (exact top-K and tail probabilities there; docs/FORMAT.md).")
+@click.option("--sample", default=None, type=int,
+              help="Large label spaces, unbiased: keep K draws from the teacher's softmax at --sample-temperature "
+                   "(classes, counts, logits, proposal probabilities) and the full log-sum-exp at --temperatures.")
+@click.option("--temperatures", default=None,
+              help="With --topk/--sample: the temperatures students may distil at [default: 1,2,4,8].")
+@click.option("--sample-temperature", default=None, type=float,
+              help="With --sample: the proposal's temperature, one of --temperatures; use the training "
+                   "temperature or above [default: 4].")
 @click.option("--embed-images", is_flag=True,
               help="Also store every view's preprocessed uint8 pixels, so the store trains without the corpus.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
@@ -151,7 +171,8 @@ def dump(**kw: Any) -> None:
         chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
         crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
         progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"],
-        keep_bits=kw["keep_bits"], segment_rows=kw["segment_rows"])
+        keep_bits=kw["keep_bits"], segment_rows=kw["segment_rows"], topk=kw["topk"], sample=kw["sample"],
+        temperatures=_floats(kw["temperatures"], "--temperatures"), sample_temperature=kw["sample_temperature"])
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
         return
     t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
@@ -210,14 +231,16 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
         ("images / listed / failed", f"{d['images']:,} / {d['listed']:,} / {d['failed']:,}"),
         ("views", f"{d['views']['count']} ({d['views']['kind']})"),
         ("classes", f"{d['num_classes']}: {', '.join(d['classes'][:8])}{' ...' if d['num_classes'] > 8 else ''}"),
-        ("logits", f"{d['dtype']} (teacher ran in {d['precision']}), {d['chunk_rows']} rows per chunk"),
+        ("logits", f"{d['dtype']} (teacher ran in {d['precision']}), {d['chunk_rows']} rows per chunk"
+                   + _describe_targets(d["targets"])),
         ("teacher", f"{teacher['arch']} ({teacher['source']}) sha256 {teacher['sha256'][:16]}..."),
         ("preprocess", json.dumps(d["preprocess"])),
         ("corpus", f"{d['corpus']['root']}"),
         ("created", d["created"]),
         *[(f"fingerprint {k}", v) for k, v in d["fingerprints"].items()],
         ("size on disk", f"{_human(d['bytes_on_disk'])} ({d['bytes_per_image'] or 0:,.1f} B/image)"),
-        ("logits compression", f"{ratio:.2f}x" if ratio else "n/a"),
+        ("logits compression", (f"{ratio:.2f}x" if ratio else "n/a") + (" (against full logits)"
+                                                                          if d["targets"]["kind"] != "logits" else "")),
         ("confidence (T=1)", "mean {mean:.3f}, p10 {p10:.3f}, median {median:.3f}, p90 {p90:.3f}".format(
             **d["confidence"])),
         ("entropy (nats)", "mean {mean:.3f}, median {median:.3f} (max {max_possible:.3f})".format(

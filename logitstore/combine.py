@@ -38,7 +38,7 @@ def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = Tr
                 f"{b.teacher.arch} sha256 {b.teacher.sha256[:12]})")
     if a.views != b.views:
         return f"the views differ ({a.views.to_dict()} vs {b.views.to_dict()})"
-    for what in ("dtype", "keep_bits", "embedded_pixels", "precision"):
+    for what in ("dtype", "keep_bits", "embedded_pixels", "precision", "targets"):
         if getattr(a, what) != getattr(b, what):
             return f"the {what} differs ({getattr(a, what)} vs {getattr(b, what)})"
     return None
@@ -50,7 +50,7 @@ def _sha256_text(text: str) -> str:
 
 def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str) -> StoreMeta:
     # Added teachers' arrays are not carried into derived stores, so they are not listed either.
-    return replace(base, complete=False, fingerprints={}, format_version=schema.FORMAT_VERSION, extra_teachers=(),
+    return replace(base, complete=False, fingerprints={}, format_version=schema.version_for(base.targets), extra_teachers=(),
                    corpus=CorpusInfo(root, listing, listing_sha, n_rows),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -75,8 +75,9 @@ def _batch(rows: Rows, keep: np.ndarray, first: int, ids: Sequence[str] | None =
     n = int(keep.sum())
     return RowBatch(np.arange(first, first + n, dtype=np.int64),
                     list(ids) if ids is not None else [str(i) for i in rows.ids[keep]],
-                    rows.logits[keep], rows.digests[keep], rows.image_hw[keep], rows.view_params[keep],
-                    failures or [], None if rows.pixels is None else rows.pixels[keep])
+                    None if rows.logits is None else rows.logits[keep], rows.digests[keep], rows.image_hw[keep],
+                    rows.view_params[keep], failures or [], None if rows.pixels is None else rows.pixels[keep],
+                    None if rows.targets is None else {k: v[keep] for k, v in rows.targets.items()})
 
 
 @dataclass
@@ -169,6 +170,9 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
     if temperature <= 0 or (per_class is not None and per_class < 1) or (limit is not None and limit < 1):
         raise LogitStoreError("select: --temperature must be positive and --per-class, --limit at least 1")
     store = open_store(source, storage_options=storage_options)
+    if store.meta.sparse:
+        raise LogitStoreError(f"select: {source} keeps {store.meta.targets.kind} targets; selecting by the "
+                              "teacher's confidence needs a full-logits store")
     conf, ent, arg = [], [], []
     for _, rows in store.iter_chunks():  # pass 1: three numbers per row, never the logits
         p = _probabilities(rows.logits, temperature)

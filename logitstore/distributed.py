@@ -242,9 +242,12 @@ def _concat(pieces: list[Rows]) -> Rows:
     if len(pieces) == 1:
         return pieces[0]
     pixels = [p.pixels for p in pieces if p.pixels is not None]
-    return Rows(np.concatenate([p.ids for p in pieces]), np.concatenate([p.logits for p in pieces]),
+    targets = pieces[0].targets
+    return Rows(np.concatenate([p.ids for p in pieces]),
+                None if pieces[0].logits is None else np.concatenate([p.logits for p in pieces]),
                 np.concatenate([p.digests for p in pieces]), np.concatenate([p.image_hw for p in pieces]),
-                np.concatenate([p.view_params for p in pieces]), np.concatenate(pixels) if pixels else None)
+                np.concatenate([p.view_params for p in pieces]), np.concatenate(pixels) if pixels else None,
+                None if targets is None else {k: np.concatenate([p.targets[k] for p in pieces]) for k in targets})
 
 
 def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:

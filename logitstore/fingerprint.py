@@ -29,7 +29,8 @@ class RowHasher:
             entry = str(image_id).encode("utf-8") + b"\0" + digest.tobytes()
             self._corpus.update(entry)
             self._contents.update(entry)
-        for arr in (rows.logits, rows.image_hw, rows.view_params, rows.pixels):
+        targets = list(rows.targets.values()) if rows.targets is not None else [rows.logits]
+        for arr in (*targets, rows.image_hw, rows.view_params, rows.pixels):
             if arr is None:
                 continue
             self._contents.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())

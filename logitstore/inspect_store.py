@@ -14,12 +14,33 @@ from .corpus import sha256_bytes
 from .errors import IntegrityError
 from .fingerprint import RowHasher
 from .locations import stored_bytes
-from .store import LogitStore
+from .schema import StoreMeta
+from .sparse import topk_probabilities
+from .store import LogitStore, Rows
 
 
-def _softmax_stats(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(max probability, entropy in nats, argmax) per row of float logits [n, C] at T = 1."""
-    z = logits.astype(np.float64)
+def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top-1 probability, entropy in nats, top-1 class) of each row's first view.
+
+    Full logits: at T = 1. Top-K: exact top-1 and probability at the lowest stored temperature;
+    the entropy counts the tail as one class (a lower bound). Sampled: the drawn class with the
+    largest logit (the top-1 whenever it was drawn) with its exact probability; entropy unknown (NaN).
+    """
+    t = meta.targets
+    if t.kind == schema.TARGET_TOPK:
+        log_p, log_tail = topk_probabilities(rows.targets[schema.TOPK_VALUES][:, 0],
+                                             rows.targets[schema.TAIL_LSE][:, 0, 0], t.temperatures[0])
+        p = np.exp(np.concatenate([log_p, log_tail[:, None]], axis=1))
+        ent = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+        return p[:, 0], ent, rows.targets[schema.TOPK_INDICES][:, 0, 0].astype(np.int64)
+    if t.kind == schema.TARGET_SAMPLE:
+        z = np.where(rows.targets[schema.SAMPLE_COUNTS][:, 0] > 0,
+                     rows.targets[schema.SAMPLE_LOGITS][:, 0].astype(np.float64), -np.inf)
+        j = z.argmax(axis=1)
+        conf = np.exp(z[np.arange(len(z)), j] / t.temperatures[0] - rows.targets[schema.LSE][:, 0, 0])
+        top = rows.targets[schema.SAMPLE_INDICES][:, 0][np.arange(len(z)), j].astype(np.int64)
+        return conf, np.full(len(z), np.nan), top
+    z = rows.logits[:, 0, :].astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
@@ -37,7 +58,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
     m = store.meta
     conf, ent, hist = [], [], Counter()
     for _, rows in store.iter_chunks():
-        c, e, a = _softmax_stats(rows.logits[:, 0, :])
+        c, e, a = predictions(rows, m)
         conf.append(c)
         ent.append(e)
         hist.update(a.tolist())
@@ -45,7 +66,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
     ent_all = np.concatenate(ent) if ent else np.zeros(0)
     sizes = store_bytes(store)
     raw_logits = len(store) * m.views.count * m.num_classes * np.dtype(m.dtype).itemsize
-    stored_logits = sizes.get(schema.LOGITS, 0)
+    stored_logits = sum(sizes.get(name, 0) for name in m.target_arrays())  # sparse: against full logits
     n = max(1, len(store))
 
     def pct(a: np.ndarray, q: float) -> float:
@@ -60,7 +81,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
         "created": m.created, "versions": m.versions, "fingerprints": dict(m.fingerprints),
         "teachers": [{"name": "primary", "arch": m.teacher.arch, "fingerprint": m.fingerprints.get("teacher")}]
         + [{"name": t.name, "arch": t.teacher.arch, "logits_sha256": t.fingerprint} for t in m.extra_teachers],
-        "embedded_pixels": m.embedded_pixels,
+        "embedded_pixels": m.embedded_pixels, "targets": m.targets.to_dict(),
         "bytes_on_disk": sum(sizes.values()), "bytes_per_image": sum(sizes.values()) / n if sizes else None,
         "logits_raw_bytes": raw_logits,
         "logits_compression_ratio": raw_logits / stored_logits if stored_logits else None,
@@ -102,9 +123,12 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
             rep.problems.append(str(exc))
             continue
         hasher.update(rows)
-        bad = ~np.isfinite(rows.logits.astype(np.float32)).reshape(len(rows), -1).all(axis=1)
-        for i in np.nonzero(bad)[0][:5]:
-            rep.problems.append(f"{rows.ids[i]}: logits are NaN or inf")
+        for name, arr in (rows.targets or {schema.LOGITS: rows.logits}).items():
+            if arr.dtype.kind != "f":
+                continue
+            bad = ~np.isfinite(arr.astype(np.float32)).reshape(len(rows), -1).all(axis=1)
+            for i in np.nonzero(bad)[0][:5]:
+                rep.problems.append(f"{rows.ids[i]}: {name} are NaN or inf")
         for i in rows.ids:
             if i in seen:
                 rep.problems.append(f"{i}: id appears twice")

@@ -1,10 +1,11 @@
 """The dump pipeline: corpus -> DataLoader workers (read, digest, decode, views) -> teacher -> writer."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,11 +18,19 @@ from . import __version__, schema
 from .corpus import Corpus, describe_failure, list_corpus, read_and_decode
 from .device import resolve_device, resolve_precision
 from .errors import LogitRangeError, LogitStoreError, TeacherError
-from .schema import CorpusInfo, Preprocess, StoreMeta, ViewSpec
+from .schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
+from .sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view, normalize, sample_view_params
 from .locations import stored_bytes
 from .writer import RowBatch, StoreWriter, open_writer
+
+# --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
+# default, where importance weights are then exactly 1 (lowest variance). Colder proposals make the
+# weights of tail classes grow exponentially at hotter training temperatures (logitstore/sparse.py).
+DEFAULT_SAMPLE_TEMPERATURE = 4.0
+_TAG_SAMPLE = 0x5A
+
 
 class DumpInterrupted(LogitStoreError):
     """Ctrl-C: everything committed so far is kept; the same command resumes."""
@@ -191,9 +200,11 @@ class DumpJob:
                 ids = [i for i, k in zip(ok["ids"], keep) if k]
                 lg = logits[torch.from_numpy(keep)]
                 _check_logits(lg.reshape(len(ids), -1), meta.dtype, ids)
-                rows = RowBatch(ok["source"][keep], ids, lg.numpy().astype(np_dtype), ok["digests"][keep],
-                                ok["hw"][keep], ok["params"][keep], failures,
-                                ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None)
+                targets = encode_targets(meta, lg, ids)
+                rows = RowBatch(ok["source"][keep], ids, None if targets else lg.numpy().astype(np_dtype),
+                                ok["digests"][keep], ok["hw"][keep], ok["params"][keep], failures,
+                                ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None,
+                                targets)
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
@@ -201,6 +212,46 @@ class DumpJob:
                 progress.advance(task, n + len(batch["failures"]))
             if on_batch is not None:
                 on_batch(n)
+
+
+def target_spec(topk: int | None = None, sample: int | None = None,
+                temperatures: Sequence[float] | None = None, sample_temperature: float | None = None) -> TargetSpec:
+    """--topk / --sample and their temperatures -> what each row keeps of the teacher's output."""
+    if topk is not None and sample is not None:
+        raise LogitStoreError("--topk and --sample are alternatives; give one (or neither for full logits)")
+    if topk is None and sample is None:
+        if temperatures is not None or sample_temperature is not None:
+            raise LogitStoreError("--temperatures and --sample-temperature apply to --topk or --sample stores")
+        return TargetSpec()
+    temps = tuple(sorted({float(t) for t in (temperatures or REFERENCE_TEMPERATURES)}))
+    if topk is not None:
+        if sample_temperature is not None:
+            raise LogitStoreError("--sample-temperature applies to --sample stores only")
+        return TargetSpec(schema.TARGET_TOPK, int(topk), temps)
+    proposal = float(DEFAULT_SAMPLE_TEMPERATURE if sample_temperature is None else sample_temperature)
+    if proposal not in temps:
+        raise LogitStoreError(f"--sample-temperature {proposal:g} must be one of --temperatures "
+                              f"{','.join(f'{t:g}' for t in temps)}")
+    return TargetSpec(schema.TARGET_SAMPLE, int(sample), temps, proposal)
+
+
+def encode_targets(meta: StoreMeta, logits: torch.Tensor, ids: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """float32 logits [n, V, C] -> the store's sparse target arrays (None for a full-logits store)."""
+    t = meta.targets
+    np_dtype = np.float16 if meta.dtype == "float16" else np.float32
+    if t.kind == schema.TARGET_TOPK:
+        e = encode_topk(logits, t.k, t.temperatures)
+        return {schema.TOPK_VALUES: e.values.astype(np_dtype), schema.TOPK_INDICES: e.indices,
+                schema.TAIL_LSE: e.tail_lse}
+    if t.kind == schema.TARGET_SAMPLE:
+        # Draws are seeded per image id, like the views: the same in any batch, process or resumed run.
+        seeds = [[meta.seed, _TAG_SAMPLE, int.from_bytes(hashlib.sha256(i.encode("utf-8")).digest()[:8], "little")]
+                 for i in ids]
+        e = encode_sample(logits.numpy(), t.k, t.temperatures, t.proposal_temperature, seeds)
+        return {schema.SAMPLE_INDICES: e.indices, schema.SAMPLE_COUNTS: e.counts,
+                schema.SAMPLE_LOGITS: e.logits.astype(np_dtype), schema.SAMPLE_PROPOSAL: e.proposal,
+                schema.LSE: e.lse}
+    return None
 
 
 def prepare_dump(teacher: str, images: str, *, weights: str | None = None,
@@ -211,7 +262,7 @@ def prepare_dump(teacher: str, images: str, *, weights: str | None = None,
                  classes: str | Sequence[str] | None = None, chunk_rows: int | None = None,
                  crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  flip_prob: float = 0.5, embed_images: bool = False, keep_bits: int | None = None,
-                 local_rank: int | None = None) -> DumpJob:
+                 targets: TargetSpec | None = None, local_rank: int | None = None) -> DumpJob:
     """Validate the flags, list the corpus, load the teacher onto its device and settle the metadata."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
@@ -235,15 +286,21 @@ def prepare_dump(teacher: str, images: str, *, weights: str | None = None,
 
     spec = ViewSpec(1, "eval") if views == 1 else ViewSpec(views, "random_resized_crop", tuple(crop_scale),
                                                           tuple(crop_ratio), float(flip_prob))
-    itemsize = np.dtype(dtype).itemsize
+    targets = targets or TargetSpec()
+    try:
+        targets.check(width)
+    except LogitStoreError as exc:
+        raise LogitStoreError(f"--topk/--sample: {exc}") from None
     meta = StoreMeta(
-        format_version=schema.FORMAT_VERSION, complete=False, classes=tuple(names), preprocess=pre, views=spec,
+        format_version=schema.version_for(targets), complete=False, classes=tuple(names), preprocess=pre, views=spec,
         teacher=t.info, corpus=CorpusInfo(str(corpus.root), corpus.listing, corpus.listing_sha256(),
                                           len(corpus.ids)),
         dtype=dtype, precision=precision, seed=seed,
-        chunk_rows=chunk_rows or schema.default_chunk_rows(spec.count, width, itemsize), batch_size=batch_size,
+        chunk_rows=1, batch_size=batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
-        embedded_pixels=embed_images, keep_bits=keep_bits)
+        embedded_pixels=embed_images, keep_bits=keep_bits, targets=targets)
+    row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
+    meta = replace(meta, chunk_rows=chunk_rows or schema.chunk_rows_for(row_bytes))
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers)
 
@@ -257,7 +314,9 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
          crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
          flip_prob: float = 0.5, progress: bool = False, on_batch: Callable[[int], None] | None = None,
          storage_options: dict[str, Any] | None = None, embed_images: bool = False,
-         keep_bits: int | None = None, segment_rows: int | None = None) -> DumpSummary:
+         keep_bits: int | None = None, segment_rows: int | None = None, topk: int | None = None,
+         sample: int | None = None, temperatures: Sequence[float] | None = None,
+         sample_temperature: float | None = None) -> DumpSummary:
     """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`.
 
     Under torchrun (WORLD_SIZE set), or to finish a store a distributed dump started, the work is
@@ -273,6 +332,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
                        num_workers=num_workers, size=size, resize=resize, mean=mean, std=std, mode=mode,
                        classes=classes, chunk_rows=chunk_rows, crop_scale=crop_scale, crop_ratio=crop_ratio,
                        flip_prob=flip_prob, embed_images=embed_images, keep_bits=keep_bits,
+                       targets=target_spec(topk, sample, temperatures, sample_temperature),
                        local_rank=None if ctx is None else ctx.local_rank)
     if ctx is not None:
         return distributed.dump_distributed(job, out, ctx, overwrite=overwrite, storage_options=storage_options,

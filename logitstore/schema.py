@@ -14,8 +14,11 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+# A store of full logits is written as 1.0 (its layout did not change, so 1.0 readers read it);
+# 1.1 added sparse teacher targets (`targets`), which 1.0 readers refuse (no `logits` array).
+FULL_LOGITS_VERSION = f"{FORMAT_MAJOR}.0"
 
 # Root group attribute that holds all of our metadata (namespaced so other tools may add theirs).
 ATTR_ROOT = "logitstore"
@@ -39,7 +42,17 @@ TEACHERS = "teachers"        # group: teachers/<name>/logits [N, V, C], added te
 FAILED_IDS = "failed_ids"    # [F] string
 FAILED_REASONS = "failed_reasons"  # [F] string
 
-ROW_ARRAYS = (LOGITS, IDS, DIGESTS, IMAGE_HW, VIEW_PARAMS)  # always present; PIXELS when embedded
+ROW_ARRAYS = (LOGITS, IDS, DIGESTS, IMAGE_HW, VIEW_PARAMS)  # LOGITS: full-logits stores; PIXELS when embedded
+# Sparse teacher targets (format 1.1, `targets` attribute) replace LOGITS; see logitstore/sparse.py.
+TARGET_LOGITS, TARGET_TOPK, TARGET_SAMPLE = "logits", "topk", "sample"
+TOPK_VALUES = "topk_values"          # [N, V, K] dtype: the K largest logits, descending
+TOPK_INDICES = "topk_indices"        # [N, V, K] uint16 | uint32: their classes
+TAIL_LSE = "tail_lse"                # [N, V, T] float32: logsumexp of z/T_r over the other classes
+SAMPLE_INDICES = "sample_indices"    # [N, V, K] uint16 | uint32: distinct sampled classes (padded)
+SAMPLE_COUNTS = "sample_counts"      # [N, V, K] uint16: draws per class, 0 = padding
+SAMPLE_LOGITS = "sample_logits"      # [N, V, K] dtype: their logits
+SAMPLE_PROPOSAL = "sample_proposal"  # [N, V, K] float32: proposal probability q
+LSE = "lse"                          # [N, V, T] float32: logsumexp of z/T_r over all classes
 PRIMARY_TEACHER = "primary"
 PIXEL_CHUNK_BYTES = 4 << 20
 FAILURE_ARRAYS = (FAILED_IDS, FAILED_REASONS)
@@ -189,6 +202,25 @@ class StoreMeta:
     embedded_pixels: bool = False
     extra_teachers: tuple["ExtraTeacher", ...] = ()
     keep_bits: int | None = None  # mantissa bits kept by lossy BitRound on logits; None: lossless
+    targets: "TargetSpec" = None  # type: ignore[assignment]  # None: full logits
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            object.__setattr__(self, "targets", TargetSpec())
+
+    @property
+    def sparse(self) -> bool:
+        return self.targets.kind != TARGET_LOGITS
+
+    def target_arrays(self) -> dict[str, tuple[int, str]]:
+        """Name -> (last dimension, dtype) of the arrays that hold the teacher's targets, in hashing order."""
+        t, c, d = self.targets, self.num_classes, self.dtype
+        if t.kind == TARGET_TOPK:
+            return {TOPK_VALUES: (t.k, d), TOPK_INDICES: (t.k, index_dtype(c)), TAIL_LSE: (len(t.temperatures), "float32")}
+        if t.kind == TARGET_SAMPLE:
+            return {SAMPLE_INDICES: (t.k, index_dtype(c)), SAMPLE_COUNTS: (t.k, "uint16"), SAMPLE_LOGITS: (t.k, d),
+                    SAMPLE_PROPOSAL: (t.k, "float32"), LSE: (len(t.temperatures), "float32")}
+        return {LOGITS: (c, d)}
 
     @property
     def pixel_chunk_rows(self) -> int:
@@ -211,7 +243,8 @@ class StoreMeta:
                 "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
                 "created": self.created, "versions": dict(self.versions), "fingerprints": dict(self.fingerprints),
                 "embedded_pixels": self.embedded_pixels, "keep_bits": self.keep_bits,
-                "extra_teachers": [t.to_dict() for t in self.extra_teachers]}
+                "extra_teachers": [t.to_dict() for t in self.extra_teachers],
+                **({"targets": self.targets.to_dict()} if self.sparse else {})}
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What must be equal for a dump to resume into this store (everything that changes bytes)."""
@@ -220,7 +253,63 @@ class StoreMeta:
                 "classes": list(self.classes), "preprocess": self.preprocess.to_dict(),
                 "views": self.views.to_dict(), "dtype": self.dtype, "precision": self.precision,
                 "seed": self.seed, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
-                "embedded_pixels": self.embedded_pixels, "keep_bits": self.keep_bits}
+                "embedded_pixels": self.embedded_pixels, "keep_bits": self.keep_bits,
+                **({"targets": self.targets.to_dict()} if self.sparse else {})}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What each row keeps of the teacher's output: full logits, or a sparse form (format 1.1)."""
+
+    kind: str = TARGET_LOGITS
+    k: int = 0                               # classes kept (topk) or draws made (sample) per view
+    temperatures: tuple[float, ...] = ()     # where tail_lse / lse are stored: the exact training temperatures
+    proposal_temperature: float | None = None  # sample: draws from softmax(z / this)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "k": self.k, "temperatures": list(self.temperatures)}
+        if self.kind == TARGET_SAMPLE:
+            d["proposal_temperature"] = self.proposal_temperature
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, num_classes: int) -> "TargetSpec":
+        if not isinstance(d, dict) or d.get("kind") not in (TARGET_TOPK, TARGET_SAMPLE):
+            kind = d.get("kind") if isinstance(d, dict) else d
+            raise FormatError(f"targets kind {kind!r} is not understood (this reader knows "
+                              f"{TARGET_TOPK!r} and {TARGET_SAMPLE!r}); use a newer logitstore")
+        try:
+            spec = cls(d["kind"], int(d["k"]), tuple(float(t) for t in d["temperatures"]),
+                       None if d.get("proposal_temperature") is None else float(d["proposal_temperature"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"targets {d!r} is malformed ({exc})") from None
+        spec.check(num_classes)
+        return spec
+
+    def check(self, num_classes: int) -> None:
+        if self.kind == TARGET_LOGITS:
+            return
+        if not self.temperatures or not all(math.isfinite(t) and t > 0 for t in self.temperatures):
+            raise FormatError(f"targets temperatures {list(self.temperatures)} must be positive numbers")
+        if self.kind == TARGET_TOPK and not 1 <= self.k < num_classes:
+            raise FormatError(f"top-K needs 1 <= K < {num_classes} classes (K = {self.k}); "
+                              "store full logits when K would be all of them")
+        if self.kind == TARGET_SAMPLE:
+            if not 1 <= self.k <= 65535:
+                raise FormatError(f"sampled targets need 1 <= K <= 65535 draws (K = {self.k})")
+            if self.proposal_temperature not in self.temperatures:
+                raise FormatError(f"the proposal temperature {self.proposal_temperature} must be one of the "
+                                  f"stored temperatures {list(self.temperatures)}")
+
+
+def version_for(targets: TargetSpec) -> str:
+    """The format version a writer records: the lowest that describes the store."""
+    return FULL_LOGITS_VERSION if targets.kind == TARGET_LOGITS else FORMAT_VERSION
+
+
+def index_dtype(num_classes: int) -> str:
+    """Class indices: uint16 up to 65,536 classes, else uint32 (never a float)."""
+    return "uint16" if num_classes <= 1 << 16 else "uint32"
 
 
 @dataclass(frozen=True)
@@ -294,7 +383,8 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
             created=d["created"], versions=dict(d["versions"]), fingerprints=dict(d.get("fingerprints") or {}),
             embedded_pixels=bool(d.get("embedded_pixels", False)),
             keep_bits=None if d.get("keep_bits") is None else int(d["keep_bits"]),
-            extra_teachers=tuple(ExtraTeacher.from_dict(t) for t in d.get("extra_teachers") or ()))
+            extra_teachers=tuple(ExtraTeacher.from_dict(t) for t in d.get("extra_teachers") or ()),
+            targets=None if d.get("targets") is None else TargetSpec.from_dict(d["targets"], len(d["classes"])))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
     if meta.complete and not {"teacher", "corpus", "contents"} <= set(meta.fingerprints):
@@ -321,6 +411,11 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
     shuffle and its per-worker shares coarse and make the writer hold more rows before a chunk
     is whole; the 8192-row cap keeps a corpus of tens of thousands of images in several chunks.
     """
-    target = (1 << 20) / max(1, views * num_classes * itemsize)
+    return chunk_rows_for(views * num_classes * itemsize)
+
+
+def chunk_rows_for(row_bytes: int) -> int:
+    """`default_chunk_rows` for rows of any layout (sparse targets): ~1 MiB, power of two, [256, 8192]."""
+    target = (1 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
     return int(min(8192, max(256, rows)))

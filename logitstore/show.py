@@ -15,6 +15,7 @@ import numpy as np
 
 from .corpus import read_and_decode
 from .errors import CorpusError, IntegrityError, LogitStoreError
+from .inspect_store import predictions
 from .store import LogitStore, open_store
 from .views import apply_view
 
@@ -32,12 +33,9 @@ def _top1(store: LogitStore) -> tuple[np.ndarray, np.ndarray]:
     """(top-1 class, its softmax probability at T=1) of every row's first view, chunk by chunk."""
     preds, confs = [], []
     for _, rows in store.iter_chunks():
-        z = rows.logits[:, 0, :].astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        preds.append(p.argmax(axis=1))
-        confs.append(p.max(axis=1))
+        conf, _, top = predictions(rows, store.meta)
+        preds.append(top)
+        confs.append(conf)
     if not preds:
         return np.zeros(0, np.int64), np.zeros(0)
     return np.concatenate(preds), np.concatenate(confs)

@@ -32,13 +32,16 @@ class Rows:
     image_hw: np.ndarray       # [n, 2] int32
     view_params: np.ndarray    # [n, V, 5] int32
     pixels: np.ndarray | None = None  # [n, V, ch, H, W] uint8, when the store embeds them
+    targets: dict[str, np.ndarray] | None = None  # sparse stores: their target arrays (logits is None)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def row_array_names(meta: StoreMeta) -> tuple[str, ...]:
-    return (*schema.ROW_ARRAYS, schema.PIXELS) if meta.embedded_pixels else schema.ROW_ARRAYS
+    """Every array with one entry per row: the teacher's targets first, then ids, digests, sizes, views."""
+    names = (*meta.target_arrays(), *schema.ROW_ARRAYS[1:])
+    return (*names, schema.PIXELS) if meta.embedded_pixels else names
 
 
 class LogitStore:
@@ -64,6 +67,9 @@ class LogitStore:
 
     @property
     def logits(self) -> zarr.Array:
+        if self.meta.sparse:
+            raise StoreStateError(f"{self.location} stores {self.meta.targets.kind} targets, not full logits; "
+                                  "read them with read() (Rows.targets)")
         return self.arrays[schema.LOGITS]
 
     @property
@@ -115,8 +121,9 @@ class LogitStore:
         """Rows [a, b); a failed checksum raises IntegrityError naming the array and chunk."""
         out = {name: self._read_array(name, arr, a, b) for name, arr in self.arrays.items()
                if pixels or name != schema.PIXELS}
-        return Rows(np.asarray(out[schema.IDS], dtype=object), out[schema.LOGITS], out[schema.DIGESTS],
-                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS], out.get(schema.PIXELS))
+        targets = {name: out[name] for name in self.meta.target_arrays()} if self.meta.sparse else None
+        return Rows(np.asarray(out[schema.IDS], dtype=object), out.get(schema.LOGITS), out[schema.DIGESTS],
+                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS], out.get(schema.PIXELS), targets)
 
     @property
     def teacher_names(self) -> list[str]:
@@ -154,9 +161,9 @@ def _is_checksum_error(exc: BaseException) -> bool:
 
 
 def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
-    v, c, r = meta.views.count, meta.num_classes, meta.chunk_rows
+    v, r = meta.views.count, meta.chunk_rows
     expected = {
-        schema.LOGITS: ((v, c), (r, v, c), (meta.dtype,)),
+        **{name: ((v, last), (r, v, last), (dtype,)) for name, (last, dtype) in meta.target_arrays().items()},
         schema.IDS: ((), (r,), ("string", "str", "<U0", "StringDType()")),
         schema.DIGESTS: ((32,), (r, 32), ("uint8",)),
         schema.IMAGE_HW: ((2,), (r, 2), ("int32",)),
@@ -197,7 +204,7 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
                               "--allow-incomplete to read the rows written so far")
     _validate_arrays(loc, group, meta)
     if meta.complete:
-        rows = group[schema.LOGITS].shape[0]
+        rows = group[next(iter(meta.target_arrays()))].shape[0]
         missing = [n for n in schema.FAILURE_ARRAYS if n not in set(group.array_keys())]
         if missing:
             raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, Arrays)")

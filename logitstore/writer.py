@@ -61,22 +61,28 @@ class RowBatch:
     view_params: np.ndarray      # [n, V, 5] int32
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # (source, id, reason)
     pixels: np.ndarray | None = None  # [n, V, ch, H, W] uint8, with --embed-images
+    targets: dict[str, np.ndarray] | None = None  # sparse stores: their target arrays (logits is None)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, sel: slice) -> "RowBatch":
-        return RowBatch(self.source[sel], self.ids[sel], self.logits[sel], self.digests[sel],
-                        self.image_hw[sel], self.view_params[sel], [],
-                        None if self.pixels is None else self.pixels[sel])
+        return RowBatch(self.source[sel], self.ids[sel], None if self.logits is None else self.logits[sel],
+                        self.digests[sel], self.image_hw[sel], self.view_params[sel], [],
+                        None if self.pixels is None else self.pixels[sel],
+                        None if self.targets is None else {k: v[sel] for k, v in self.targets.items()})
 
     @staticmethod
     def concat(parts: list["RowBatch"]) -> "RowBatch":
         pixels = [p.pixels for p in parts if p.pixels is not None and len(p)]
+        targets = parts[0].targets
         return RowBatch(np.concatenate([p.source for p in parts]), [i for p in parts for i in p.ids],
-                        np.concatenate([p.logits for p in parts]), np.concatenate([p.digests for p in parts]),
+                        None if parts[0].logits is None else np.concatenate([p.logits for p in parts]),
+                        np.concatenate([p.digests for p in parts]),
                         np.concatenate([p.image_hw for p in parts]), np.concatenate([p.view_params for p in parts]),
-                        [f for p in parts for f in p.failures], np.concatenate(pixels) if pixels else None)
+                        [f for p in parts for f in p.failures], np.concatenate(pixels) if pixels else None,
+                        None if targets is None else {k: np.concatenate([p.targets[k] for p in parts])
+                                                      for k in targets})
 
 
 @dataclass
@@ -90,9 +96,9 @@ class Progress:
 
 
 def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
-    r, v, c = meta.chunk_rows, meta.views.count, meta.num_classes
+    r, v = meta.chunk_rows, meta.views.count
     specs = {
-        schema.LOGITS: ((capacity, v, c), (r, v, c), meta.dtype, 0),
+        **{name: ((capacity, v, last), (r, v, last), dtype, 0) for name, (last, dtype) in meta.target_arrays().items()},
         schema.IDS: ((capacity,), (r,), str, ""),
         schema.DIGESTS: ((capacity, 32), (r, 32), "uint8", 0),
         schema.IMAGE_HW: ((capacity, 2), (r, 2), "int32", 0),
@@ -104,14 +110,20 @@ def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
         specs[schema.PIXELS] = ((capacity, *tail), (meta.pixel_chunk_rows, *tail), "uint8", 0)
     for name, (shape, chunks, dtype, fill) in specs.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                           filters=logits_filters(meta.keep_bits) if name == schema.LOGITS else None,
+                           filters=logits_filters(meta.keep_bits) if name in lossy_arrays(meta) else None,
                            compressors=chunk_codecs(), overwrite=True)
+
+
+def lossy_arrays(meta: StoreMeta) -> tuple[str, ...]:
+    """The arrays --keep-bits rounds: the teacher's logits, in whichever form the store keeps them."""
+    return tuple(name for name, (_, dtype) in meta.target_arrays().items() if dtype == meta.dtype)
 
 
 def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Any) -> None:
     """Rows (a RowBatch or a store's Rows) into every row array at [a, a + len(rows))."""
     b = a + len(rows)
-    arrays[schema.LOGITS][a:b] = rows.logits
+    for name, values in (rows.targets or {schema.LOGITS: rows.logits}).items():
+        arrays[name][a:b] = values
     arrays[schema.IDS][a:b] = np.array(list(rows.ids), dtype=object)
     arrays[schema.DIGESTS][a:b] = rows.digests
     arrays[schema.IMAGE_HW][a:b] = rows.image_hw

@@ -13,22 +13,29 @@ from logitstore import schema
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN))
-from make_golden import build, golden_rows  # noqa: E402
+from make_golden import KINDS, build, golden_rows  # noqa: E402
 
 VERSIONS = sorted(p for p in GOLDEN.glob("v*.zarr"))
 
 
-def test_there_is_a_golden_store_of_the_current_version():
-    assert GOLDEN / f"v{schema.FORMAT_VERSION}.zarr" in VERSIONS
+def test_there_is_a_golden_store_of_every_kind_and_of_the_current_version():
+    assert sorted(GOLDEN / f"{name}.zarr" for name in KINDS) == VERSIONS
+    assert any(p.name.startswith(f"v{schema.FORMAT_VERSION}") for p in VERSIONS)
 
 
 @pytest.mark.parametrize("path", VERSIONS, ids=[p.name for p in VERSIONS])
 def test_golden_store_reads_back_its_values(path):
     st = logitstore.open_store(path)
-    batches = golden_rows()
+    batches = golden_rows(path.name[:-len(".zarr")])
     rows = st[:]
     assert list(rows.ids) == [i for b in batches for i in b.ids]
-    assert np.array_equal(rows.logits, np.concatenate([b.logits for b in batches]))
+    if batches[0].targets is None:
+        assert np.array_equal(rows.logits, np.concatenate([b.logits for b in batches]))
+    else:
+        assert rows.logits is None and sorted(rows.targets) == sorted(batches[0].targets)
+        for name, values in rows.targets.items():
+            assert values.dtype == batches[0].targets[name].dtype, name
+            assert np.array_equal(values, np.concatenate([b.targets[name] for b in batches])), name
     assert np.array_equal(rows.view_params, np.concatenate([b.view_params for b in batches]))
     assert np.array_equal(rows.digests, np.concatenate([b.digests for b in batches]))
     assert st.failures() == [("img06.png", "UnidentifiedImageError: cannot identify image file")]
@@ -40,10 +47,11 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_writer_still_writes_the_current_golden_store_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("name", list(KINDS))
+def test_writer_still_writes_every_golden_store_byte_for_byte(tmp_path, name):
     """An accidental change of arrays, dtypes, chunks, codecs or attributes fails here."""
-    build(tmp_path / "now.zarr")
-    now, golden = _files(tmp_path / "now.zarr"), _files(GOLDEN / f"v{schema.FORMAT_VERSION}.zarr")
+    build(tmp_path / "now.zarr", name)
+    now, golden = _files(tmp_path / "now.zarr"), _files(GOLDEN / f"{name}.zarr")
     assert sorted(now) == sorted(golden)
     for key in golden:
         if key.endswith("zarr.json"):

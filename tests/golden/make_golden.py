@@ -1,33 +1,43 @@
-"""Build the golden store of the current format version: `python tests/golden/make_golden.py`.
+"""Build the golden stores: `python tests/golden/make_golden.py` (writes every one that is missing).
 
 Run it only when releasing a new format version (then add, never replace, a golden store).
 The rows are synthetic and fixed, so the bytes depend only on the format and the codecs.
+One store per kind of teacher target: full logits (1.0), top-K (1.1), sampled classes (1.1).
 """
 from __future__ import annotations
 
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from logitstore import schema
+from logitstore.pipeline import encode_targets
 from logitstore.writer import RowBatch, open_writer
 
 HERE = Path(__file__).resolve().parent
+# golden store name (without .zarr) -> what each row keeps of the teacher's output
+KINDS = {
+    "v1.0": schema.TargetSpec(),
+    "v1.1-topk": schema.TargetSpec(schema.TARGET_TOPK, 2, (1.0, 2.0, 4.0, 8.0)),
+    "v1.1-sample": schema.TargetSpec(schema.TARGET_SAMPLE, 4, (1.0, 4.0), 4.0),
+}
 
 
-def golden_meta() -> schema.StoreMeta:
+def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
+    targets = KINDS[name]
     return schema.StoreMeta(
-        format_version=schema.FORMAT_VERSION, complete=False, classes=("cat", "dog", "bird"),
+        format_version=schema.version_for(targets), complete=False, classes=("cat", "dog", "bird"),
         preprocess=schema.Preprocess((8, 8), None, (0.5,), (0.25,), "L"),
         views=schema.ViewSpec(2, "random_resized_crop", (0.5, 1.0), (0.75, 4 / 3), 0.5),
         teacher=schema.TeacherInfo("pkg.mod:net", "checkpoint", "teacher.pt", "ab" * 32, {"width": 4}),
         corpus=schema.CorpusInfo("/data/corpus", "directory", "cd" * 32, 11),
         dtype="float16", precision="fp32", seed=3, chunk_rows=4, batch_size=4,
-        created="2026-11-25T00:00:00+00:00", versions={"logitstore": "golden"})
+        created="2026-11-25T00:00:00+00:00", versions={"logitstore": "golden"}, targets=targets)
 
 
-def golden_rows() -> list[RowBatch]:
+def golden_rows(name: str = "v1.0") -> list[RowBatch]:
     rng = np.random.default_rng(0)
     n, listed = 10, 11  # listing position 6 failed
     source = np.array([p for p in range(listed) if p != 6], dtype=np.int64)
@@ -37,17 +47,20 @@ def golden_rows() -> list[RowBatch]:
     hw = np.tile(np.array([[12, 10]], np.int32), (n, 1))
     params = rng.integers(0, 8, size=(n, 2, 5)).astype(np.int32)
     params[..., 4] %= 2
-    return [RowBatch(source[:6], ids[:6], logits[:6], digests[:6], hw[:6], params[:6], []),
-            RowBatch(source[6:], ids[6:], logits[6:], digests[6:], hw[6:], params[6:],
-                     [(6, "img06.png", "UnidentifiedImageError: cannot identify image file")])]
+    targets = encode_targets(golden_meta(name), torch.from_numpy(logits.astype(np.float32)), ids)
+    full = RowBatch(source, ids, None if targets else logits, digests, hw, params, [], None, targets)
+    first, rest = full.take(slice(0, 6)), full.take(slice(6, None))
+    return [first, replace(rest, failures=[(6, "img06.png", "UnidentifiedImageError: cannot identify image file")])]
 
 
-def build(out: Path) -> None:
-    writer = open_writer(str(out), golden_meta(), overwrite=True)
-    for batch in golden_rows():
+def build(out: Path, name: str = "v1.0") -> None:
+    writer = open_writer(str(out), golden_meta(name), overwrite=True)
+    for batch in golden_rows(name):
         writer.submit(batch)
     writer.close(finalize=True)
 
 
 if __name__ == "__main__":
-    build(HERE / f"v{schema.FORMAT_VERSION}.zarr" if len(sys.argv) < 2 else Path(sys.argv[1]))
+    for name in KINDS:
+        if not (HERE / f"{name}.zarr").exists():
+            build(HERE / f"{name}.zarr", name)
