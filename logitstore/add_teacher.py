@@ -143,7 +143,8 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
         task = bar.add_task(f"teacher {name}", total=len(store))
         for pixels in loader:
             logits = _forward(model, pixels, pre, dev, autocast)
-            _check_logits(logits.reshape(len(logits), -1), meta.dtype, list(rows_all.ids[seen:seen + len(logits)]))
+            _check_logits(logits.reshape(len(logits), -1), meta.dtype, list(rows_all.ids[seen:seen + len(logits)]),
+                          meta.keep_bits)
             seen += len(logits)
             buffer.append(logits.numpy().astype(np_dtype))
             # Whole chunks only, as the dump writer does.

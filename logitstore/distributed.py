@@ -28,7 +28,7 @@ from zarr.core.sync import sync
 
 from . import schema
 from .errors import LogitStoreError, ResumeMismatchError, StoreStateError
-from .locations import is_zip, open_group, stored_bytes
+from .locations import is_zip, open_group, retire_root, stored_bytes
 from .schema import StoreMeta
 from .store import LogitStore, Rows, open_store, row_array_names
 from .writer import check_resumable, create_arrays, finalize_store, open_writer, write_rows
@@ -164,6 +164,7 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
         # Whole teacher batches keep every image in the batch it has in a single-process run.
         raise LogitStoreError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
                               f"{meta.batch_size}")
+    retire_root(group.store)
     group = open_group(out, mode="w", storage_options=so)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS}

@@ -15,6 +15,9 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import FormatError, StoreStateError
+from .schema import ATTR_ROOT
+
+ROOT_KEY = "zarr.json"  # the root group's metadata, with our attributes
 
 
 def is_url(location: str) -> bool:
@@ -115,6 +118,20 @@ def key_exists(store: Store, key: str) -> bool:
 
 def delete_all(store: Store) -> None:
     sync(store.clear())
+
+
+def retire_root(store: Store) -> None:
+    """Mark a complete store incomplete before it is cleared for an overwrite, so that a run killed
+    while clearing cannot leave the old root saying "complete" over missing chunks."""
+    raw = get_bytes(store, ROOT_KEY)
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return
+    meta = doc.get("attributes", {}).get(ATTR_ROOT) if isinstance(doc, dict) else None
+    if isinstance(meta, dict) and meta.get("complete"):
+        meta["complete"] = False
+        set_bytes(store, ROOT_KEY, json.dumps(doc).encode("utf-8"))
 
 
 def stored_bytes(store: Store, prefix: str = "") -> int:

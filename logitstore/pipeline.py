@@ -140,18 +140,20 @@ def _read_classes(classes: str | Sequence[str] | None) -> list[str] | None:
     return [c.strip() for c in classes.split(",")]
 
 
-def _check_logits(logits: torch.Tensor, dtype: str, ids: list[str]) -> None:
+def _check_logits(logits: torch.Tensor, dtype: str, ids: list[str], keep_bits: int | None = None) -> None:
     finite = torch.isfinite(logits).flatten(1).all(1)
     if not bool(finite.all()):
         bad = ids[int((~finite).nonzero()[0])]
         raise LogitRangeError(f"the teacher returned NaN or inf logits for {bad}; check the teacher and "
                               "its preprocessing (--mean/--std/--mode), or try --precision fp32")
     if dtype == "float16":
+        limit = schema.float16_limit(keep_bits)
         peak = logits.abs().flatten(1).amax(1)
-        if bool((peak > schema.FLOAT16_MAX).any()):
-            i = int((peak > schema.FLOAT16_MAX).nonzero()[0])
+        if bool((peak > limit).any()):
+            i = int((peak > limit).nonzero()[0])
             raise LogitRangeError(f"a logit of {float(peak[i]):.6g} for {ids[i]} is outside float16's range "
-                                  f"(+-{schema.FLOAT16_MAX:g}); re-run with --dtype float32")
+                                  f"(+-{limit:g}{' with --keep-bits' if keep_bits else ''}); "
+                                  "re-run with --dtype float32")
 
 
 @dataclass
@@ -199,7 +201,7 @@ class DumpJob:
                 keep = ok["source"] >= start
                 ids = [i for i, k in zip(ok["ids"], keep) if k]
                 lg = logits[torch.from_numpy(keep)]
-                _check_logits(lg.reshape(len(ids), -1), meta.dtype, ids)
+                _check_logits(lg.reshape(len(ids), -1), meta.dtype, ids, meta.keep_bits)
                 targets = encode_targets(meta, lg, ids)
                 rows = RowBatch(ok["source"][keep], ids, None if targets else lg.numpy().astype(np_dtype),
                                 ok["digests"][keep], ok["hw"][keep], ok["params"][keep], failures,

@@ -61,6 +61,14 @@ VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 LOGIT_DTYPES = ("float16", "float32")
 MANTISSA_BITS = {"float16": 10, "float32": 23}
 FLOAT16_MAX = 65504.0
+
+
+def float16_limit(keep_bits: int | None) -> float:
+    """The largest |logit| storable as float16: with BitRound keeping `keep_bits` mantissa bits, the
+    largest such float16 (anything above it may round up to inf)."""
+    if keep_bits is None:
+        return FLOAT16_MAX
+    return 2.0 ** 15 * (2.0 - 2.0 ** -keep_bits)
 VIEW_KINDS = ("eval", "random_resized_crop")
 MODES = ("RGB", "L")
 INTERPOLATION = "bilinear-antialias"
@@ -387,6 +395,9 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
             targets=None if d.get("targets") is None else TargetSpec.from_dict(d["targets"], len(d["classes"])))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise FormatError(f"the '{ATTR_ROOT}' attribute is malformed ({exc}); docs/FORMAT.md lists each "
+                          "key's type") from None
     if meta.complete and not {"teacher", "corpus", "contents"} <= set(meta.fingerprints):
         raise FormatError("a complete store must carry fingerprints teacher, corpus and contents")
     if meta.dtype not in LOGIT_DTYPES:

@@ -160,6 +160,12 @@ def _is_checksum_error(exc: BaseException) -> bool:
     return "checksum" in text or "crc32c" in text
 
 
+def _require_checksum(location: str, name: str, arr: zarr.Array) -> None:
+    if not any(isinstance(cd, Crc32cCodec) for cd in arr.metadata.codecs):
+        raise FormatError(f"{location}: array '{name}' has no crc32c codec; the spec requires a checksum "
+                          "on every chunk")
+
+
 def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
     v, r = meta.views.count, meta.chunk_rows
     expected = {
@@ -184,9 +190,7 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
                               f"the spec requires [N, {', '.join(map(str, tail))}] chunked {chunks}")
         if name != schema.IDS and str(arr.dtype) not in dtypes:
             raise FormatError(f"{location}: array '{name}' has dtype {arr.dtype}; the spec requires {dtypes[0]}")
-        if not any(isinstance(cd, Crc32cCodec) for cd in arr.metadata.codecs):
-            raise FormatError(f"{location}: array '{name}' has no crc32c codec; the spec requires a checksum "
-                              "on every chunk")
+        _require_checksum(location, name, arr)
         if n is not None and arr.shape[0] != n:
             raise FormatError(f"{location}: array '{name}' has {arr.shape[0]} rows, others have {n}")
         n = arr.shape[0]
@@ -208,6 +212,8 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
         missing = [n for n in schema.FAILURE_ARRAYS if n not in set(group.array_keys())]
         if missing:
             raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, Arrays)")
+        for name in schema.FAILURE_ARRAYS:
+            _require_checksum(loc, name, group[name])
         if rows != meta.corpus.n_images:
             raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images}")
         for t in meta.extra_teachers:
@@ -218,6 +224,9 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
                 raise FormatError(f"{loc}: teacher {t.name!r} is listed but array '{path}' is missing") from None
             if arr.shape != group[schema.LOGITS].shape or arr.chunks != group[schema.LOGITS].chunks:
                 raise FormatError(f"{loc}: '{path}' must have the shape and chunks of 'logits'")
+            if str(arr.dtype) != meta.dtype:
+                raise FormatError(f"{loc}: '{path}' has dtype {arr.dtype}; the spec requires {meta.dtype}")
+            _require_checksum(loc, path, arr)
     else:
         rows = int((group.attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))
     return LogitStore(loc, group, meta, rows)

@@ -17,10 +17,10 @@ from zarr.core.sync import sync
 
 from . import schema
 from .errors import IntegrityError, StoreStateError
-from .locations import (delete_all, get_bytes, is_zip, key_exists, list_keys, open_raw_store, set_bytes)
+from .locations import (ROOT_KEY, delete_all, get_bytes, is_zip, key_exists, list_keys, open_raw_store,
+                        retire_root, set_bytes)
 from .store import open_store
 
-ROOT_KEY = "zarr.json"
 
 
 @dataclass
@@ -77,6 +77,7 @@ def copy_store(src: str, dst: str, *, src_options: dict[str, Any] | None = None,
             state = "a complete store" if attrs.get(schema.ATTR_ROOT, {}).get("complete") else "another store"
             raise StoreStateError(f"{dst} already holds {state}; pass --overwrite to replace it")
     elif existing is not None:
+        retire_root(dstore)
         delete_all(dstore)
         existing = None
     if existing is None:

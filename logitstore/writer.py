@@ -21,7 +21,7 @@ from .errors import ResumeMismatchError, StoreStateError
 from .schema import StoreMeta
 from .store import LogitStore, row_array_names
 from .fingerprint import row_fingerprints, teacher_fingerprint
-from .locations import open_group
+from .locations import open_group, retire_root
 
 
 def chunk_codecs() -> list[Any]:
@@ -278,6 +278,7 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
     if existing is None and any(True for _ in group.keys()) and not overwrite:
         raise StoreStateError(f"{path} holds something that is not a logitstore store; "
                               "choose another --out or pass --overwrite")
+    retire_root(group.store)
     group = open_group(path, mode="w", storage_options=storage_options)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     create_arrays(group, meta, hi - lo)

@@ -117,6 +117,37 @@ def test_readers_refuse_stores_that_break_the_spec(tmp_path, store_path):
     _set_root_attr(wrong, classes=["a", "b"])
     with pytest.raises(FormatError, match="logits"):
         logitstore.open_store(wrong)
+    malformed = _copy(store_path, tmp_path / "malformed.zarr")
+    _set_root_attr(malformed, seed="three", chunk_rows=[4])
+    r = run_cli("logitstore", "info", str(malformed), check=False)
+    assert r.returncode == 2 and "malformed" in r.stderr and "Traceback" not in r.stderr
+    sparse = _copy(store_path, tmp_path / "unknown_targets.zarr")
+    _set_root_attr(sparse, format_version="1.1", targets={"kind": "hashed", "k": 8, "temperatures": [1]})
+    with pytest.raises(FormatError, match="targets kind 'hashed' is not understood"):
+        logitstore.open_store(sparse)
+
+
+def test_an_overwrite_killed_while_clearing_never_leaves_a_complete_looking_store(tmp_path, store_path):
+    from logitstore.locations import open_raw_store, retire_root
+
+    victim = _copy(store_path, tmp_path / "victim.zarr")
+    retire_root(open_raw_store(str(victim), "w"))  # what an --overwrite does first ...
+    for chunk in (victim / "logits").rglob("c/*"):  # ... then it is killed halfway through clearing
+        if chunk.is_file():
+            chunk.unlink()
+    with pytest.raises(StoreStateError, match="incomplete"):
+        logitstore.open_store(victim)
+
+
+def test_float16_limit_keeps_bitrounded_logits_finite():
+    from numcodecs import BitRound
+
+    rng = np.random.default_rng(0)
+    for keep_bits in (1, 4, 7, 9, None):
+        limit = schema.float16_limit(keep_bits)
+        x = np.concatenate([[limit, -limit], rng.uniform(-limit, limit, 10000)]).astype(np.float32).astype(np.float16)
+        back = x if keep_bits is None else BitRound(keep_bits).decode(BitRound(keep_bits).encode(x)).view(np.float16)
+        assert np.isfinite(back).all() and np.abs(back).max() <= limit, keep_bits
 
 
 def _plain_group(path: Path) -> Path:
