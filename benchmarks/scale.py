@@ -340,6 +340,7 @@ def main() -> None:
                   f"{n * ROW_BYTES / 1e9:.1f} GB of row bytes each side, in {w}")
 
     tables: list[Table] = []
+    spent: dict[str, float] = {}
     try:
         if "write" in phases:
             rows = Rows()
@@ -355,23 +356,26 @@ def main() -> None:
             raw_s, store_s, fin_s = (best(times[k], higher=False) for k in ("raw", "store", "finalize"))
             on_disk = sum(b for _, _, b in layout(store))
             t = Table(title=f"write {n:,} rows ({mb / 1e3:.1f} GB of row bytes), fsync'd; best of {args.repeats}")
-            for col in ("writer", "seconds", "MB/s (row bytes)", "x raw time", "on disk"):
+            for col in ("writer", "seconds", "MB/s", "x raw", "on disk"):
                 t.add_column(col, justify="right")
-            t.add_row("raw: ndarray.tofile, one file per array", f"{raw_s:.1f}", f"{mb / raw_s:,.0f}", "1.00",
+            t.add_row("raw: ndarray.tofile", f"{raw_s:.1f}", f"{mb / raw_s:,.0f}", "1.00",
                       f"{n * ROW_BYTES / 1e9:.2f} GB")
-            t.add_row("store: StoreWriter (rows to fsync)", f"{store_s:.1f}", f"{mb / store_s:,.0f}",
-                      f"{store_s / raw_s:.2f}", f"{on_disk / 1e9:.2f} GB")
-            t.add_row("  + finalize: fingerprint read-back", f"{fin_s:.1f}", f"{mb / fin_s:,.0f}",
-                      f"{(store_s + fin_s) / raw_s:.2f} (both)", "")
+            t.add_row("store: StoreWriter", f"{store_s:.1f}", f"{mb / store_s:,.0f}", f"{raw_s / store_s:.2f}",
+                      f"{on_disk / 1e9:.2f} GB")
+            t.add_row("finalize read-back", f"{fin_s:.1f}", f"{mb / fin_s:,.0f}", "", "")
+            t.add_row("store + finalize", f"{store_s + fin_s:.1f}", f"{mb / (store_s + fin_s):,.0f}",
+                      f"{raw_s / (store_s + fin_s):.2f}", "")
             tables.append(t)
             console.print(t)
+            spent["write"] = time.perf_counter() - started
 
         if "read" in phases:
+            t0 = time.perf_counter()
             readers = open_readers(store, raw, images, n)
             loaders = make_loaders(readers, args.workers) if args.workers >= 0 else {}
-            kinds = [("requests (read_ahead, main process)", None)]
+            kinds = [("requests (read_ahead)", None)]
             if loaders:
-                kinds.append((f"requests -> DataLoader, {args.workers} workers", loaders))
+                kinds.append((f"+ DataLoader, {args.workers} workers", loaders))
             rates: dict[tuple[str, str, str], list[float]] = {}
             for rep in range(args.repeats):
                 for label, lds in kinds:
@@ -385,7 +389,7 @@ def main() -> None:
                     f"{k[1]} {k[2]} {v[-1]:,.0f}" for k, v in rates.items() if k[0] == kinds[0][0]) + " rows/s")
             t = Table(title=f"read {args.read_rows:,} rows of an epoch's block-shuffled order, batch {BATCH}; "
                             f"best of {args.repeats}")
-            for col in ("reader", "page cache", "raw memmap rows/s", "store rows/s", "store / raw", "store MB/s"):
+            for col in ("reader", "pages", "memmap rows/s", "store rows/s", "x raw", "store MB/s"):
                 t.add_column(col, justify="right")
             for label, _ in kinds:
                 for cache in ("cold", "warm"):
@@ -394,22 +398,27 @@ def main() -> None:
             tables.append(t)
             console.print(t)
             del loaders, readers
+            spent["read"] = time.perf_counter() - t0
 
         if "memory" in phases:
+            t0 = time.perf_counter()
             sizes = sorted({max(meta.chunk_rows, int(float(f) * n)) for f in args.sizes.split(",")})
             repo = Path(__file__).resolve().parents[1]
             t = Table(title="peak RSS of the trainer's reader: open + decode-cache layout + one epoch of requests "
                             "+ one held-out pass (fresh process per size)")
-            for col in ("rows", "open s", "epoch rows/s", "peak RSS MiB", "after imports MiB", "reader's own MiB"):
+            for col in ("rows", "open s", "epoch rows/s", "peak RSS MiB", "x smallest", "after imports MiB"):
                 t.add_column(col, justify="right")
+            first = None
             for size in sizes:
                 d = footprint_in_child(store, size, images, repo)
                 console.print(f"  memory {size:,} rows: peak {d['peak_kib'] / 1024:,.0f} MiB")
+                first = first or d["peak_kib"]
                 t.add_row(f"{size:,}", f"{d['open_s']:.2f}", f"{d['trained'] / d['epoch_s']:,.0f}",
-                          f"{d['peak_kib'] / 1024:,.0f}", f"{d['base_kib'] / 1024:,.0f}",
-                          f"{(d['peak_kib'] - d['base_kib']) / 1024:,.0f}")
+                          f"{d['peak_kib'] / 1024:,.0f}", f"{d['peak_kib'] / first:.3f}",
+                          f"{d['base_kib'] / 1024:,.0f}")
             tables.append(t)
             console.print(t)
+            spent["memory"] = time.perf_counter() - t0
 
         if store.is_dir():
             t = Table(title="store layout (no sharding: one file per chunk)")
@@ -427,7 +436,8 @@ def main() -> None:
     console.rule(f"{machine()}; `python -m benchmarks.scale {' '.join(sys.argv[1:])}`")
     for t in tables:
         console.print(t)
-    console.print(f"total run time: {time.perf_counter() - started:,.0f} s")
+    console.print(f"total run time: {time.perf_counter() - started:,.0f} s ("
+                  + ", ".join(f"{k} {v:,.0f} s" for k, v in spent.items()) + ")")
 
 
 if __name__ == "__main__":

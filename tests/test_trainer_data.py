@@ -265,7 +265,7 @@ def test_opening_reads_no_array_and_keeps_nothing_per_row(world: World, tmp_path
 
     seen.clear()
     req = data.read(Segment(0, 0, 64), seed=0, epoch=0)
-    assert set(seen) == {"ids", "logits", "digests", "view_params"}  # what a Request holds, no image_hw
+    assert set(seen) == {"ids", "logits", "digests"}  # what a Request needs: not image_hw, no eval view params
     assert req.labels[0] == 3 and req.labels[5] == 7 and (np.delete(req.labels, [0, 5]) == NO_LABEL).all()
     unlabeled = open_stores([world.store])
     assert unlabeled.n_labeled == 0 and (unlabeled.read(Segment(0, 0, 64), 0, 0).labels == NO_LABEL).all()

@@ -75,7 +75,8 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
               help="Linear warmup, then a cosine decay to 0 over the remaining epochs (stepped every batch).")
 @click.option("--clip-grad", default=5.0, show_default=True, type=float, help="Max gradient norm; 0 turns it off.")
 @click.option("--temperature", "-T", default=4.0, show_default=True, type=float,
-              help="Distillation temperature: loss = T^2 KL(softmax(t/T) || softmax(s/T)), in float32.")
+              help="Distillation temperature: loss = T^2 KL(softmax(t/T) || softmax(s/T)), in float32. Stores "
+                   "dumped with --topk/--sample serve only the temperatures they keep (`logitstore info`).")
 @click.option("--alpha", default=0.0, show_default=True, type=float,
               help="Weight of a cross-entropy on hard labels, where images have one (needs --labels or "
                    "--labels-from-folders).")

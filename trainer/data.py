@@ -25,7 +25,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ from logitstore.views import EVAL, apply_view, normalize, resize
 
 from .errors import ClassMismatchError, ConfigError, ImageError, StoreMismatchError
 from .loss import NO_LABEL, ensemble_logits
+
+# What a Request carries of the teacher: full logits [n, C], or a sparse store's target arrays
+# (schema names -> [n, K], with tail_lse / lse [n] already taken at the training temperature).
+Targets = Union[np.ndarray, dict[str, np.ndarray]]
 
 # A block (the unit of the shuffle, of the DDP shares and of a read) is at least this many rows:
 # one chunk of a 10-class store (8192 rows), four of a 1000-class one (512 rows). Each read costs
@@ -107,9 +111,10 @@ class Request:
     keys: np.ndarray      # [n] int64: global row number (store offset + row), the decode-cache slot
     stores: np.ndarray    # [n] int32: which store (and so which image root)
     ids: np.ndarray       # [n] object str: image path relative to its root
-    digests: np.ndarray   # [n, 32] uint8: sha256 of the file bytes the teacher saw
-    params: np.ndarray    # [n, 5] int32: the stored view replayed (top, left, height, width, flip)
-    logits: np.ndarray    # [n, C] the teacher's logits for that view, as stored (float16 | float32)
+    digests: np.ndarray   # [n, 32] uint8: sha256 of the file bytes the teacher saw (0 if embedded)
+    params: np.ndarray    # [n, 5] int32: the stored view replayed (top, left, height, width, flip); 0 for eval
+    logits: Targets       # [n, C] the teacher's logits for that view, as stored (float16 | float32);
+                          # a sparse store's target arrays instead (see Targets)
     labels: np.ndarray    # [n] int64: class index, or NO_LABEL
     pixels: np.ndarray | None = None  # [n, ch, H, W] uint8: that view, embedded in the store
 
@@ -118,7 +123,7 @@ class Request:
 
     def take(self, index: np.ndarray | slice) -> "Request":
         return Request(self.keys[index], self.stores[index], self.ids[index], self.digests[index],
-                       self.params[index], self.logits[index], self.labels[index],
+                       self.params[index], take_targets(self.logits, index), self.labels[index],
                        None if self.pixels is None else self.pixels[index])
 
     @staticmethod
@@ -126,8 +131,36 @@ class Request:
         if len(parts) == 1:
             return parts[0]
         pixels = None if parts[0].pixels is None else np.concatenate([p.pixels for p in parts])
-        return Request(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                         ("keys", "stores", "ids", "digests", "params", "logits", "labels")), pixels)
+        keys, stores, ids, digests, params = (np.concatenate([getattr(p, f) for p in parts]) for f in
+                                              ("keys", "stores", "ids", "digests", "params"))
+        targets = parts[0].logits
+        logits = ({k: np.concatenate([p.logits[k] for p in parts]) for k in targets} if isinstance(targets, dict)
+                  else np.concatenate([p.logits for p in parts]))
+        return Request(keys, stores, ids, digests, params, logits, np.concatenate([p.labels for p in parts]), pixels)
+
+
+def take_targets(targets: Targets, index: np.ndarray | slice) -> Targets:
+    return {k: v[index] for k, v in targets.items()} if isinstance(targets, dict) else targets[index]
+
+
+# torch has few kernels for unsigned integers (not even a comparison on uint16), so stored class
+# indices and counts become the signed type that holds them before they reach the loss.
+_SIGNED = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64}
+
+
+def targets_tensor(targets: Targets) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A Request's teacher side as tensors (what `trainer.loss.objective` takes)."""
+    if isinstance(targets, dict):
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=_SIGNED.get(v.dtype, v.dtype)))
+                for k, v in targets.items()}
+    return torch.from_numpy(np.ascontiguousarray(targets))
+
+
+def targets_to(targets: torch.Tensor | dict[str, torch.Tensor], device: torch.device
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
+    if isinstance(targets, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+    return targets.to(device, non_blocking=True)
 
 
 class Segment(NamedTuple):
@@ -219,6 +252,7 @@ def _check_compatible(stores: Sequence[LogitStore]) -> None:
         checks = [("classes", list(a.classes), list(b.classes)),
                   ("preprocessing", a.preprocess.to_dict(), b.preprocess.to_dict()),
                   ("views", a.views.to_dict(), b.views.to_dict()),
+                  ("teacher targets", a.targets.to_dict(), b.targets.to_dict()),
                   ("teacher", f"{a.teacher.arch} sha256={a.teacher.sha256[:12]}",
                    f"{b.teacher.arch} sha256={b.teacher.sha256[:12]}")]
         for what, x, y in checks:
@@ -257,6 +291,10 @@ def make_ensemble(stores: Sequence[LogitStore], teachers: Sequence[str] | None,
             raise ConfigError("--teacher-weights needs --teachers")
         return None
     names = tuple(teachers)
+    sparse = next((s for s in stores if s.meta.sparse), None)
+    if sparse is not None:
+        raise ConfigError(f"--teachers: {sparse.location} keeps {sparse.meta.targets.kind} targets of one teacher; "
+                          "ensembles mix full logits (dump without --topk/--sample, then --add-teacher)")
     for store in stores:
         missing = [n for n in names if n not in store.teacher_names]
         if missing:
@@ -267,6 +305,22 @@ def make_ensemble(stores: Sequence[LogitStore], teachers: Sequence[str] | None,
         raise ConfigError(f"--teacher-weights {w}: one positive weight per teacher of --teachers {list(names)}")
     total = sum(w)
     return Ensemble(names, tuple(x / total for x in w), temperature)
+
+
+def sparse_temperature_index(store: LogitStore, temperature: float) -> int:
+    """Which stored temperature a sparse store's tail_lse / lse column serves: the training T itself.
+
+    A top-K store's tail mass and a sampled store's normaliser are exact only at the temperatures
+    they were dumped for (docs/FORMAT.md, "Sparse targets"), so any other T is refused.
+    """
+    t = store.meta.targets
+    for r, stored in enumerate(t.temperatures):
+        if math.isclose(stored, temperature, rel_tol=1e-9):
+            return r
+    what = f"top-{t.k} targets" if t.kind == schema.TARGET_TOPK else f"{t.k} sampled classes"
+    raise ConfigError(f"--temperature {temperature:g}: {store.location} keeps {what} for T = "
+                      f"{', '.join(f'{x:g}' for x in t.temperatures)} only; distil at one of those, or dump again "
+                      "with --temperatures that include it (or full logits, which serve any T)")
 
 
 # Embedded pixels travel with the rows they belong to; a shuffle group holds at most this many bytes of them.
@@ -320,7 +374,8 @@ class StoreSet:
 
     def __init__(self, stores: Sequence[LogitStore], roots: Sequence[Path | None], holdout: float = 0.02,
                  labels: dict[str, int] | None = None, labels_from_folders: bool = False,
-                 min_block_rows: int = MIN_BLOCK_ROWS, ensemble: Ensemble | None = None):
+                 min_block_rows: int = MIN_BLOCK_ROWS, ensemble: Ensemble | None = None,
+                 temperature: float = 4.0):
         _check_compatible(stores)
         if not 0 <= holdout < 1:
             raise ConfigError(f"--holdout {holdout}: must be a fraction in [0, 1)")
@@ -330,6 +385,9 @@ class StoreSet:
         meta = self.stores[0].meta
         self.classes, self.pre = list(meta.classes), meta.preprocess
         self.view_kind, self.view_count = meta.views.kind, meta.views.count
+        # Sparse stores: the column of tail_lse / lse at the training temperature, in every store
+        # (their targets agree, so one index serves all).
+        self.temperature_index = sparse_temperature_index(self.stores[0], temperature) if meta.sparse else None
         self.offsets = np.cumsum([0] + [len(s) for s in self.stores]).astype(np.int64)
         if int(self.offsets[-1]) == 0:
             raise StoreMismatchError(f"{self.stores[0].location}: the store holds no images")
@@ -400,8 +458,25 @@ class StoreSet:
         store = self.stores[s]
         read_array = getattr(store, "_read_array", None)
         if read_array is None:
-            return getattr(store.read(a, b, pixels=name == schema.PIXELS), name)
+            rows = store.read(a, b, pixels=name == schema.PIXELS)
+            targets = getattr(rows, "targets", None)
+            return targets[name] if targets and name in targets else getattr(rows, name)
         return read_array(name, store.arrays[name], a, b)
+
+    def _targets(self, s: int, a: int, b: int, views: np.ndarray) -> Targets:
+        """The teacher's side of rows [a, b), one stored view each: full (or ensemble) logits [n, C], or
+        a sparse store's arrays [n, K] with tail_lse / lse [n] at the training temperature."""
+        ar = np.arange(b - a)
+        store = self.stores[s]
+        if self.temperature_index is None:
+            logits = (self.ensemble.combine(store, a, b) if self.ensemble is not None
+                      else self._array(s, schema.LOGITS, a, b))
+            return np.asarray(logits[ar, views])
+        out = {}
+        for name in store.meta.target_arrays():
+            arr = np.asarray(self._array(s, name, a, b)[ar, views])
+            out[name] = arr[:, self.temperature_index] if name in (schema.TAIL_LSE, schema.LSE) else arr
+        return out
 
     def _scan(self, name: str) -> Iterator[np.ndarray]:
         """One array of every store, in key order, in reads of about SCAN_ROWS rows (whole chunks)."""
@@ -431,19 +506,24 @@ class StoreSet:
         return np.column_stack([np.full(len(hw), c, np.int32), hw]).astype(np.int32), total
 
     def _read(self, seg: Segment, views: np.ndarray) -> Request:
-        """Rows of `seg` with one stored view each: only the arrays a Request holds are read (not
-        image_hw; embedded pixels only where they replace the corpus; the ensemble's combined logits
-        in place of the primary teacher's when distilling from several)."""
+        """Rows of `seg` with one stored view each, reading only what a Request needs.
+
+        Each array read costs ~0.5 ms a chunk besides its bytes (benchmarks/scale.py), as much as
+        the logits for the small arrays together, so none is read in vain: not image_hw; not
+        view_params for the eval view, which takes no parameters (zeros stand in); not the digests
+        when the pixels are embedded (no file to check); embedded pixels only where they replace
+        the corpus; the ensemble's combined logits in place of the primary teacher's.
+        """
         s, a, b = seg
-        ar = np.arange(b - a)
+        n, ar = b - a, np.arange(b - a)
         ids = np.asarray(self._array(s, schema.IDS, a, b), object)
-        logits = (self.ensemble.combine(self.stores[s], a, b) if self.ensemble is not None
-                  else self._array(s, schema.LOGITS, a, b))
+        params = (np.zeros((n, 5), np.int32) if self.view_kind == EVAL
+                  else np.asarray(self._array(s, schema.VIEW_PARAMS, a, b)[ar, views]))
+        digests = np.zeros((n, 32), np.uint8) if self.embedded else np.asarray(self._array(s, schema.DIGESTS, a, b))
         pixels = self._array(s, schema.PIXELS, a, b)[ar, views] if self.embedded else None
-        return Request(keys=self.offsets[s] + np.arange(a, b, dtype=np.int64), stores=np.full(b - a, s, np.int32),
-                       ids=ids, digests=np.asarray(self._array(s, schema.DIGESTS, a, b)),
-                       params=np.asarray(self._array(s, schema.VIEW_PARAMS, a, b)[ar, views]),
-                       logits=np.asarray(logits[ar, views]), labels=self._labels(ids), pixels=pixels)
+        return Request(keys=self.offsets[s] + np.arange(a, b, dtype=np.int64), stores=np.full(n, s, np.int32),
+                       ids=ids, digests=digests, params=params, logits=self._targets(s, a, b, views),
+                       labels=self._labels(ids), pixels=pixels)
 
     def _views(self, seg: Segment, seed: int, epoch: int) -> np.ndarray:
         """Which stored view each row contributes this epoch: a per-image offset (from the seed), then
@@ -525,7 +605,7 @@ def open_stores(stores: Sequence[str | os.PathLike | LogitStore], images: Sequen
     mapping = read_labels_file(labels, classes) if labels is not None else None
     if not images and all(s.meta.embedded_pixels for s in opened):
         return StoreSet(opened, [None] * len(opened), holdout, mapping, labels_from_folders, min_block_rows,
-                        ensemble)
+                        ensemble, temperature)
     roots = []
     for i, store in enumerate(opened):
         if not images and not store.meta.corpus.root:
@@ -537,7 +617,7 @@ def open_stores(stores: Sequence[str | os.PathLike | LogitStore], images: Sequen
             raise ImageError(f"{store.location}: looked for its images in {root} ({where}) and found no such "
                              "folder; pass --images DIR to say where the corpus is now")
         roots.append(root)
-    return StoreSet(opened, roots, holdout, mapping, labels_from_folders, min_block_rows, ensemble)
+    return StoreSet(opened, roots, holdout, mapping, labels_from_folders, min_block_rows, ensemble, temperature)
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,11 +777,11 @@ class ImageSource(Dataset):
             pixels = torch.from_numpy(req.pixels)
             if tuple(self.spec.size) != tuple(self.spec.pre.size):
                 pixels = resize(pixels, list(self.spec.size))
-            return {"pixels": pixels, "logits": torch.from_numpy(np.ascontiguousarray(req.logits)),
+            return {"pixels": pixels, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
         fast = self._identity_gather(req.keys)
         if fast is not None:
-            return {"pixels": fast, "logits": torch.from_numpy(np.ascontiguousarray(req.logits)),
+            return {"pixels": fast, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
         keep, views = [], []
         for i in range(len(req)):
@@ -722,7 +802,7 @@ class ImageSource(Dataset):
         c, (h, w) = self.spec.pre.channels, self.spec.size
         pixels = torch.stack(views) if views else torch.zeros(0, c, h, w, dtype=torch.uint8)
         sel = np.asarray(keep, np.int64)
-        return {"pixels": pixels, "logits": torch.from_numpy(np.ascontiguousarray(req.logits[sel])),
+        return {"pixels": pixels, "logits": targets_tensor(take_targets(req.logits, sel)),
                 "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
 
 

@@ -23,11 +23,11 @@ from logitstore.store import LogitStore
 
 from . import report
 from .data import SKIPPED, Batches, InputSpec, Request, batches_per_epoch, default_cache_bytes, make_batches, \
-    make_input_spec, open_stores, read_ahead
+    make_input_spec, open_stores, read_ahead, targets_to
 from .device import autocast, resolve_device, resolve_precision
 from .errors import ConfigError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
-from .loss import distillation_loss, objective
+from .loss import objective, soft_target_loss, teacher_top1
 from .students import build_student, natural_in_channels, parse_student_kwargs, resolve_student
 
 CHECKPOINT = "checkpoint.pt"
@@ -205,7 +205,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
         x = spec.to_input(pixels)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        teacher = batch["logits"].to(device, non_blocking=True)
+        teacher = targets_to(batch["logits"], device)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast(precision, device):
             out = model(x)
@@ -251,12 +251,12 @@ def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Req
         x = spec.to_input(batch["pixels"].to(device, non_blocking=True))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        teacher = batch["logits"].to(device).float()
+        teacher = targets_to(batch["logits"], device)
         with autocast(precision, device):
             out = model(x).float()
         m = len(x)
-        agree += float((out.argmax(1) == teacher.argmax(1)).sum())
-        kd += float(distillation_loss(out, teacher, temperature)) * m
+        agree += float((out.argmax(1) == teacher_top1(teacher)).sum())
+        kd += float(soft_target_loss(out, teacher, temperature)) * m
         n += m
     model.train(was_training)
     return {"agree": agree / n, "holdout_kd": kd / n, "holdout_n": int(n)} if n else {}

@@ -1,9 +1,13 @@
 """Distillation losses as pure functions of logits (no state, no modules)."""
 from __future__ import annotations
 
+from typing import Mapping, Union
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from logitstore import schema
 
 NO_LABEL = -1
 
@@ -31,10 +35,40 @@ def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch
     return F.cross_entropy(student_logits.float()[has], labels[has])
 
 
-def objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+# What a batch carries of the teacher: full logits [B, C] as a tensor, or a sparse store's target
+# arrays as a dict of [B, K] tensors (names from logitstore.schema) with tail_lse / lse [B] already
+# taken at the training temperature.
+Teacher = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> torch.Tensor:
+    """The distillation loss for what the store keeps: full logits, top-K with its tail, or sampled classes."""
+    if isinstance(teacher, torch.Tensor):
+        return distillation_loss(student_logits, teacher, temperature)
+    if schema.TOPK_VALUES in teacher:
+        return topk_distillation_loss(student_logits, teacher[schema.TOPK_VALUES], teacher[schema.TOPK_INDICES],
+                                      teacher[schema.TAIL_LSE], temperature)
+    return sampled_distillation_loss(student_logits, teacher[schema.SAMPLE_INDICES], teacher[schema.SAMPLE_COUNTS],
+                                     teacher[schema.SAMPLE_LOGITS], teacher[schema.SAMPLE_PROPOSAL],
+                                     teacher[schema.LSE], temperature)
+
+
+def teacher_top1(teacher: Teacher) -> torch.Tensor:
+    """The teacher's predicted class per row (sampled stores: the drawn class with the largest logit,
+    which is the top-1 whenever it was drawn)."""
+    if isinstance(teacher, torch.Tensor):
+        return teacher.argmax(-1)
+    if schema.TOPK_VALUES in teacher:
+        return teacher[schema.TOPK_INDICES][:, 0].long()
+    drawn = teacher[schema.SAMPLE_COUNTS].int() > 0  # .int(): torch cannot compare uint16
+    z = teacher[schema.SAMPLE_LOGITS].float().masked_fill(~drawn, float("-inf"))
+    return teacher[schema.SAMPLE_INDICES].long().gather(-1, z.argmax(-1, keepdim=True))[:, 0]
+
+
+def objective(student_logits: torch.Tensor, teacher_logits: Teacher, labels: torch.Tensor | None,
               temperature: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, soft, hard): soft-target loss plus alpha times the hard-label loss where labels exist."""
-    soft = distillation_loss(student_logits, teacher_logits, temperature)
+    soft = soft_target_loss(student_logits, teacher_logits, temperature)
     if alpha == 0 or labels is None:
         return soft, soft.detach(), torch.zeros((), device=soft.device)
     hard = hard_label_loss(student_logits, labels)
