@@ -427,6 +427,6 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
 
 def chunk_rows_for(row_bytes: int) -> int:
     """`default_chunk_rows` for rows of any layout (sparse targets): ~1 MiB, power of two, [256, 8192]."""
-    target = (1 << 20) / max(1, row_bytes)
+    target = (4 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
     return int(min(8192, max(256, rows)))

@@ -37,6 +37,18 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def slice(self, a: int, b: int) -> "Rows":
+        cut = lambda x: None if x is None else x[a:b]  # noqa: E731
+        return Rows(self.ids[a:b], cut(self.logits), self.digests[a:b], self.image_hw[a:b], self.view_params[a:b],
+                    cut(self.pixels), None if self.targets is None else {k: v[a:b] for k, v in self.targets.items()})
+
+
+# iter_chunks reads up to this many chunks at once: zarr decodes the chunks of one read concurrently
+# (Zstd in its thread pool), so a fingerprint or a copy runs on every core; a read stays under
+# ITER_READ_BYTES of decoded rows (embedded pixels can make one chunk of rows hundreds of MB).
+CHUNKS_PER_READ = 4
+ITER_READ_BYTES = 64 << 20
+
 
 def row_array_names(meta: StoreMeta) -> tuple[str, ...]:
     """Every array with one entry per row: the teacher's targets first, then ids, digests, sizes, views."""
@@ -143,8 +155,16 @@ class LogitStore:
         return self.read(*self.chunk_bounds(k))
 
     def iter_chunks(self) -> Iterator[tuple[int, Rows]]:
-        for k in range(self.n_chunks):
-            yield k, self.read_chunk(k)
+        """(k, rows of chunk k) in chunk order, read several chunks at a time."""
+        row_bytes = sum(int(np.prod(arr.shape[1:])) * arr.dtype.itemsize for arr in self.arrays.values())
+        per_read = max(1, min(CHUNKS_PER_READ, ITER_READ_BYTES // max(1, row_bytes * self.chunk_rows)))
+        for k0 in range(0, self.n_chunks, per_read):
+            k1 = min(self.n_chunks, k0 + per_read)
+            a, b = self.chunk_bounds(k0)[0], self.chunk_bounds(k1 - 1)[1]
+            rows = self.read(a, b)
+            for k in range(k0, k1):
+                lo, hi = self.chunk_bounds(k)
+                yield k, rows.slice(lo - a, hi - a)
 
     def failures(self) -> list[tuple[str, str]]:
         if self.meta.complete:

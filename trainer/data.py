@@ -459,8 +459,8 @@ class StoreSet:
         read_array = getattr(store, "_read_array", None)
         if read_array is None:
             rows = store.read(a, b, pixels=name == schema.PIXELS)
-            targets = getattr(rows, "targets", None)
-            return targets[name] if targets and name in targets else getattr(rows, name)
+            sparse = store.meta.sparse and name in store.meta.target_arrays()
+            return rows.targets[name] if sparse else getattr(rows, name)
         return read_array(name, store.arrays[name], a, b)
 
     def _targets(self, s: int, a: int, b: int, views: np.ndarray) -> Targets:
