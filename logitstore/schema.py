@@ -414,19 +414,21 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
 
 
 def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
-    """Rows per chunk: about 1 MiB of raw logits, a power of two in [256, 8192].
+    """Rows per chunk: about 4 MiB of raw logits, a power of two in [256, 8192].
 
-    Measured in benchmarks/chunk_size.py (benchmarks/RESULTS.md): per-chunk overhead (a file,
-    a codec run, a checksum) dominates small chunks: 1 KiB chunks write/read at 1-3 MB/s,
-    80 KiB at 25-125 MB/s, 320-500 KiB at 95-530 MB/s. Larger chunks make the trainer's
-    shuffle and its per-worker shares coarse and make the writer hold more rows before a chunk
-    is whole; the 8192-row cap keeps a corpus of tens of thousands of images in several chunks.
+    Per-chunk overhead (a file, a codec run, a checksum, and zarr's own bookkeeping) dominates
+    small chunks: benchmarks/chunk_size.py measured 1 KiB chunks at 1-3 MB/s and 320-500 KiB at
+    95-530 MB/s; benchmarks/scale.py measured the writer on 1000-class float16 logits at 79 MB/s
+    with 1 MiB chunks and 230 MB/s with 4 MiB ones (several chunks a write). The trainer reads
+    blocks of at least 2,048 rows anyway, so at C = 1000 a 2,048-row chunk changes neither its
+    shuffle nor its reads. The 8192-row cap keeps a corpus of tens of thousands of small-C images
+    in several chunks (and the writer's buffer small).
     """
     return chunk_rows_for(views * num_classes * itemsize)
 
 
 def chunk_rows_for(row_bytes: int) -> int:
-    """`default_chunk_rows` for rows of any layout (sparse targets): ~1 MiB, power of two, [256, 8192]."""
+    """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192]."""
     target = (4 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
     return int(min(8192, max(256, rows)))

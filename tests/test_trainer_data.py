@@ -197,6 +197,19 @@ def test_held_out_rows_are_never_trained_on(world: World):
         assert np.array_equal(np.concatenate([r.logits for r in got]), store[0:len(store)].logits[keys, 0])
 
 
+def test_a_store_of_many_blocks_holds_out_whole_blocks_spread_over_the_listing(world: World, tmp_path: Path):
+    small = tmp_path / "small_chunks.zarr"  # 80 chunks of 8 rows: enough blocks to hold out whole ones
+    logitstore.dump(str(world.teacher), str(world.corpus), str(small), chunk_rows=8, num_workers=0)
+    data = open_stores([small], holdout=0.1, min_block_rows=8)
+    held = data.holdout.segments
+    assert len(held) == 8 and all(seg.rows == 8 and seg.start % 8 == 0 for seg in held)  # 10% of 80 blocks
+    assert [seg.start for seg in held] == [72 + 80 * i for i in range(8)]                # one in every ten
+    trained = {k for r in data.requests(0, 32) for k in r.keys.tolist()}
+    assert not trained & set(data.holdout.keys.tolist()) and len(trained) == 640 - 64
+    # Too few blocks for that: the tail of each block, as before.
+    assert len(open_stores([small], holdout=0.05, min_block_rows=8).holdout) == 80
+
+
 def test_read_ahead_keeps_the_order_raises_the_readers_errors_and_stops_with_its_consumer():
     import threading
 

@@ -23,6 +23,7 @@ import math
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence, Union
@@ -323,6 +324,12 @@ def sparse_temperature_index(store: LogitStore, temperature: float) -> int:
                       "with --temperatures that include it (or full logits, which serve any T)")
 
 
+# A store holds out whole blocks (not the tail of each) once its share of blocks is this many.
+MIN_HELD_BLOCKS = 8
+
+# Blocks of one shuffle group read at once (benchmarks/scale.py: see RESULTS.md, "Millions of rows").
+READ_THREADS = 4
+
 # Embedded pixels travel with the rows they belong to; a shuffle group holds at most this many bytes of them.
 PIXEL_GROUP_BYTES = 1 << 30
 
@@ -333,10 +340,11 @@ SCAN_ROWS = 1 << 15
 
 
 class HeldOut:
-    """The held-out rows: the tail of every block, kept as segments and read again on each pass.
+    """The held-out rows (evenly spaced whole blocks, or the tail of every block), kept as segments and
+    read again on each pass.
 
     Not kept in RAM: 2% of 5 million 1000-class float16 rows is 200 MB of logits, and re-reading
-    them costs one chunk per block per pass (benchmarks/scale.py).
+    held-out whole blocks costs only their own chunks per pass (benchmarks/scale.py).
     """
 
     def __init__(self, segments: Sequence[Segment], offsets: np.ndarray):
@@ -367,7 +375,7 @@ class StoreSet:
 
     A root of None means the store's embedded pixels are used instead of its corpus.
 
-    Nothing here grows with the number of rows: opening reads no array (blocks and held-out tails
+    Nothing here grows with the number of rows: opening reads no array (blocks and held-out rows
     follow from the row counts), labels are looked up from each read's ids, and the held-out rows
     are read on each pass. benchmarks/scale.py measures it at millions of rows.
     """
@@ -394,14 +402,21 @@ class StoreSet:
         self.label_map = labels
         self.labels_from_folders = labels_from_folders and labels is None
         self.block_rows = [s.chunk_rows * max(1, -(-min_block_rows // s.chunk_rows)) for s in self.stores]
-        # Each block's tail is held out: tails spread the held-out slice over the whole listing, so
-        # a class-sorted corpus still has every class in it.
+        # The held-out slice is spread over the whole listing, so a class-sorted corpus still has
+        # every class in it: whole blocks evenly spaced where a store has enough blocks, else the
+        # tail of every block. A tail costs decoding its whole chunk on every held-out pass, so
+        # tails over a large store would decode all of it each epoch to evaluate 2% of it.
         self.train_blocks: list[Segment] = []
         held: list[Segment] = []
         for s in range(len(self.stores)):
-            for k in range(self._n_blocks(s)):
+            n_blocks = self._n_blocks(s)
+            whole = holdout * n_blocks >= MIN_HELD_BLOCKS
+            for k in range(n_blocks):
                 a, b = self._block_bounds(s, k)
-                tail = math.ceil(holdout * (b - a)) if holdout > 0 else 0
+                if whole:  # block k is held out when k * holdout crosses an integer: floor(n * holdout) blocks
+                    tail = (b - a) if math.floor((k + 1) * holdout) > math.floor(k * holdout) else 0
+                else:
+                    tail = math.ceil(holdout * (b - a)) if holdout > 0 else 0
                 if b - tail > a:
                     self.train_blocks.append(Segment(s, a, b - tail))
                 if tail:
@@ -550,17 +565,20 @@ class StoreSet:
             row_bytes = pre.channels * pre.size[0] * pre.size[1]
             shuffle_blocks = max(1, min(shuffle_blocks, PIXEL_GROUP_BYTES // (max(self.block_rows) * row_bytes)))
         carry: Request | None = None
-        for g in range(0, len(share), shuffle_blocks):
-            parts = [self.read(seg, seed, epoch) for seg in share[g:g + shuffle_blocks]]
-            rows = Request.concat(parts)
-            perm = np.random.default_rng([seed, epoch, rank, g, _TAG_GROUP]).permutation(len(rows))
-            rows = rows.take(perm)
-            if carry is not None and len(carry):
-                rows = Request.concat([carry, rows])
-            full = len(rows) // batch_size
-            for i in range(full):
-                yield rows.take(slice(i * batch_size, (i + 1) * batch_size))
-            carry = rows.take(slice(full * batch_size, None))
+        # A group's blocks are read concurrently: zarr decodes the chunks of one read in its thread
+        # pool, and a block is often one chunk, so one read at a time would decode on one core.
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="trainer-read") as pool:
+            for g in range(0, len(share), shuffle_blocks):
+                parts = list(pool.map(lambda seg: self.read(seg, seed, epoch), share[g:g + shuffle_blocks]))
+                rows = Request.concat(parts)
+                perm = np.random.default_rng([seed, epoch, rank, g, _TAG_GROUP]).permutation(len(rows))
+                rows = rows.take(perm)
+                if carry is not None and len(carry):
+                    rows = Request.concat([carry, rows])
+                full = len(rows) // batch_size
+                for i in range(full):
+                    yield rows.take(slice(i * batch_size, (i + 1) * batch_size))
+                carry = rows.take(slice(full * batch_size, None))
         if carry is not None and len(carry) > 1:
             yield carry
 
