@@ -31,7 +31,7 @@ from .errors import LogitStoreError, ResumeMismatchError, StoreStateError
 from .locations import is_zip, open_group, retire_root, stored_bytes
 from .schema import StoreMeta
 from .store import LogitStore, Rows, open_store, row_array_names
-from .writer import check_resumable, create_arrays, finalize_store, open_writer, write_rows
+from .writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
 
 # Segments per process when the segment size is not given: enough that processes finish close
 # together and a dead one loses little, few enough that a segment is many chunks long.
@@ -222,7 +222,7 @@ def _plan_assembly(out: str, meta: StoreMeta, n_seg: int, so: dict[str, Any] | N
 def _assemble(out: str, meta: StoreMeta, offsets: list[int], ctx: DistContext, so: dict[str, Any] | None) -> None:
     """Copy segment rows into this rank's final chunks (k % world == rank), each written whole."""
     group = open_group(out, mode="a", storage_options=so)
-    arrays = {name: group[name] for name in row_array_names(meta)}
+    arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}
     parts: dict[int, LogitStore] = {}
     r, n = meta.chunk_rows, offsets[-1]
     for k in range(ctx.rank, math.ceil(n / r), ctx.world):

@@ -137,8 +137,9 @@ def every_chunk_written(arr: zarr.Array) -> zarr.Array:
     """The array, writing every chunk even when all its values are the fill value.
 
     zarr otherwise compares each chunk with the fill value before writing it (and deletes it when
-    equal): a full pass over the chunk that cost a third of the writer's time on 1000-class logits
-    (408 -> 650 MB/s without it; benchmarks/scale.py). Readers see the same values either way.
+    equal): a full pass over every chunk. Without it, zarr 3.1 wrote 1000-class float16 logits in
+    4 MiB chunks, four a write, at 650 MB/s instead of 408 on this 2-core machine. Readers see the
+    same values either way.
     """
     with_config = getattr(arr, "with_config", None)  # zarr >= 3.1
     return with_config({"write_empty_chunks": True}) if with_config is not None else arr
@@ -159,7 +160,8 @@ COMMIT_INTERVAL_S = 0.25
 # Whole chunks handed to zarr in one write when rows are waiting (the teacher is ahead of storage).
 # zarr encodes the chunks of one write concurrently (Zstd in its thread pool), one write at a time:
 # 1000-class float16 logits in 4 MiB chunks wrote at 325 MB/s one chunk a call, 548 MB/s four a
-# call, 529 MB/s eight (2 cores; benchmarks/scale.py). A slow teacher still gets one chunk a write.
+# call, 529 MB/s eight (zarr 3.1, 2 cores; the whole writer: benchmarks/RESULTS.md, "Millions of
+# rows"). A slow teacher still gets one chunk a write, so a kill loses at most what is unwritten.
 CHUNKS_PER_WRITE = 4
 
 

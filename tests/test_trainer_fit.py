@@ -59,6 +59,10 @@ def test_a_run_directory_is_not_overwritten_without_asking(world: World, tmp_pat
         trainer.fit([world.store], tmp_path / "other", epochs=1, resume=True, **FAST)
     with pytest.raises(trainer.StoreMismatchError, match="differs from the checkpoint"):
         trainer.fit([world.store_views], tmp_path / "run", epochs=2, resume=True, **FAST)
+    # Another recipe is another run: named flag by flag, nothing trained.
+    with pytest.raises(trainer.RunDirError, match=r"other --temperature 2.0 \(checkpoint: 4.0\), --seed 3 "
+                                                   r"\(checkpoint: 0\)"):
+        trainer.fit([world.store], tmp_path / "run", epochs=1, resume=True, temperature=2.0, seed=3, **FAST)
 
 
 def test_student_checkpoint_is_a_teacher_for_the_next_round(world: World, tmp_path: Path):
@@ -109,6 +113,9 @@ def test_alpha_adds_hard_labels_where_images_have_them(world: World, tmp_path: P
     labels.write_text("0/t00003.png,cat\n")
     with pytest.raises(trainer.ClassMismatchError, match="cat"):
         trainer.fit([store], tmp_path / "d", epochs=1, alpha=0.5, labels=str(labels), **FAST)
+    labels.write_bytes("0/t00003.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(trainer.ConfigError, match="not UTF-8 text"):
+        trainer.fit([store], tmp_path / "e", epochs=1, alpha=0.5, labels=str(labels), **FAST)
 
 
 def test_students_by_name_torchvision_and_factory(world: World, tmp_path: Path):

@@ -46,7 +46,7 @@ from .loss import NO_LABEL, ensemble_logits
 Targets = Union[np.ndarray, dict[str, np.ndarray]]
 
 # A block (the unit of the shuffle, of the DDP shares and of a read) is at least this many rows:
-# one chunk of a 10-class store (8192 rows), four of a 1000-class one (512 rows). Each read costs
+# one chunk of a 10-class store (8192 rows) or of a 1000-class one (2048 rows). Each read costs
 # ~0.5 ms per array on top of decoding, whatever its size (more on an object store), so a read of
 # 512 rows cost 8% of a LeNet epoch on MNIST in benchmarks/fit_throughput.py; 2048 rows keep it
 # under 1 us a sample, and a buffer of 8 blocks of 1000-class float16 logits under 40 MiB.
@@ -208,7 +208,11 @@ def read_labels_file(path: str | os.PathLike, classes: Sequence[str]) -> dict[st
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"--labels {path}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--labels {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                          "JSON or CSV") from None
     if p.suffix.lower() == ".json":
         try:
             pairs = list(json.loads(text).items())
@@ -564,40 +568,41 @@ class StoreSet:
             pre = self.pre
             row_bytes = pre.channels * pre.size[0] * pre.size[1]
             shuffle_blocks = max(1, min(shuffle_blocks, PIXEL_GROUP_BYTES // (max(self.block_rows) * row_bytes)))
-        carry: Request | None = None
-        # A group's blocks are read concurrently: zarr decodes the chunks of one read in its thread
-        # pool, and a block is often one chunk, so one read at a time would decode on one core.
-        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="trainer-read") as pool:
-            for g in range(0, len(share), shuffle_blocks):
-                parts = list(pool.map(lambda seg: self.read(seg, seed, epoch), share[g:g + shuffle_blocks]))
-                rows = Request.concat(parts)
-                perm = np.random.default_rng([seed, epoch, rank, g, _TAG_GROUP]).permutation(len(rows))
-                rows = rows.take(perm)
-                if carry is not None and len(carry):
-                    rows = Request.concat([carry, rows])
-                full = len(rows) // batch_size
-                for i in range(full):
-                    yield rows.take(slice(i * batch_size, (i + 1) * batch_size))
-                carry = rows.take(slice(full * batch_size, None))
-        if carry is not None and len(carry) > 1:
-            yield carry
+
+        def groups() -> Iterator[Request]:
+            # A group's blocks are read concurrently: zarr decodes the chunks of one read in its thread
+            # pool, and a block is often one chunk, so one read at a time would decode on one core.
+            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="trainer-read") as pool:
+                for g in range(0, len(share), shuffle_blocks):
+                    rows = Request.concat(list(pool.map(lambda seg: self.read(seg, seed, epoch),
+                                                        share[g:g + shuffle_blocks])))
+                    perm = np.random.default_rng([seed, epoch, rank, g, _TAG_GROUP]).permutation(len(rows))
+                    yield rows.take(perm)
+
+        return rebatch(groups(), batch_size, min_last=2)  # a single-row batch would break BatchNorm
 
     def holdout_requests(self, batch_size: int) -> Iterable[Request]:
         """The held-out rows (view 0) in batches, read anew (one pass ahead) each time it is iterated."""
         return _Passes(lambda: read_ahead(self._holdout_batches(batch_size)))
 
     def _holdout_batches(self, batch_size: int) -> Iterator[Request]:
-        carry: Request | None = None
-        for seg in self.holdout.segments if self.holdout is not None else ():
-            rows = self._read(seg, np.zeros(seg.rows, np.int64))
-            if carry is not None and len(carry):
-                rows = Request.concat([carry, rows])
-            full = len(rows) // batch_size
-            for i in range(full):
-                yield rows.take(slice(i * batch_size, (i + 1) * batch_size))
-            carry = rows.take(slice(full * batch_size, None))
+        segments = self.holdout.segments if self.holdout is not None else ()
+        return rebatch((self._read(seg, np.zeros(seg.rows, np.int64)) for seg in segments), batch_size)
+
+
+def rebatch(buffers: Iterable[Request], batch_size: int, min_last: int = 1) -> Iterator[Request]:
+    """Consecutive buffers of rows cut into batches of `batch_size`, the remainder of one carried into
+    the next; the last partial batch is kept if it has at least `min_last` rows."""
+    carry: Request | None = None
+    for rows in buffers:
         if carry is not None and len(carry):
-            yield carry
+            rows = Request.concat([carry, rows])
+        full = len(rows) // batch_size
+        for i in range(full):
+            yield rows.take(slice(i * batch_size, (i + 1) * batch_size))
+        carry = rows.take(slice(full * batch_size, None))
+    if carry is not None and len(carry) >= min_last:
+        yield carry
 
 
 def open_stores(stores: Sequence[str | os.PathLike | LogitStore], images: Sequence[str | os.PathLike] | None = None,

@@ -189,6 +189,22 @@ def _same_stores(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:
     return ""
 
 
+# What defines a run's training beyond its stores and student: a resumed run that changed any of
+# these would not continue the same run (the optimizer state, the schedule, the sample order and
+# the loss would no longer match what the checkpoint was trained with).
+RECIPE = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs", "clip_grad",
+          "temperature", "alpha", "labels_from_folders", "holdout", "shuffle_blocks", "input_size",
+          "in_channels", "seed", "teachers", "teacher_weights")
+
+
+def _changed_recipe(saved: dict[str, Any], cfg: FitConfig) -> str:
+    """'' if the checkpoint's args agree with this run's on RECIPE, else which flags differ and how."""
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (a tuple saved, a list given)
+    diffs = [f"--{k.replace('_', '-')} {plain(getattr(cfg, k))} (checkpoint: {plain(saved[k])})"
+             for k in RECIPE if k in saved and plain(saved[k]) != plain(getattr(cfg, k))]
+    return "this run gives other " + ", ".join(diffs) if diffs else ""
+
+
 def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Request], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, spec: InputSpec, device: torch.device,
                     cfg: FitConfig, precision: str, ddp: Dist, bar: Any, task: Any) -> dict[str, Any]:
@@ -346,6 +362,10 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
         diff = _same_stores(ckpt.get("stores") or [], data.fingerprints())
         if diff:
             raise StoreMismatchError(f"--resume: {diff}; resume with the stores the run started with")
+        changed = _changed_recipe(ckpt.get("args") or {}, cfg)
+        if changed:
+            raise RunDirError(f"--resume: {changed} than the run in {run_dir}; resume with the run's own flags, "
+                              "or start a new run with another --out")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
