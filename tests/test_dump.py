@@ -247,6 +247,14 @@ def test_complete_store_is_not_overwritten_without_flag(tmp_path, corpus, teache
     assert logitstore.open_store(out).meta.dtype == "float32"
 
 
+def _committed_rows(out: Path) -> int:
+    """Rows a running dump has committed so far; 0 while its store is still being created."""
+    try:
+        return int((zarr.open_group(str(out), mode="r").attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))
+    except Exception:  # the folder exists before its zarr.json does
+        return 0
+
+
 def _kill_midway(cmd: list[str], out: Path, min_rows: int) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     proc = subprocess.Popen([sys.executable, "-m", "logitstore", *cmd], env=env, stdout=subprocess.DEVNULL,
@@ -254,11 +262,7 @@ def _kill_midway(cmd: list[str], out: Path, min_rows: int) -> None:
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            try:
-                rows = zarr.open_group(str(out), mode="r").attrs.get(schema.ATTR_PROGRESS, {}).get("rows", 0)
-            except Exception:
-                rows = 0
-            if rows >= min_rows:
+            if _committed_rows(out) >= min_rows:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, f"the dump ended before it could be killed: {proc.stderr.read()}"
@@ -313,7 +317,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, corpus):
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:
-        if out.exists() and (zarr.open_group(str(out), mode="r").attrs.get(schema.ATTR_PROGRESS) or {}).get("rows"):
+        if _committed_rows(out):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

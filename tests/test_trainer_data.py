@@ -197,17 +197,17 @@ def test_held_out_rows_are_never_trained_on(world: World):
         assert np.array_equal(np.concatenate([r.logits for r in got]), store[0:len(store)].logits[keys, 0])
 
 
-def test_a_store_of_many_blocks_holds_out_whole_blocks_spread_over_the_listing(world: World, tmp_path: Path):
-    small = tmp_path / "small_chunks.zarr"  # 80 chunks of 8 rows: enough blocks to hold out whole ones
+def test_a_store_of_many_blocks_is_scored_on_evenly_spaced_tails(world: World, tmp_path: Path):
+    small = tmp_path / "small_chunks.zarr"  # 80 chunks of 8 rows, so 80 blocks: more than one pass scores
     logitstore.dump(str(world.teacher), str(world.corpus), str(small), chunk_rows=8, num_workers=0)
     data = open_stores([small], holdout=0.1, min_block_rows=8)
-    held = data.holdout.segments
-    assert len(held) == 8 and all(seg.rows == 8 and seg.start % 8 == 0 for seg in held)  # 10% of 80 blocks
-    assert [seg.start for seg in held] == [72 + 80 * i for i in range(8)]                # one in every ten
+    assert data.n_held_out == 80                       # every block's tail (1 row) stays out of training
+    scored = data.holdout.segments
+    assert len(scored) == 64 and all(seg.rows == 1 for seg in scored)
+    assert [seg.start for seg in scored] == [8 * ((i * 80) // 64) + 7 for i in range(64)]  # spread, in order
     trained = {k for r in data.requests(0, 32) for k in r.keys.tolist()}
-    assert not trained & set(data.holdout.keys.tolist()) and len(trained) == 640 - 64
-    # Too few blocks for that: the tail of each block, as before.
-    assert len(open_stores([small], holdout=0.05, min_block_rows=8).holdout) == 80
+    assert len(trained) == 640 - 80 and not trained & {8 * k + 7 for k in range(80)}
+    assert sum(len(r) for r in data.holdout_requests(16)) == 64
 
 
 def test_read_ahead_keeps_the_order_raises_the_readers_errors_and_stops_with_its_consumer():

@@ -88,7 +88,8 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
               help="Labeled test folder (one sub-folder per class, named after the store's classes); top-1/top-5 "
                    "each epoch.")
 @click.option("--holdout", default=0.02, show_default=True, type=float,
-              help="Fraction of each chunk's rows kept out of training to measure agreement with the teacher.")
+              help="Fraction of each block's rows kept out of training, to measure agreement with the teacher "
+                   "(on the tails of evenly spaced blocks when the store has more than 640 blocks).")
 @click.option("--shuffle-blocks", default=8, show_default=True, type=int,
               help="Blocks shuffled together (the shuffle buffer). A block is a chunk of the store, or several "
                    "consecutive chunks when chunks are under 2048 rows; block order is reshuffled every epoch.")

@@ -328,8 +328,19 @@ def sparse_temperature_index(store: LogitStore, temperature: float) -> int:
                       "with --temperatures that include it (or full logits, which serve any T)")
 
 
-# A store holds out whole blocks (not the tail of each) once its share of blocks is this many.
-MIN_HELD_BLOCKS = 8
+# A held-out pass scores the tails of at most max(this many, this share of) the blocks, evenly
+# spaced: at 5 million 1000-class rows every tail would mean decoding all 2,442 chunks (10 GB) per
+# pass to score 2% of the rows; 245 blocks decode a tenth of that and still score ~10,000 rows.
+HELD_OUT_PASS_BLOCKS = 64
+HELD_OUT_PASS_SHARE = 0.1
+
+
+def spread(items: Sequence[Any], k: int) -> list[Any]:
+    """At most k of `items`, evenly spaced, in order (all of them if there are no more than k)."""
+    n = len(items)
+    if n <= k:
+        return list(items)
+    return [items[(i * n) // k] for i in range(k)]
 
 # Blocks of one shuffle group read at once (benchmarks/scale.py: see RESULTS.md, "Millions of rows").
 READ_THREADS = 4
@@ -344,11 +355,11 @@ SCAN_ROWS = 1 << 15
 
 
 class HeldOut:
-    """The held-out rows (evenly spaced whole blocks, or the tail of every block), kept as segments and
-    read again on each pass.
+    """The held-out rows scored on each pass (block tails, see StoreSet), kept as segments and read
+    again on each pass.
 
-    Not kept in RAM: 2% of 5 million 1000-class float16 rows is 200 MB of logits, and re-reading
-    held-out whole blocks costs only their own chunks per pass (benchmarks/scale.py).
+    Not kept in RAM: 2% of 5 million 1000-class float16 rows is 200 MB of logits; re-reading costs
+    one chunk per scored tail per pass (benchmarks/scale.py).
     """
 
     def __init__(self, segments: Sequence[Segment], offsets: np.ndarray):
@@ -406,26 +417,23 @@ class StoreSet:
         self.label_map = labels
         self.labels_from_folders = labels_from_folders and labels is None
         self.block_rows = [s.chunk_rows * max(1, -(-min_block_rows // s.chunk_rows)) for s in self.stores]
-        # The held-out slice is spread over the whole listing, so a class-sorted corpus still has
-        # every class in it: whole blocks evenly spaced where a store has enough blocks, else the
-        # tail of every block. A tail costs decoding its whole chunk on every held-out pass, so
-        # tails over a large store would decode all of it each epoch to evaluate 2% of it.
+        # Each block's tail is held out of training: tails spread the held-out slice over the whole
+        # listing, so a class-sorted corpus still trains on every class (a whole held-out block
+        # could swallow whole classes). A tail costs decoding its whole chunk on every held-out
+        # pass, so a large store is scored on the tails of evenly spaced blocks only (HeldOut).
         self.train_blocks: list[Segment] = []
         held: list[Segment] = []
         for s in range(len(self.stores)):
-            n_blocks = self._n_blocks(s)
-            whole = holdout * n_blocks >= MIN_HELD_BLOCKS
-            for k in range(n_blocks):
+            for k in range(self._n_blocks(s)):
                 a, b = self._block_bounds(s, k)
-                if whole:  # block k is held out when k * holdout crosses an integer: floor(n * holdout) blocks
-                    tail = (b - a) if math.floor((k + 1) * holdout) > math.floor(k * holdout) else 0
-                else:
-                    tail = math.ceil(holdout * (b - a)) if holdout > 0 else 0
+                tail = math.ceil(holdout * (b - a)) if holdout > 0 else 0
                 if b - tail > a:
                     self.train_blocks.append(Segment(s, a, b - tail))
                 if tail:
                     held.append(Segment(s, b - tail, b))
-        self.holdout = HeldOut(held, self.offsets) if held else None
+        self.n_held_out = sum(seg.rows for seg in held)
+        self.holdout = HeldOut(spread(held, max(HELD_OUT_PASS_BLOCKS, math.ceil(len(held) * HELD_OUT_PASS_SHARE))),
+                               self.offsets) if held else None
         self.n_train = sum(b.rows for b in self.train_blocks)
         if self.n_train == 0:
             raise ConfigError(f"--holdout {holdout} leaves no images to train on")

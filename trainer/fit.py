@@ -147,18 +147,23 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+# (lr, weight decay) when not given.
+OPTIMIZER_DEFAULTS = {"sgd": (0.1, 5e-4), "adamw": (1e-3, 0.05)}
+
+
+def lr_and_decay(optimizer: str, lr: float | None, weight_decay: float | None) -> tuple[float, float]:
+    default_lr, default_wd = OPTIMIZER_DEFAULTS[optimizer]
+    return (default_lr if lr is None else lr), (default_wd if weight_decay is None else weight_decay)
+
+
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     # No weight decay on biases and norm scales: decaying them only fights the normalisation.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    if cfg.optimizer == "sgd":
-        lr = 0.1 if cfg.lr is None else cfg.lr
-        wd = 5e-4 if cfg.weight_decay is None else cfg.weight_decay
-        groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    lr = 1e-3 if cfg.lr is None else cfg.lr
-    wd = 0.05 if cfg.weight_decay is None else cfg.weight_decay
+    lr, wd = lr_and_decay(cfg.optimizer, cfg.lr, cfg.weight_decay)
     groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=lr)
 
 
@@ -192,16 +197,31 @@ def _same_stores(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:
 # What defines a run's training beyond its stores and student: a resumed run that changed any of
 # these would not continue the same run (the optimizer state, the schedule, the sample order and
 # the loss would no longer match what the checkpoint was trained with).
-RECIPE = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs", "clip_grad",
-          "temperature", "alpha", "labels_from_folders", "holdout", "shuffle_blocks", "input_size",
-          "in_channels", "seed", "teachers", "teacher_weights")
+RECIPE = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "clip_grad",
+          "temperature", "alpha", "labels_from_folders", "holdout", "shuffle_blocks", "seed", "teachers",
+          "teacher_weights")
+
+
+def _recipe(args: dict[str, Any]) -> dict[str, Any]:
+    """RECIPE's values as the run uses them (defaults resolved, weights normalised), from FitConfig
+    fields: a checkpoint's saved args or this run's."""
+    out = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items() if k in RECIPE}
+    opt = out.get("optimizer", "sgd")
+    if opt in OPTIMIZER_DEFAULTS:
+        out["lr"], out["weight_decay"] = lr_and_decay(opt, out.get("lr"), out.get("weight_decay"))
+    if opt != "sgd":
+        out.pop("momentum", None)  # AdamW has none
+    names = out.get("teachers") or []
+    weights = out.get("teacher_weights") or [1.0] * len(names)
+    out["teacher_weights"] = [w / sum(weights) for w in weights] if weights else []
+    return out
 
 
 def _changed_recipe(saved: dict[str, Any], cfg: FitConfig) -> str:
     """'' if the checkpoint's args agree with this run's on RECIPE, else which flags differ and how."""
-    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (a tuple saved, a list given)
-    diffs = [f"--{k.replace('_', '-')} {plain(getattr(cfg, k))} (checkpoint: {plain(saved[k])})"
-             for k in RECIPE if k in saved and plain(saved[k]) != plain(getattr(cfg, k))]
+    old, new = _recipe(saved), _recipe(dataclasses.asdict(cfg))
+    diffs = [f"--{k.replace('_', '-')} {new[k]} (checkpoint: {old[k]})"
+             for k in RECIPE if k in old and k in new and old[k] != new[k]]
     return "this run gives other " + ", ".join(diffs) if diffs else ""
 
 
@@ -388,7 +408,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
     held_out = data.holdout_requests(cfg.batch_size) if ddp.main else []
 
     info = {"stores": ", ".join(cfg.stores), "images": f"{len(data):,} ({data.n_train:,} train, "
-            f"{len(data.holdout) if data.holdout is not None else 0:,} held out)",
+            f"{data.n_held_out:,} held out, {len(data.holdout) if data.holdout is not None else 0:,} scored)",
             "student": f"{arch} ({sum(p.numel() for p in model.parameters()):,} parameters)",
             "device": f"{dev} ({precision}), {ddp.world} process(es) x {workers} worker(s)",
             "decode cache": f"{report.human_bytes(cache.nbytes)} of {report.human_bytes(cache.needed)} needed"}
