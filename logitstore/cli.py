@@ -119,7 +119,7 @@ TEACHER_HELP = """Teacher, one of:
 @click.option("--crop-scale", default="0.08,1.0", show_default=True, help="Random crop area range (V>1).")
 @click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
 @click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Horizontal flip probability (V>1).")
-@click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~1 MiB of logits].")
+@click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~4 MiB of logits].")
 @click.option("--keep-bits", default=None, type=int,
               help="Lossy logits: keep this many mantissa bits (BitRound); see benchmarks/RESULTS.md for "
                    "bytes against KL [default: lossless].")

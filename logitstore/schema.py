@@ -418,8 +418,8 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
 
     Per-chunk overhead (a file, a codec run, a checksum, and zarr's own bookkeeping) dominates
     small chunks: benchmarks/chunk_size.py measured 1 KiB chunks at 1-3 MB/s and 320-500 KiB at
-    95-530 MB/s; benchmarks/scale.py measured the writer on 1000-class float16 logits at 79 MB/s
-    with 1 MiB chunks and 230 MB/s with 4 MiB ones (several chunks a write). The trainer reads
+    95-530 MB/s; benchmarks/scale.py measured the writer on 1000-class float16 logits at 139 MB/s
+    with 1 MiB chunks and 294 MB/s with 4 MiB ones (benchmarks/RESULTS.md). The trainer reads
     blocks of at least 2,048 rows anyway, so at C = 1000 a 2,048-row chunk changes neither its
     shuffle nor its reads. The 8192-row cap keeps a corpus of tens of thousands of small-C images
     in several chunks (and the writer's buffer small).

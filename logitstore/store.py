@@ -50,6 +50,11 @@ CHUNKS_PER_READ = 4
 ITER_READ_BYTES = 64 << 20
 
 
+def row_nbytes(arrays: dict[str, zarr.Array]) -> int:
+    """Decoded bytes of one row across `arrays` (a string counted as 16 bytes)."""
+    return sum(int(np.prod(arr.shape[1:])) * arr.dtype.itemsize for arr in arrays.values())
+
+
 def row_array_names(meta: StoreMeta) -> tuple[str, ...]:
     """Every array with one entry per row: the teacher's targets first, then ids, digests, sizes, views."""
     names = (*meta.target_arrays(), *schema.ROW_ARRAYS[1:])
@@ -156,8 +161,7 @@ class LogitStore:
 
     def iter_chunks(self) -> Iterator[tuple[int, Rows]]:
         """(k, rows of chunk k) in chunk order, read several chunks at a time."""
-        row_bytes = sum(int(np.prod(arr.shape[1:])) * arr.dtype.itemsize for arr in self.arrays.values())
-        per_read = max(1, min(CHUNKS_PER_READ, ITER_READ_BYTES // max(1, row_bytes * self.chunk_rows)))
+        per_read = max(1, min(CHUNKS_PER_READ, ITER_READ_BYTES // max(1, row_nbytes(self.arrays) * self.chunk_rows)))
         for k0 in range(0, self.n_chunks, per_read):
             k1 = min(self.n_chunks, k0 + per_read)
             a, b = self.chunk_bounds(k0)[0], self.chunk_bounds(k1 - 1)[1]

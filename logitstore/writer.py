@@ -1,9 +1,10 @@
 """Write a store: whole chunks from buffered rows, off the main thread, with a resumable commit point.
 
-Commit protocol (docs/FORMAT.md, "Writing and resuming"): rows land chunk by chunk; after a
-chunk's arrays are written, the progress attribute records how many rows are final and how far
-through the corpus listing they reach. A crash between the two only costs rewriting that chunk
-with the same bytes. `complete` is set last, after the arrays are trimmed to N.
+Commit protocol (docs/FORMAT.md, "Writing and resuming"): rows land in whole chunks; after chunks'
+arrays are written, the progress attribute records how many rows are final and how far through
+the corpus listing they reach (at most every COMMIT_INTERVAL_S). A crash before a record only
+costs rewriting those chunks with the same bytes. `complete` is set last, after the arrays are
+trimmed to N.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from . import schema
 from .errors import ResumeMismatchError, StoreStateError
 from .schema import StoreMeta
-from .store import LogitStore, row_array_names
+from .store import LogitStore, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints, teacher_fingerprint
 from .locations import open_group, retire_root
 
@@ -163,6 +164,7 @@ COMMIT_INTERVAL_S = 0.25
 # call, 529 MB/s eight (zarr 3.1, 2 cores; the whole writer: benchmarks/RESULTS.md, "Millions of
 # rows"). A slow teacher still gets one chunk a write, so a kill loses at most what is unwritten.
 CHUNKS_PER_WRITE = 4
+WRITE_BYTES = 64 << 20  # ... and at most this many decoded bytes a write (embedded pixels are large)
 
 
 class StoreWriter:
@@ -186,6 +188,9 @@ class StoreWriter:
         self._queue: queue.Queue[RowBatch | None] = queue.Queue(maxsize=queue_chunks * 8)
         self._error: BaseException | None = None
         self._committed_at = 0.0  # monotonic time of the last progress commit
+        self._behind = False       # the recorded progress is behind self.progress
+        chunk_bytes = row_nbytes(self._arrays) * meta.chunk_rows
+        self._per_write = max(1, min(CHUNKS_PER_WRITE, WRITE_BYTES // max(1, chunk_bytes)))  # chunks a write
         self._ended = False        # the writer thread has taken close()'s end marker
         self._thread = threading.Thread(target=self._run, name="logitstore-writer", daemon=True)
         self._thread.start()
@@ -212,10 +217,15 @@ class StoreWriter:
 
     # -- writer thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        group = self.meta.chunk_rows * CHUNKS_PER_WRITE
+        group = self.meta.chunk_rows * self._per_write
         try:
             while not self._ended:
-                self._take(self._queue.get())
+                try:
+                    self._take(self._queue.get(timeout=COMMIT_INTERVAL_S))
+                except queue.Empty:  # the teacher is slow: record what is written meanwhile
+                    if self._behind:
+                        self._commit(self.progress.rows, self.progress.next_source)
+                    continue
                 while not self._ended and self._buffered < group:  # what is already waiting, up to a write
                     try:
                         self._take(self._queue.get_nowait())
@@ -241,7 +251,7 @@ class StoreWriter:
         r = self.meta.chunk_rows
         while self._buffered >= r or (final and self._buffered > 0):
             rows = RowBatch.concat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-            n = min(len(rows) if final else len(rows) // r * r, r * CHUNKS_PER_WRITE)
+            n = min(len(rows) if final else len(rows) // r * r, r * self._per_write)
             self._write_rows(rows.take(slice(0, n)))
             rest = rows.take(slice(n, None))
             self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
@@ -259,7 +269,8 @@ class StoreWriter:
         self._pending_failures = [f for f in self._pending_failures if f[0] >= next_source]
         self.progress = Progress(rows, next_source, self.progress.failures + [[i, r] for _, i, r in done])
         now = time.monotonic()
-        if force or now - self._committed_at >= COMMIT_INTERVAL_S:
+        self._behind = not (force or now - self._committed_at >= COMMIT_INTERVAL_S)
+        if not self._behind:
             self.group.attrs[schema.ATTR_PROGRESS] = self.progress.to_dict()
             self._committed_at = now
 
