@@ -217,8 +217,8 @@ def main() -> None:
     make_corpus(args.mnist, args.images, w / "corpus")
     make_teacher(w / "teacher.pt", *TEACHER)
     make_store(w / "teacher.pt", w / "corpus", w / "store.zarr")
-    # The same rows in 512-row chunks: the chunk size `logitstore dump` picks for 1000 classes, so
-    # (b') pays ~16x more chunk reads per sample than (b) does with 10 classes.
+    # The same rows in 512-row chunks (what `logitstore dump` picked for 1000 classes before its
+    # chunks grew to ~4 MiB), so (b') pays ~16x more chunk reads per sample than (b) with 10 classes.
     make_store(w / "teacher.pt", w / "corpus", w / "store_512.zarr", chunk_rows=512)
     small, large = args.rss_images, 10 * args.rss_images
     make_corpus(args.mnist, small, w / "corpus_small")
