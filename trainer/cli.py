@@ -89,7 +89,7 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
                    "each epoch.")
 @click.option("--holdout", default=0.02, show_default=True, type=float,
               help="Fraction of each block's rows kept out of training, to measure agreement with the teacher "
-                   "(on the tails of evenly spaced blocks when the store has more than 640 blocks).")
+                   "(each pass scores the tails of at most max(64, 10%) of the blocks, evenly spaced).")
 @click.option("--shuffle-blocks", default=8, show_default=True, type=int,
               help="Blocks shuffled together (the shuffle buffer). A block is a chunk of the store, or several "
                    "consecutive chunks when chunks are under 2048 rows; block order is reshuffled every epoch.")

@@ -342,6 +342,7 @@ def spread(items: Sequence[Any], k: int) -> list[Any]:
         return list(items)
     return [items[(i * n) // k] for i in range(k)]
 
+
 # Blocks of one shuffle group read at once (benchmarks/scale.py: see RESULTS.md, "Millions of rows").
 READ_THREADS = 4
 
