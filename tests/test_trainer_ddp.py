@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from trainer.data import epoch_share, open_stores
 
@@ -41,3 +43,30 @@ def test_each_rank_reads_a_disjoint_share_of_the_store(world: World):
         # Whole chunks, not scattered rows: at most one chunk is split between the two ranks.
         chunks = [{(s.store, s.start // 64) for s in share} for share in shares]
         assert len(chunks[0] & chunks[1]) <= 1
+
+
+def test_ddp_with_skipped_images_never_leaves_a_rank_waiting(world: World, tmp_path: Path):
+    """A batch whose every image is skipped on one rank only: every rank skips that step together."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(world.corpus, corpus)
+    changed = set()
+    for i, path in enumerate(sorted(corpus.rglob("*.png"))):
+        if i % 5 < 2:  # 40% of the images differ from what the teacher saw
+            img = np.asarray(Image.open(path)).copy()
+            img[0, 0] ^= 0xFF
+            Image.fromarray(img).save(path)
+            changed.add(path.relative_to(corpus).as_posix())
+    data = open_stores([world.store], images=[corpus])
+    steps = [[set(r.ids) <= changed for r in data.requests(0, 2, seed=0, rank=k, world=2)] for k in range(2)]
+    assert any(a != b for a, b in zip(*steps))  # the case that used to hang: one rank empty, one not
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer",
+           "fit", "--store", str(world.store), "--images", str(corpus), "--student", "lenet", "--out", str(out),
+           "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--skip-mismatched",
+           "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["skipped"] > 0 and 0 < record["samples"] < 2 * (data.n_train // 2)

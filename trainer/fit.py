@@ -225,6 +225,17 @@ def _changed_recipe(saved: dict[str, Any], cfg: FitConfig) -> str:
     return "this run gives other " + ", ".join(diffs) if diffs else ""
 
 
+def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Dist, device: torch.device) -> bool:
+    """Whether this step trains: not when a batch lost every image to --skip-mismatched. Under DDP the
+    ranks decide together (one tiny all-reduce a step, only with --skip-mismatched): a rank that
+    skipped a step alone would leave the others waiting in the gradient all-reduce."""
+    if ddp.world == 1 or not cfg.skip_mismatched:
+        return n > 0
+    has = torch.tensor([1 if n > 0 else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MIN)
+    return bool(has.item())
+
+
 def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Request], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, spec: InputSpec, device: torch.device,
                     cfg: FitConfig, precision: str, ddp: Dist, bar: Any, task: Any) -> dict[str, Any]:
@@ -236,7 +247,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
     for step, batch in enumerate(batches(requests)):
         pixels = batch["pixels"].to(device, non_blocking=True)
         n = len(pixels)
-        if n == 0:  # every image of this batch was skipped (--skip-mismatched)
+        if not _every_rank_has_rows(n, cfg, ddp, device):  # a batch lost every image (--skip-mismatched)
             continue
         x = spec.to_input(pixels)
         if device.type == "cuda":
