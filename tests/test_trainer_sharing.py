@@ -102,6 +102,13 @@ def test_ensemble_of_a_stores_teachers(world: World, tmp_path: Path):
         open_stores([two], teachers=["primary", "big"])
     with pytest.raises(ConfigError, match="one positive weight per teacher"):
         open_stores([two], teachers=["primary", "second"], teacher_weights=[1.0])
+    # Another store whose "second" is another network: refused, naming both.
+    other = tmp_path / "other.zarr"
+    shutil.copytree(world.store, other)
+    third = save_teacher(tmp_path / "third.pt", arch="trainer.students:lenet", seed=5, num_classes=10, in_channels=1)
+    add_teacher(str(other), str(third), name="second", num_workers=0)
+    with pytest.raises(StoreMismatchError, match="teacher 'second' is not the same network"):
+        open_stores([two, other], teachers=["primary", "second"])
 
 
 def test_a_merged_store_needs_images_when_it_has_no_single_root(world: World, tmp_path: Path):

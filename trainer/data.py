@@ -305,6 +305,18 @@ def make_ensemble(stores: Sequence[LogitStore], teachers: Sequence[str] | None,
         if missing:
             raise StoreMismatchError(f"{store.location} has no teacher {missing[0]!r}; its teachers are "
                                      f"{', '.join(store.teacher_names)} (add one with `logitstore dump --add-teacher`)")
+    # A name is only a label: the stores must mean the same network by it (same weights file).
+    for name in names:
+        if name == schema.PRIMARY_TEACHER:
+            continue  # the primary teachers already agree (_check_compatible)
+        seen = {}
+        for store in stores:
+            info = next(t.teacher for t in store.meta.extra_teachers if t.name == name)
+            seen.setdefault((info.arch, info.sha256), store.location)
+        if len(seen) > 1:
+            (a, la), (b, lb) = list(seen.items())[:2]
+            raise StoreMismatchError(f"teacher {name!r} is not the same network in {la} ({a[0]} sha256={a[1][:12]}) "
+                                     f"and {lb} ({b[0]} sha256={b[1][:12]}); add the same teacher to every store")
     w = list(weights) if weights else [1.0] * len(names)
     if len(w) != len(names) or any(x <= 0 for x in w):
         raise ConfigError(f"--teacher-weights {w}: one positive weight per teacher of --teachers {list(names)}")
