@@ -58,8 +58,7 @@ class InMemoryStore:
         return a, min(self._n, a + self.chunk_rows)
 
     def read(self, a: int, b: int, pixels: bool = False) -> Rows:
-        r = self.rows
-        return Rows(r.ids[a:b], r.logits[a:b], r.digests[a:b], r.image_hw[a:b], r.view_params[a:b])
+        return self.rows.slice(a, b)
 
 
 def make_corpus(mnist: Path, n: int, root: Path) -> None:

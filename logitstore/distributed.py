@@ -5,9 +5,9 @@ Why segments: rows are in listing order with unreadable files left out (docs/FOR
 image's row is only known once every earlier image has been read. Each process therefore writes
 whole segments (fixed runs of `segment_rows` listing positions, dealt round robin) as ordinary
 resumable stores under `_segments/<k>/`: one writer per segment, whole chunks, progress after
-written chunks, exactly like a single-process dump. When every segment is done the row offsets are known;
-each process then writes the final chunks k with k % world == rank, so no chunk ever has two
-writers. Rank 0 alone writes the root metadata. A process that dies loses only the chunks it had
+written chunks, exactly like a single-process dump. When every segment is done the row offsets are
+known; each process then writes the final chunks k with k % world == rank, so no chunk ever has
+two writers. Rank 0 alone writes the root metadata. A process that dies loses only the chunks it had
 not committed; the same command (with any number of processes) finishes what is missing.
 
 torch.distributed (gloo: the dump needs no collective on the GPU) only carries small Python
