@@ -94,7 +94,8 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                 size: tuple[int, int] | None = None, resize: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, mode: str | None = None,
                 classes: str | Sequence[str] | None = None, overwrite: bool = False,
-                storage_options: dict[str, Any] | None = None, progress: bool = False) -> AddTeacherSummary:
+                storage_options: dict[str, Any] | None = None, progress: bool = False,
+                trust_modules: Sequence[str] = ()) -> AddTeacherSummary:
     store = open_store(store_path, storage_options=storage_options)
     meta = store.meta
     if meta.sparse:
@@ -110,7 +111,8 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
-                                    {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode})
+                                    {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode},
+                                    trust_modules)
     model = to_device(t.model, dev)
     names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if tuple(names) != meta.classes:
@@ -128,7 +130,7 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     group = open_group(store_path, mode="a", storage_options=storage_options)
     if name in meta.teacher_names:  # overwrite: unlist first, so a half-written array is never listed
         meta = replace(meta, extra_teachers=tuple(e for e in meta.extra_teachers if e.name != name))
-        group.attrs[schema.ATTR_ROOT] = meta.to_dict()
+        group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()
     arr = group.create_array(f"{schema.TEACHERS}/{name}/{schema.LOGITS}", shape=store.logits.shape,
                              chunks=store.logits.chunks, dtype=meta.dtype, fill_value=0,
                              filters=logits_filters(meta.keep_bits), compressors=chunk_codecs(), overwrite=True)
@@ -158,5 +160,5 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
             bar.advance(task, len(logits))
     extra = ExtraTeacher(name, t.info, pre, precision, "sha256:" + digest.hexdigest())
     meta = replace(meta, extra_teachers=(*meta.extra_teachers, extra))
-    group.attrs[schema.ATTR_ROOT] = meta.to_dict()  # listing the teacher is the last write
+    group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()  # listing the teacher is the last write
     return AddTeacherSummary(store_path, name, written, moved, time.perf_counter() - t0)

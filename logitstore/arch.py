@@ -1,49 +1,149 @@
-"""Build a network from its name: "torchvision:NAME" or "package.module:factory".
+"""Build a network from its name: "torchvision:NAME", "timm:NAME" or "package.module:factory".
 
 Shared by teachers and students (they use one checkpoint format); it loads no weights.
+
+Trust rule (docs/FORMAT.md, "Teacher files"): a checkpoint is loaded with weights_only=True, so its
+pickle cannot run code, but it *names* an architecture and its keyword arguments. A name read from a
+file resolves only in the model registries (torchvision's, timm's where installed, the built-in
+students) or in modules the user trusts explicitly (`--trust-module NAME`, or the environment
+variable LOGITSTORE_TRUST_MODULES=a,b). A name the user types on the command line is trusted by that
+act. The decision is made on the name alone, before anything is imported or called; a factory that
+is called must return an nn.Module.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+import os
+import re
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, UntrustedCodeError
+
+TRUST_ENV = "LOGITSTORE_TRUST_MODULES"
+# The built-in students (trainer/students.py, `BUILTIN`): a student checkpoint written by
+# `trainer fit` names one of them and must teach the next round without any flag. Spelled out here,
+# by name, because the format core never imports the trainer.
+BUILTIN_FACTORIES = {"trainer.students": ("lenet", "cifar_resnet")}
+REGISTRIES = ("torchvision", "timm")
+# Bounds on what a file may ask a factory to allocate (docs/FORMAT.md, R-bounds).
+MAX_CLASSES = 1 << 20
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_ATTR = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
-def resolve_factory(arch: str) -> Callable[..., nn.Module]:
-    """'torchvision:NAME' or 'package.module:factory' -> a callable that builds the model."""
-    if ":" not in arch:
-        raise ArchitectureError(f"architecture {arch!r} must be 'torchvision:NAME' or 'package.module:factory'")
-    module_name, attr = arch.split(":", 1)
+def trusted_modules(extra: Iterable[str] = ()) -> frozenset[str]:
+    """Modules trusted as factories: `extra` (--trust-module) and LOGITSTORE_TRUST_MODULES."""
+    names = [*extra, *os.environ.get(TRUST_ENV, "").split(",")]
+    return frozenset(n.strip() for n in names if n and n.strip())
+
+
+def _split(arch: str) -> tuple[str, str]:
+    if not isinstance(arch, str) or arch.count(":") != 1:
+        raise ArchitectureError(f"architecture {str(arch)[:200]!r} must be 'torchvision:NAME', 'timm:NAME' "
+                                "or 'package.module:factory'")
+    module_name, attr = arch.split(":")
+    if not _MODULE.fullmatch(module_name) or not (_ATTR.fullmatch(attr) or module_name in REGISTRIES):
+        raise ArchitectureError(f"architecture {arch[:200]!r} is not a valid 'package.module:factory' name "
+                                "(a public name, no leading underscore)")
+    return module_name, attr
+
+
+def _is_trusted(module_name: str, attr: str, trust: frozenset[str]) -> bool:
+    if attr in BUILTIN_FACTORIES.get(module_name, ()):
+        return True
+    return any(module_name == m or module_name.startswith(m + ".") for m in trust)
+
+
+def _registry_factory(module_name: str, attr: str) -> Callable[..., nn.Module]:
     if module_name == "torchvision":
         import torchvision
 
         if attr not in torchvision.models.list_models():
-            raise ArchitectureError(f"architecture {arch!r}: torchvision has no model {attr!r} "
-                               "(see torchvision.models.list_models())")
+            raise ArchitectureError(f"architecture 'torchvision:{attr}': torchvision has no model {attr!r} "
+                                    "(see torchvision.models.list_models())")
         return lambda **kw: torchvision.models.get_model(attr, weights=None, **kw)
+    try:
+        import timm
+    except ImportError:
+        raise ArchitectureError(f"architecture 'timm:{attr}' needs timm; pip install 'logitstore[timm]'") from None
+    if not timm.is_model(attr):
+        raise ArchitectureError(f"architecture 'timm:{attr}': timm has no model {attr!r} (see timm.list_models())")
+    return lambda **kw: timm.create_model(attr, pretrained=False, **kw)
+
+
+def resolve_factory(arch: str, *, typed: bool = False, trust_modules: Iterable[str] = (),
+                    where: str = "the checkpoint") -> Callable[..., nn.Module]:
+    """An architecture name -> the callable that builds it, refusing untrusted code before importing it.
+
+    `typed`: the user gave this name on the command line (or in code), which trusts it. Otherwise it
+    came from a file (`where`), and resolves only in the registries, the built-in students, or a
+    module in `trust_modules` / LOGITSTORE_TRUST_MODULES.
+    """
+    module_name, attr = _split(arch)
+    if module_name in REGISTRIES:
+        return _registry_factory(module_name, attr)
+    if not typed and not _is_trusted(module_name, attr, trusted_modules(trust_modules)):
+        raise UntrustedCodeError(
+            f"{where} names architecture {arch!r}, and module {module_name!r} is not trusted: nothing was "
+            f"imported or run. A file may name torchvision:NAME, timm:NAME or a built-in student; if you trust "
+            f"{module_name!r}, pass --trust-module {module_name} (or set {TRUST_ENV}={module_name})")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ArchitectureError(f"architecture {arch!r}: cannot import {module_name!r} ({exc}); "
-                           "install it or add it to PYTHONPATH") from None
+                                "install it or add it to PYTHONPATH") from None
     factory = getattr(module, attr, None)
+    defined_in = getattr(factory, "__module__", None) or ""
     if not callable(factory):
         raise ArchitectureError(f"architecture {arch!r}: {module_name} has no callable {attr!r}")
+    if not typed and not (defined_in == module_name or defined_in.startswith(module_name + ".")):
+        # A trusted module's own factories, not what it imported (`from os import system`).
+        raise UntrustedCodeError(f"{where} names {arch!r}, which {module_name} imports from {defined_in!r} "
+                                 "rather than defines; name the factory in its own module")
     return factory
 
 
-def build_model(arch: str, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build an architecture by name (also used for students, which share the checkpoint format)."""
-    factory = resolve_factory(arch)
-    kwargs = dict(arch_kwargs or {})
+def check_arch_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
+    """A file's arch_kwargs: a dict of named values, asking for no more classes than MAX_CLASSES."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise ArchitectureError(f"{where}: arch_kwargs must be a dict of keyword arguments, "
+                                f"not {type(kwargs).__name__}")
+    n = kwargs.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CLASSES):
+        raise ArchitectureError(f"{where}: arch_kwargs num_classes={str(n)[:40]} must be an integer in "
+                                f"1..{MAX_CLASSES}")
+    return dict(kwargs)
+
+
+def call_factory(factory: Callable[..., Any], arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Call a resolved factory; anything but an nn.Module back is one line."""
     try:
-        return factory(**kwargs)
+        model = factory(**kwargs)
     except TypeError as exc:
         raise ArchitectureError(f"architecture {arch!r} does not accept arch_kwargs {kwargs}: {exc}") from None
+    except (ValueError, RuntimeError, AssertionError, KeyError) as exc:
+        raise ArchitectureError(f"architecture {arch!r} cannot be built with {kwargs}: "
+                                f"{' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"architecture {arch!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_model(arch: str, arch_kwargs: dict[str, Any] | None = None, *, typed: bool = False,
+                trust_modules: Iterable[str] = (), where: str = "the checkpoint") -> nn.Module:
+    """Build an architecture by name (also used for students, which share the checkpoint format).
+
+    Names from files are resolved under the trust rule (see `resolve_factory`).
+    """
+    kwargs = check_arch_kwargs(arch_kwargs, where)
+    factory = resolve_factory(arch, typed=typed, trust_modules=trust_modules, where=where)
+    return call_factory(factory, arch, kwargs)
 
 
 def accepts_kwargs(factory: Callable[..., Any], *names: str) -> dict[str, bool]:

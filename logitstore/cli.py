@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -10,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .cli_types import count, real, storage_option_flag
 from .errors import LogitStoreError
 from .locations import parse_storage_options
 from .show import show
@@ -24,6 +26,8 @@ def _floats(text: str | None, name: str, count: int | None = None) -> tuple[floa
         vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
         raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint=name) from None
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise click.BadParameter(f"{text!r}: expected finite comma-separated numbers", param_hint=name)
     if count is not None and len(vals) != count:
         raise click.BadParameter(f"{text!r}: expected {count} comma-separated numbers", param_hint=name)
     return vals
@@ -39,8 +43,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--size") from None
     if len(vals) == 1:
         vals = vals * 2
-    if len(vals) != 2 or min(vals) < 1:
-        raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--size")
+    if len(vals) != 2 or min(vals) < 1 or max(vals) > 4096:
+        raise click.BadParameter(f"{text!r}: expected H,W or a single side, each 1..4096", param_hint="--size")
     return vals[0], vals[1]
 
 
@@ -67,6 +71,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a wrong flag: one line, like every other user error
+            usage = " ".join(filter(None, ("logitstore", ctx.invoked_subcommand, "--help")))
+            click.echo(f"logitstore: error: {' '.join(exc.format_message().split())} (see `{usage}`)", err=True)
+            ctx.exit(2)
         except LogitStoreError as exc:
             from .pipeline import DumpInterrupted
 
@@ -99,48 +107,51 @@ TEACHER_HELP = """Teacher, one of:
               help="Add this teacher to the complete store at --out (same images, matched by digest; the "
                    "stored views replayed), for ensembles. --images defaults to the store's corpus.")
 @click.option("--teacher-name", default=None, help="Name of the added teacher [default: file stem].")
-@click.option("--views", default=1, show_default=True, type=int,
+@click.option("--views", default=1, show_default=True, type=count(1, 1024),
               help="1: the deterministic eval view; V>1: V random resized crops (+flip) per image.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random views.")
+@click.option("--seed", default=0, show_default=True, type=count(0, 2**63 - 1), help="Seed of the random views.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the logits.")
 @click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Teacher compute precision (auto: bf16 autocast on GPU, fp32 on CPU).")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--num-workers", default=None, type=int, help="Decoding processes [default: min(8, cores)].")
+@click.option("--batch-size", default=64, show_default=True, type=count(1, 65536))
+@click.option("--num-workers", default=None, type=count(0, 256), help="Decoding processes [default: min(8, cores)].")
 @click.option("--size", default=None, help="Teacher input H,W (overrides the checkpoint's).")
-@click.option("--resize", default=None, type=int, help="Resize the shorter side to this, then center-crop --size.")
+@click.option("--resize", default=None, type=count(1, 8192), help="Resize the shorter side to this, then center-crop --size.")
 @click.option("--mean", default=None, help="Per-channel mean, comma-separated, on the 0-1 scale.")
 @click.option("--std", default=None, help="Per-channel std, comma-separated, on the 0-1 scale.")
 @click.option("--mode", default=None, type=click.Choice(["RGB", "L"]), help="Colour mode the teacher takes.")
 @click.option("--classes", default=None, help="Class names: comma-separated, or a file with one per line.")
 @click.option("--crop-scale", default="0.08,1.0", show_default=True, help="Random crop area range (V>1).")
 @click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
-@click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Horizontal flip probability (V>1).")
-@click.option("--chunk-rows", default=None, type=int, help="Rows per chunk [default: ~4 MiB of logits].")
-@click.option("--keep-bits", default=None, type=int,
+@click.option("--flip-prob", default=0.5, show_default=True, type=real(0, 1), help="Horizontal flip probability (V>1).")
+@click.option("--chunk-rows", default=None, type=count(1, 1 << 20), help="Rows per chunk [default: ~4 MiB of logits].")
+@click.option("--keep-bits", default=None, type=count(1, 22),
               help="Lossy logits: keep this many mantissa bits (BitRound); see benchmarks/RESULTS.md for "
                    "bytes against KL [default: lossless].")
-@click.option("--topk", default=None, type=int,
+@click.option("--topk", default=None, type=count(1, 1 << 20),
               help="Large label spaces: keep each view's K largest logits and their classes, plus the rest's "
                    "log-sum-exp at --temperatures (exact top-K and tail probabilities there; docs/FORMAT.md).")
-@click.option("--sample", default=None, type=int,
+@click.option("--sample", default=None, type=count(1, 65535),
               help="Large label spaces, unbiased: keep K draws from the teacher's softmax at --sample-temperature "
                    "(classes, counts, logits, proposal probabilities) and the full log-sum-exp at --temperatures.")
 @click.option("--temperatures", default=None,
               help="With --topk/--sample: the temperatures students may distil at [default: 1,2,4,8].")
-@click.option("--sample-temperature", default=None, type=float,
+@click.option("--sample-temperature", default=None, type=real(0, lo_open=True),
               help="With --sample: the proposal's temperature, one of --temperatures; use the training "
                    "temperature or above [default: 4].")
 @click.option("--embed-images", is_flag=True,
               help="Also store every view's preprocessed uint8 pixels, so the store trains without the corpus.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out (a logitstore store only).")
+@click.option("--trust-module", "trust_module", multiple=True, metavar="MODULE",
+              help="Trust MODULE as a model factory when a checkpoint names it (repeatable; also "
+                   "LOGITSTORE_TRUST_MODULES=a,b). A checkpoint may otherwise name only torchvision:NAME, "
+                   "timm:NAME or a built-in student; an architecture you type in --teacher is trusted.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
-@click.option("--segment-rows", default=None, type=int,
+@storage_option_flag
+@click.option("--segment-rows", default=None, type=count(1),
               help="Under torchrun: listing positions per unit of work, a multiple of --batch-size "
                    "[default: about 8 segments per process, at most 64 chunks each].")
 def dump(**kw: Any) -> None:
@@ -172,8 +183,13 @@ def dump(**kw: Any) -> None:
         crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
         progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"],
         keep_bits=kw["keep_bits"], segment_rows=kw["segment_rows"], topk=kw["topk"], sample=kw["sample"],
-        temperatures=_floats(kw["temperatures"], "--temperatures"), sample_temperature=kw["sample_temperature"])
+        temperatures=_floats(kw["temperatures"], "--temperatures"), sample_temperature=kw["sample_temperature"],
+        trust_modules=kw["trust_module"])
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
+        return
+    if summary.nothing_to_do:
+        click.echo(f"OK: {summary.out} is already complete with this recipe ({summary.n_images:,} images); "
+                   "nothing to do")
         return
     t = Table(title=f"logitstore dump -> {summary.out}", show_header=False)
     rows = [("images stored", f"{summary.n_images:,}"), ("failed (recorded)", f"{summary.n_failed:,}"),
@@ -201,7 +217,7 @@ def _add_teacher(kw: dict[str, Any], arch_kwargs: dict[str, Any] | None, storage
                     batch_size=kw["batch_size"], num_workers=kw["num_workers"], size=_size(kw["size"]),
                     resize=kw["resize"], mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"),
                     mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
-                    storage_options=storage_options, progress=not quiet)
+                    storage_options=storage_options, progress=not quiet, trust_modules=kw["trust_module"])
     click.echo(f"OK: teacher {s.name!r} added to {s.store}: {s.rows:,} rows in {s.seconds:.1f} s "
                f"({s.matched_by_digest:,} images found by digest elsewhere)")
 
@@ -210,8 +226,7 @@ def _add_teacher(kw: dict[str, Any], arch_kwargs: dict[str, Any] | None, storage
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--allow-incomplete", is_flag=True, help="Describe the rows of an unfinished dump.")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+@storage_option_flag
 def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
     """Metadata, counts, failures, size, compression and the teacher's prediction summary."""
     from .inspect_store import info as store_info
@@ -258,8 +273,7 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
 @click.option("--images", default=None, type=click.Path(),
               help="Also check every image's bytes against its stored digest (corpus root).")
 @click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+@storage_option_flag
 def verify(store: str, images: str | None, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
     """Check a store: complete, every chunk's checksum, finite logits, and (with --images) digests."""
     from .inspect_store import verify as run_verify
@@ -270,6 +284,8 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
                      allow_incomplete=allow_incomplete)
     for p in rep.problems:
         click.echo(f"  problem: {p}", err=True)
+    for n in rep.notes:
+        click.echo(f"  note: {n}", err=True)
     what = f"{rep.rows:,} rows in {rep.chunks} chunks" + (
         f", {rep.images_checked:,} images matched their digests" if images else "")
     if not rep.ok:
@@ -282,7 +298,7 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
 @main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--overwrite", is_flag=True, help="Replace whatever is at DST.")
+@click.option("--overwrite", is_flag=True, help="Replace the store at DST (a logitstore store only).")
 @click.option("--src-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for SRC; repeatable.")
 @click.option("--dst-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for DST; repeatable.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
@@ -301,7 +317,7 @@ def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_o
 @click.argument("store")
 @click.argument("out", metavar="OUT.zarr.zip")
 @click.option("--overwrite", is_flag=True)
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE")
+@storage_option_flag
 def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...]) -> None:
     """Write a store into one zip file (read directly, without unpacking, by every command)."""
     if not out.endswith(".zip"):
@@ -329,7 +345,7 @@ def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts
 @click.option("--prefix", default=None, help="Comma-separated id prefix per store [default: corpus folder names].")
 @click.option("--dedupe", is_flag=True, help="Drop images whose digest was already seen.")
 @click.option("--overwrite", is_flag=True)
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE")
+@storage_option_flag
 def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, overwrite: bool,
           storage_option: tuple[str, ...]) -> None:
     """Merge stores of several corpora dumped by the same teacher (same classes, preprocessing, views)."""
@@ -345,14 +361,14 @@ def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, o
 @main.command()
 @click.argument("store")
 @click.option("-o", "--out", required=True, help="Selected store to write.")
-@click.option("--min-confidence", type=float, default=None, help="Keep rows whose top probability >= this.")
-@click.option("--max-entropy", type=float, default=None, help="Keep rows whose entropy (nats) <= this.")
-@click.option("--per-class", type=int, default=None, help="Keep the K most confident rows per predicted class.")
-@click.option("--limit", type=int, default=None, help="Keep at most this many rows (most confident first).")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
+@click.option("--min-confidence", type=real(0, 1), default=None, help="Keep rows whose top probability >= this.")
+@click.option("--max-entropy", type=real(0), default=None, help="Keep rows whose entropy (nats) <= this.")
+@click.option("--per-class", type=count(1), default=None, help="Keep the K most confident rows per predicted class.")
+@click.option("--limit", type=count(1), default=None, help="Keep at most this many rows (most confident first).")
+@click.option("--temperature", type=real(0, lo_open=True), default=1.0, show_default=True,
               help="Temperature of the softmax these criteria are measured on.")
 @click.option("--overwrite", is_flag=True)
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE")
+@storage_option_flag
 def select(store: str, out: str, min_confidence: float | None, max_entropy: float | None,
            per_class: int | None, limit: int | None, temperature: float, overwrite: bool,
            storage_option: tuple[str, ...]) -> None:

@@ -14,7 +14,7 @@ from . import schema
 from .errors import LogitStoreError
 from .schema import CorpusInfo, StoreMeta
 from .store import LogitStore, Rows, open_store
-from .writer import RowBatch, open_writer
+from .writer import RowBatch, already_complete, open_writer
 
 
 class MismatchError(LogitStoreError):
@@ -56,11 +56,16 @@ def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing
 
 
 def _write(out: str, meta: StoreMeta, batches: Iterable[RowBatch], overwrite: bool,
-           storage_options: dict[str, Any] | None) -> StoreMeta:
-    writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options)
+           storage_options: dict[str, Any] | None, sources: Sequence[str]) -> StoreMeta:
+    """Write a derived store at `out` (never over one of its `sources`); a complete store that this
+    very recipe made is left as it is."""
+    done = None if overwrite else already_complete(out, meta, storage_options, sources)
+    if done is not None:
+        return done
+    writer = open_writer(out, meta, overwrite=overwrite, storage_options=storage_options, protected=sources)
     if writer.progress.rows:  # derived stores are cheap to rebuild: start over rather than resume
         writer.close(finalize=False)
-        writer = open_writer(out, meta, overwrite=True, storage_options=storage_options)
+        writer = open_writer(out, meta, overwrite=True, storage_options=storage_options, protected=sources)
     try:
         for batch in batches:
             writer.submit(batch)
@@ -132,9 +137,12 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
                 failures = []
                 written += len(ids)
 
-    listing_sha = _sha256_text("merge:" + ",".join(s.meta.fingerprints["corpus"] for s in stores))
+    # The recipe (sources, prefixes, dedupe) is the derived listing's identity: a re-run of the same
+    # merge finds its store complete and has nothing to do; another recipe needs --overwrite.
+    listing_sha = _sha256_text("merge:" + ",".join(s.meta.fingerprints["corpus"] for s in stores)
+                               + f";prefixes={','.join(names)};dedupe={dedupe}")
     meta = _derived_meta(stores[0].meta, total, root, "merge", listing_sha)
-    final = _write(out, meta, batches(), overwrite, storage_options)
+    final = _write(out, meta, batches(), overwrite, storage_options, list(sources))
     return MergeReport(out, final.corpus.n_images, dropped,
                        [{"store": s.location, "prefix": p, "rows": len(s), "contents": s.meta.fingerprints["contents"]}
                         for s, p in zip(stores, names)])
@@ -210,9 +218,10 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
                 written += int(sel.sum())
 
     m = store.meta
+    recipe = f";min_confidence={min_confidence};max_entropy={max_entropy};per_class={per_class};limit={limit};T={temperature}"
     meta = _derived_meta(m, n_out, m.corpus.root, m.corpus.listing,
-                         _sha256_text("select:" + m.fingerprints["contents"]))
-    final = _write(out, meta, batches(), overwrite, storage_options)
+                         _sha256_text("select:" + m.fingerprints["contents"] + recipe))
+    final = _write(out, meta, batches(), overwrite, storage_options, [source])
     counts = np.bincount(arg_a[keep].astype(np.int64), minlength=m.num_classes)
     return SelectReport(out, len(store), final.corpus.n_images,
                         {m.classes[c]: int(counts[c]) for c in range(m.num_classes)})

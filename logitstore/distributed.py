@@ -28,7 +28,7 @@ from zarr.core.sync import sync
 
 from . import schema
 from .errors import LogitStoreError, ResumeMismatchError, StoreStateError
-from .locations import is_zip, open_group, retire_root, stored_bytes
+from .locations import check_store_destination, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
 from .schema import StoreMeta
 from .store import LogitStore, Rows, open_store, row_array_names
 from .writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
@@ -145,7 +145,9 @@ def dump_distributed(job: Any, out: str, ctx: DistContext, *, overwrite: bool = 
 def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | None,
                segment_rows: int | None, world: int) -> dict[str, Any]:
     """Rank 0: create the store (or check the one to resume) and return its progress."""
+    check_store_destination(out, so, [meta.corpus.root])
     group = open_group(out, mode="a", storage_options=so)
+    remove_stray_keys(group.store)
     if group.attrs.get(schema.ATTR_ROOT) is not None and not overwrite:
         check_resumable(out, schema.meta_from_attrs(dict(group.attrs)), meta)
         p = dict(group.attrs.get(schema.ATTR_PROGRESS) or {})
@@ -156,9 +158,6 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
             raise ResumeMismatchError(f"{out} was started with --segment-rows {p[schema.PROGRESS_SEGMENT_ROWS]}; "
                                       "re-run with that (or without the flag), or pass --overwrite")
         return p
-    if group.attrs.get(schema.ATTR_ROOT) is None and any(True for _ in group.keys()) and not overwrite:
-        raise StoreStateError(f"{out} holds something that is not a logitstore store; "
-                              "choose another --out or pass --overwrite")
     rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
     if rows < 1 or rows % meta.batch_size:
         # Whole teacher batches keep every image in the batch it has in a single-process run.

@@ -36,3 +36,11 @@ class IntegrityError(LogitStoreError):
 
 class ArchitectureError(LogitStoreError):
     """An architecture name ("torchvision:NAME", "package.module:factory") cannot be built."""
+
+
+class DestinationError(LogitStoreError):
+    """An output path that a tool must not write: not empty and not its own, or overlapping its inputs."""
+
+
+class UntrustedCodeError(LogitStoreError):
+    """A file names code (an architecture factory) that nobody said to trust; nothing was imported."""

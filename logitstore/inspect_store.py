@@ -13,7 +13,7 @@ from . import schema
 from .corpus import sha256_bytes
 from .errors import IntegrityError
 from .fingerprint import RowHasher
-from .locations import stored_bytes
+from .locations import stored_bytes, stray_keys
 from .schema import StoreMeta
 from .sparse import topk_probabilities
 from .store import LogitStore, Rows
@@ -102,6 +102,7 @@ class VerifyReport:
     chunks: int = 0
     images_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # harmless findings (an interrupted write's temporary files)
 
     @property
     def ok(self) -> bool:
@@ -112,6 +113,10 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
            allow_incomplete: bool = False) -> VerifyReport:
     """Read every chunk (checksums), check logits are finite, ids unique, and digests against `images`."""
     rep = VerifyReport(store.location, rows=len(store))
+    stray = stray_keys(store.group.store)
+    if stray:
+        rep.notes.append(f"{len(stray)} temporary file(s) of an interrupted write (e.g. {stray[0]}) are not part "
+                         "of the store; readers and copies ignore them, the next write into it removes them")
     root = Path(images).expanduser() if images else None
     seen: set[str] = set()
     hasher = RowHasher()

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import zarr
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .errors import FormatError, StoreStateError
+from .checkpoint import check_zip_entries
+from .destination import ABSENT, OURS, check_local_destination, is_logitstore_root, root_attrs
+from .errors import DestinationError, FormatError, StoreStateError
 from .schema import ATTR_ROOT
 
 ROOT_KEY = "zarr.json"  # the root group's metadata, with our attributes
+# zarr's LocalStore writes each key to "KEY.<32 hex>.partial" and renames it; a kill can leave one.
+# Such a file is never part of the store: readers and copies skip it, a writer removes it.
+TEMP_KEY = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def is_url(location: str) -> bool:
@@ -67,6 +74,7 @@ def open_raw_store(location: str | os.PathLike, mode: str = "r",
                 raise StoreStateError(f"{loc}: a zip store is written once with `logitstore pack`, never in place")
             if not os.path.isfile(loc):
                 raise StoreStateError(f"{loc}: no such zip store; check the path")
+            check_zip_entries(Path(loc), FormatError, stored_only=True)  # R7: no inflation bomb
             return sync(ZipStore.open(loc, mode="r"))
         if is_url(loc):
             from zarr.storage import FsspecStore
@@ -96,11 +104,58 @@ def open_group(location: str | os.PathLike, mode: str = "r",
         raise
 
 
-def list_keys(store: Store) -> list[str]:
+def list_all_keys(store: Store, prefix: str = "") -> list[str]:
+    """Every key under `prefix`, temporary ones included."""
     async def collect() -> list[str]:
-        return [k async for k in store.list()]
+        return [k async for k in store.list_prefix(prefix)]
 
     return sorted(sync(collect()))
+
+
+def list_keys(store: Store) -> list[str]:
+    """The store's keys, without writers' temporary leftovers (TEMP_KEY)."""
+    return [k for k in list_all_keys(store) if not TEMP_KEY.search(k)]
+
+
+def stray_keys(store: Store) -> list[str]:
+    """Temporary files an interrupted write left behind (harmless; a writer removes them)."""
+    return [k for k in list_all_keys(store) if TEMP_KEY.search(k)]
+
+
+def remove_stray_keys(store: Store) -> int:
+    """Delete the temporary leftovers of an interrupted run (only files named by TEMP_KEY)."""
+    keys = stray_keys(store)
+    for k in keys:
+        sync(store.delete(k))
+    return len(keys)
+
+
+def _local_store_is_ours(path: Path) -> bool:
+    root = path / ROOT_KEY
+    if not root.is_file():
+        return False
+    attrs = root_attrs(root.read_bytes())
+    # An empty root group alone is a store killed between creating its root and its attributes.
+    return is_logitstore_root(attrs) or (attrs == {} and [p.name for p in path.iterdir()] == [ROOT_KEY])
+
+
+def check_store_destination(location: str, storage_options: dict[str, Any] | None = None,
+                            protected: Sequence[str] = (), flag: str = "--out") -> str:
+    """ABSENT, EMPTY or OURS for a store a command wants to write; refuses anything else in one line
+    (docs/FORMAT.md, "Writing"): a tool writes or replaces only a store of its own."""
+    if is_url(location):
+        keys = list_all_keys(open_raw_store(location, "w", storage_options))
+        if not keys:
+            return ABSENT
+        store = open_raw_store(location, "r", storage_options)
+        if is_logitstore_root(root_attrs(get_bytes(store, ROOT_KEY))):
+            return OURS
+        raise DestinationError(f"{flag} {location} holds {len(keys)} objects that are not a logitstore store; "
+                               "nothing was changed there; choose another prefix")
+    if is_zip(location):
+        raise DestinationError(f"{flag} {location}: a zip store is written once with `logitstore pack`")
+    return check_local_destination(location, is_ours=_local_store_is_ours, what="logitstore store",
+                                   protected=protected, flag=flag)
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:

@@ -23,7 +23,7 @@ from .sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from .teacher import load_teacher, probe_num_classes, resolve_preprocess
 from .views import apply_view, normalize, sample_view_params
 from .locations import stored_bytes
-from .writer import RowBatch, StoreWriter, open_writer
+from .writer import RowBatch, StoreWriter, already_complete, open_writer
 
 # --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
 # default, where importance weights are then exactly 1 (lowest variance). Colder proposals make the
@@ -52,6 +52,7 @@ class DumpSummary:
     seconds: float
     bytes_on_disk: int
     failures: list[tuple[str, str]]
+    nothing_to_do: bool = False  # the store was already complete with this recipe
 
     @property
     def images_per_s(self) -> float:
@@ -97,9 +98,9 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, Any] | None,
-                    overrides: dict[str, Any]) -> tuple[Any, Preprocess, int]:
+                    overrides: dict[str, Any], trust_modules: Sequence[str] = ()) -> tuple[Any, Preprocess, int]:
     """Load a teacher in eval mode, settle its preprocessing (flags over checkpoint), learn its width."""
-    t = load_teacher(teacher, weights, arch_kwargs)
+    t = load_teacher(teacher, weights, arch_kwargs, trust_modules)
     o = overrides
     pre = resolve_preprocess(t, {"size": list(o["size"]) if o.get("size") else None, "resize": o.get("resize"),
                                  "mean": list(o["mean"]) if o.get("mean") else None,
@@ -264,7 +265,8 @@ def prepare_dump(teacher: str, images: str, *, weights: str | None = None,
                  classes: str | Sequence[str] | None = None, chunk_rows: int | None = None,
                  crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  flip_prob: float = 0.5, embed_images: bool = False, keep_bits: int | None = None,
-                 targets: TargetSpec | None = None, local_rank: int | None = None) -> DumpJob:
+                 targets: TargetSpec | None = None, local_rank: int | None = None,
+                 trust_modules: Sequence[str] = ()) -> DumpJob:
     """Validate the flags, list the corpus, load the teacher onto its device and settle the metadata."""
     if dtype not in schema.LOGIT_DTYPES:
         raise LogitStoreError(f"--dtype {dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
@@ -280,7 +282,8 @@ def prepare_dump(teacher: str, images: str, *, weights: str | None = None,
     corpus = list_corpus(images)
 
     t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
-                                    {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode})
+                                    {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode},
+                                    trust_modules)
     names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if len(names) != width:
         raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
@@ -318,7 +321,7 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
          storage_options: dict[str, Any] | None = None, embed_images: bool = False,
          keep_bits: int | None = None, segment_rows: int | None = None, topk: int | None = None,
          sample: int | None = None, temperatures: Sequence[float] | None = None,
-         sample_temperature: float | None = None) -> DumpSummary:
+         sample_temperature: float | None = None, trust_modules: Sequence[str] = ()) -> DumpSummary:
     """Run `teacher` over `images` and write (or resume) the store at `out`. See `logitstore dump --help`.
 
     Under torchrun (WORLD_SIZE set), or to finish a store a distributed dump started, the work is
@@ -335,13 +338,17 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
                        classes=classes, chunk_rows=chunk_rows, crop_scale=crop_scale, crop_ratio=crop_ratio,
                        flip_prob=flip_prob, embed_images=embed_images, keep_bits=keep_bits,
                        targets=target_spec(topk, sample, temperatures, sample_temperature),
-                       local_rank=None if ctx is None else ctx.local_rank)
+                       local_rank=None if ctx is None else ctx.local_rank, trust_modules=trust_modules)
+    done = None if overwrite else already_complete(out, job.meta, storage_options, [job.meta.corpus.root])
+    if done is not None:  # the same command after the store completed: nothing to do
+        return make_summary(job, out, done, done.corpus.n_images, 0.0, 0, [], nothing_to_do=True)
     if ctx is not None:
         return distributed.dump_distributed(job, out, ctx, overwrite=overwrite, storage_options=storage_options,
                                             segment_rows=segment_rows, progress=progress, on_batch=on_batch)
     if segment_rows is not None:
         raise LogitStoreError("--segment-rows applies to distributed dumps only (run under torchrun)")
-    writer = open_writer(out, job.meta, overwrite=overwrite, storage_options=storage_options)
+    writer = open_writer(out, job.meta, overwrite=overwrite, storage_options=storage_options,
+                         protected=[job.meta.corpus.root])
     resumed_rows, start = writer.progress.rows, writer.progress.next_source
     n_listed = len(job.corpus.ids)
     t0 = time.perf_counter()
@@ -363,12 +370,12 @@ def dump(teacher: str, images: str, out: str, *, weights: str | None = None,
 
 
 def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
-                 failures: list[tuple[str, str]]) -> DumpSummary:
+                 failures: list[tuple[str, str]], nothing_to_do: bool = False) -> DumpSummary:
     return DumpSummary(out=out, n_listed=len(job.corpus.ids), n_images=meta.corpus.n_images,
                        n_failed=meta.corpus.n_failed, views=meta.views.count, num_classes=meta.num_classes,
                        dtype=meta.dtype, precision=meta.precision, device=str(job.device),
                        chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows, seconds=seconds,
-                       bytes_on_disk=nbytes, failures=failures)
+                       bytes_on_disk=nbytes, failures=failures, nothing_to_do=nothing_to_do)
 
 
 def _failures_only(failures: list[tuple[int, str, str]], v: int, c: int, np_dtype: Any) -> RowBatch:

@@ -6,6 +6,8 @@ two change together.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -14,11 +16,21 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
-# A store of full logits is written as 1.0 (its layout did not change, so 1.0 readers read it);
-# 1.1 added sparse teacher targets (`targets`), which 1.0 readers refuse (no `logits` array).
-FULL_LOGITS_VERSION = f"{FORMAT_MAJOR}.0"
+# 1.1 added sparse teacher targets (`targets`); 1.2 added the metadata checksum
+# (fingerprints["metadata"]), which a complete 1.2 store must carry. Every new store is 1.2.
+METADATA_CHECKSUM_SINCE = (1, 2)
+UNSEALED_KEYS = ("created", "versions")  # provenance, outside the checksum
+
+# Bounds a reader enforces before it allocates anything from metadata (docs/FORMAT.md, R3).
+MAX_SIDE = 4096            # teacher input height / width, pixels
+MAX_RESIZE = 8192          # shorter side before the centre crop
+MAX_VIEWS = 1024           # views per image
+MAX_CLASSES = 1 << 20      # classes (outputs) of a teacher
+MAX_ROW_LOGITS = 1 << 24   # views x classes per image
+MAX_CHUNK_ROWS = 1 << 20
+MAX_TEXT = 4096            # characters of any free-text attribute (paths, names, versions)
 
 # Root group attribute that holds all of our metadata (namespaced so other tools may add theirs).
 ATTR_ROOT = "logitstore"
@@ -74,6 +86,46 @@ MODES = ("RGB", "L")
 INTERPOLATION = "bilinear-antialias"
 
 
+
+# -- strict attribute types (docs/FORMAT.md, R3): a boolean is a boolean, a count an integer ---------
+def whole(v: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise FormatError(f"attribute {name} = {str(v)[:40]!r} must be an integer in {lo}..{hi} (docs/FORMAT.md, R3)")
+    return v
+
+
+def number(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise FormatError(f"attribute {name} = {str(v)[:40]!r} must be a finite number (docs/FORMAT.md, R3)")
+    return float(v)
+
+
+def numbers(v: Any, name: str, n: int | None = None) -> tuple[float, ...]:
+    if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n) or len(v) > 64:
+        raise FormatError(f"attribute {name} must be a list of {n or 'up to 64'} numbers (docs/FORMAT.md, R3)")
+    return tuple(number(x, name) for x in v)
+
+
+def text(v: Any, name: str, limit: int = MAX_TEXT) -> str:
+    if not isinstance(v, str) or len(v) > limit:
+        raise FormatError(f"attribute {name} must be a string of at most {limit} characters (docs/FORMAT.md, R3)")
+    return v
+
+
+def flag(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise FormatError(f"attribute {name} = {str(v)[:40]!r} must be true or false (docs/FORMAT.md, R3)")
+    return v
+
+
+def class_names(v: Any) -> tuple[str, ...]:
+    """classes: a list of 1..MAX_CLASSES unique, non-empty strings."""
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_CLASSES or \
+            not all(isinstance(c, str) and 0 < len(c) <= MAX_TEXT for c in v) or len(set(v)) != len(v):
+        raise FormatError(f"classes must be a list of 1..{MAX_CLASSES} unique non-empty names (docs/FORMAT.md, R3)")
+    return tuple(v)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes the teacher's input (see views.py for the exact steps)."""
@@ -97,17 +149,18 @@ class Preprocess:
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
         try:
             size = d["size"]
-            if isinstance(size, int):
+            if isinstance(size, int) and not isinstance(size, bool):
                 size = [size, size]
-            mode = d.get("mode", "RGB")
+            if not isinstance(size, (list, tuple)) or len(size) != 2:
+                raise ValueError("size must be [H, W]")
+            mode = text(d.get("mode", "RGB"), "preprocess.mode", 8)
             channels = 3 if mode == "RGB" else 1
-            mean = [float(x) for x in d.get("mean", [0.0] * channels)]
-            std = [float(x) for x in d.get("std", [1.0] * channels)]
-            pre = cls(size=(int(size[0]), int(size[1])),
-                      resize=None if d.get("resize") is None else int(d["resize"]),
-                      mean=tuple(mean), std=tuple(std), mode=mode,
-                      interpolation=d.get("interpolation", INTERPOLATION))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            pre = cls(size=tuple(whole(x, "preprocess.size", 1, MAX_SIDE) for x in size),
+                      resize=None if d.get("resize") is None else whole(d["resize"], "preprocess.resize", 1, MAX_RESIZE),
+                      mean=numbers(d.get("mean", [0.0] * channels), "preprocess.mean"),
+                      std=numbers(d.get("std", [1.0] * channels), "preprocess.std"), mode=mode,
+                      interpolation=text(d.get("interpolation", INTERPOLATION), "preprocess.interpolation", 64))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise FormatError(f"preprocess {d!r} is malformed ({exc}); it needs size [H, W], "
                               "and optionally resize, mean, std, mode") from None
         pre.check()
@@ -116,14 +169,17 @@ class Preprocess:
     def check(self) -> None:
         if self.mode not in MODES:
             raise FormatError(f"preprocess mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if min(self.size) < 1 or (self.resize is not None and self.resize < 1):
-            raise FormatError(f"preprocess size {list(self.size)} / resize {self.resize} must be positive")
+        if not (1 <= min(self.size) and max(self.size) <= MAX_SIDE) or \
+                (self.resize is not None and not 1 <= self.resize <= MAX_RESIZE):
+            raise FormatError(f"preprocess size {list(self.size)} / resize {self.resize} must be in 1..{MAX_SIDE} "
+                              f"(resize 1..{MAX_RESIZE}) pixels (docs/FORMAT.md, R3)")
         for name, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, self.channels):
                 raise FormatError(f"preprocess {name} has {len(vals)} values; mode {self.mode} "
                                   f"needs 1 or {self.channels}")
-        if any(s <= 0 for s in self.std):
-            raise FormatError("preprocess std values must be positive")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or any(s < 1e-6 for s in self.std):
+            raise FormatError(f"preprocess mean {list(self.mean)} / std {list(self.std)} must be finite, "
+                              "with every std >= 1e-6 (docs/FORMAT.md, R3)")
         if self.interpolation != INTERPOLATION:
             raise FormatError(f"preprocess interpolation {self.interpolation!r} is not understood "
                               f"(this reader knows {INTERPOLATION!r})")
@@ -145,8 +201,13 @@ class ViewSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
-        spec = cls(count=int(d["count"]), kind=d["kind"], scale=tuple(d["scale"]),
-                   ratio=tuple(d["ratio"]), flip_prob=float(d["flip_prob"]))
+        spec = cls(count=whole(d["count"], "views.count", 1, MAX_VIEWS), kind=text(d["kind"], "views.kind"),
+                   scale=numbers(d["scale"], "views.scale", 2), ratio=numbers(d["ratio"], "views.ratio", 2),
+                   flip_prob=number(d["flip_prob"], "views.flip_prob"))
+        if not (0 < spec.scale[0] <= spec.scale[1] <= 1 and 0 < spec.ratio[0] <= spec.ratio[1] <= 1e3
+                and 0 <= spec.flip_prob <= 1):
+            raise FormatError(f"views {d} out of range: 0 < scale <= 1, 0 < ratio, 0 <= flip_prob <= 1 "
+                              "(docs/FORMAT.md, R3)")
         if spec.kind not in VIEW_KINDS:
             raise FormatError(f"views kind {spec.kind!r} is not understood (known: {', '.join(VIEW_KINDS)})")
         if spec.count < 1 or (spec.kind == "eval" and spec.count != 1):
@@ -167,8 +228,12 @@ class TeacherInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TeacherInfo":
-        return cls(arch=d["arch"], source=d["source"], file=d["file"], sha256=d["sha256"],
-                   arch_kwargs=dict(d.get("arch_kwargs") or {}))
+        kwargs = d.get("arch_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise FormatError(f"teacher.arch_kwargs must be an object, not {type(kwargs).__name__}")
+        return cls(arch=text(d["arch"], "teacher.arch"), source=text(d["source"], "teacher.source"),
+                   file=text(d["file"], "teacher.file"), sha256=text(d["sha256"], "teacher.sha256"),
+                   arch_kwargs=dict(kwargs))
 
 
 @dataclass(frozen=True)
@@ -185,7 +250,10 @@ class CorpusInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CorpusInfo":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        info = cls(root=text(d["root"], "corpus.root"), listing=text(d["listing"], "corpus.listing"),
+                   listing_sha256=text(d["listing_sha256"], "corpus.listing_sha256"),
+                   **{k: whole(d[k], f"corpus.{k}", 0, 1 << 62) for k in ("n_listed", "n_images", "n_failed")})
+        return info
 
 
 @dataclass(frozen=True)
@@ -254,6 +322,26 @@ class StoreMeta:
                 "extra_teachers": [t.to_dict() for t in self.extra_teachers],
                 **({"targets": self.targets.to_dict()} if self.sparse else {})}
 
+    def metadata_checksum(self) -> str:
+        """sha256 of the canonical JSON of what the root attribute says the rows mean (all of it but
+        this checksum, `created` and `versions`).
+
+        Computed on the metadata as a reader parses it, so the values that were written (an int
+        mean, a tuple) hash the same as the values that are read back (a float, a list).
+        """
+        doc = meta_from_attrs({ATTR_ROOT: json.loads(json.dumps(self.to_dict()))}, check_seal=False).to_dict()
+        doc["fingerprints"] = {k: v for k, v in doc["fingerprints"].items() if k != "metadata"}
+        for provenance in UNSEALED_KEYS:  # when and with what it ran: equal dumps stay equal
+            doc.pop(provenance)
+        canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return "sha256:" + hashlib.sha256(canon.encode("ascii")).hexdigest()
+
+    def sealed(self) -> "StoreMeta":
+        """This complete store's metadata with its checksum (fingerprints["metadata"]) recorded."""
+        fps = {k: v for k, v in self.fingerprints.items() if k != "metadata"}
+        unsealed = dataclasses.replace(self, fingerprints=fps)
+        return dataclasses.replace(self, fingerprints={**fps, "metadata": unsealed.metadata_checksum()})
+
     def run_fingerprint(self) -> dict[str, Any]:
         """What must be equal for a dump to resume into this store (everything that changes bytes)."""
         return {"teacher": f"{self.teacher.arch} sha256={self.teacher.sha256}",
@@ -311,8 +399,8 @@ class TargetSpec:
 
 
 def version_for(targets: TargetSpec) -> str:
-    """The format version a writer records: the lowest that describes the store."""
-    return FULL_LOGITS_VERSION if targets.kind == TARGET_LOGITS else FORMAT_VERSION
+    """The format version a writer records (every kind of target: the metadata checksum is 1.2)."""
+    return FORMAT_VERSION
 
 
 def index_dtype(num_classes: int) -> str:
@@ -336,8 +424,9 @@ class ExtraTeacher:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtraTeacher":
-        return cls(d["name"], TeacherInfo.from_dict(d["teacher"]), Preprocess.from_dict(d["preprocess"]),
-                   d["precision"], d["fingerprint"])
+        return cls(text(d["name"], "extra_teachers.name", 64), TeacherInfo.from_dict(d["teacher"]),
+                   Preprocess.from_dict(d["preprocess"]), text(d["precision"], "extra_teachers.precision", 16),
+                   text(d["fingerprint"], "extra_teachers.fingerprint", 128))
 
 
 TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -357,42 +446,58 @@ def pixel_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
     return rows
 
 
-def parse_version(text: str) -> tuple[int, int]:
-    try:
-        major, minor = (int(p) for p in str(text).split("."))
-    except ValueError:
-        raise FormatError(f"format_version {text!r} is not MAJOR.MINOR") from None
+def parse_version(version: Any) -> tuple[int, int]:
+    if not isinstance(version, str) or not re.fullmatch(r"\d{1,4}\.\d{1,4}", version):
+        raise FormatError(f"format_version {str(version)[:40]!r} is not MAJOR.MINOR")
+    major, minor = (int(p) for p in version.split("."))
     return major, minor
 
 
-def check_version(text: str) -> None:
+def check_version(version: Any) -> None:
     """Readers accept their own major (any minor up to theirs, and newer minors' known fields)."""
-    major, _minor = parse_version(text)
+    major, _minor = parse_version(version)
     if major != FORMAT_MAJOR:
         newer = "newer" if major > FORMAT_MAJOR else "older"
-        raise FormatError(f"store format {text} is a {newer} major version than this reader's "
+        raise FormatError(f"store format {version} is a {newer} major version than this reader's "
                           f"{FORMAT_VERSION}; use a logitstore release that reads format {major}.x")
 
 
-def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
-    """Validate the root attribute and build StoreMeta, refusing what this reader does not understand."""
+def _string_map(v: Any, name: str) -> dict[str, str]:
+    if not isinstance(v, dict) or len(v) > 64 or not all(isinstance(k, str) and isinstance(x, str)
+                                                         and len(x) <= MAX_TEXT for k, x in v.items()):
+        raise FormatError(f"attribute {name} must be an object of at most 64 strings (docs/FORMAT.md, R3)")
+    return dict(v)
+
+
+def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta:
+    """Validate the root attribute and build StoreMeta, refusing what this reader does not understand.
+
+    Every attribute is checked for its type and range (R3), and a complete store of format 1.2 or
+    later for its metadata checksum (R4), before any value is used to allocate or to read.
+    """
     if ATTR_ROOT not in attrs:
         raise FormatError(f"no '{ATTR_ROOT}' attribute on the root group: not a logitstore store")
     d = attrs[ATTR_ROOT]
+    if not isinstance(d, dict):
+        raise FormatError(f"the '{ATTR_ROOT}' attribute must be an object, not {type(d).__name__} (docs/FORMAT.md, R3)")
     check_version(d.get("format_version", "?"))
     try:
+        classes = class_names(d["classes"])
+        pixels = d.get("embedded_pixels", False)
         meta = StoreMeta(
-            format_version=d["format_version"], complete=bool(d["complete"]),
-            classes=tuple(str(c) for c in d["classes"]),
+            format_version=d["format_version"], complete=flag(d["complete"], "complete"), classes=classes,
             preprocess=Preprocess.from_dict(d["preprocess"]), views=ViewSpec.from_dict(d["views"]),
             teacher=TeacherInfo.from_dict(d["teacher"]), corpus=CorpusInfo.from_dict(d["corpus"]),
-            dtype=d["dtype"], precision=d["precision"], seed=int(d["seed"]),
-            chunk_rows=int(d["chunk_rows"]), batch_size=int(d["batch_size"]),
-            created=d["created"], versions=dict(d["versions"]), fingerprints=dict(d.get("fingerprints") or {}),
-            embedded_pixels=bool(d.get("embedded_pixels", False)),
-            keep_bits=None if d.get("keep_bits") is None else int(d["keep_bits"]),
+            dtype=text(d["dtype"], "dtype", 16), precision=text(d["precision"], "precision", 16),
+            seed=whole(d["seed"], "seed", 0, (1 << 63) - 1),
+            chunk_rows=whole(d["chunk_rows"], "chunk_rows", 1, MAX_CHUNK_ROWS),
+            batch_size=whole(d["batch_size"], "batch_size", 1, MAX_CHUNK_ROWS),
+            created=text(d["created"], "created", 64), versions=_string_map(d["versions"], "versions"),
+            fingerprints=_string_map(d.get("fingerprints") or {}, "fingerprints"),
+            embedded_pixels=flag(pixels, "embedded_pixels"),
+            keep_bits=None if d.get("keep_bits") is None else whole(d["keep_bits"], "keep_bits", 1, 22),
             extra_teachers=tuple(ExtraTeacher.from_dict(t) for t in d.get("extra_teachers") or ()),
-            targets=None if d.get("targets") is None else TargetSpec.from_dict(d["targets"], len(d["classes"])))
+            targets=None if d.get("targets") is None else TargetSpec.from_dict(d["targets"], len(classes)))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
     except (TypeError, ValueError, AttributeError) as exc:
@@ -402,14 +507,22 @@ def meta_from_attrs(attrs: dict[str, Any]) -> StoreMeta:
         raise FormatError("a complete store must carry fingerprints teacher, corpus and contents")
     if meta.dtype not in LOGIT_DTYPES:
         raise FormatError(f"logits dtype {meta.dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
-    if meta.num_classes < 1 or len(set(meta.classes)) != meta.num_classes:
-        raise FormatError("classes must be a non-empty list of unique names")
-    if meta.chunk_rows < 1:
-        raise FormatError("chunk_rows must be positive")
+    if meta.views.count * meta.num_classes > MAX_ROW_LOGITS:
+        raise FormatError(f"{meta.views.count} views x {meta.num_classes} classes exceeds {MAX_ROW_LOGITS} "
+                          "logits per image (docs/FORMAT.md, R3)")
     check_keep_bits(meta.keep_bits, meta.dtype)
     names = meta.teacher_names
     if len(set(names)) != len(names) or not all(TEACHER_NAME.match(n) for n in names):
         raise FormatError(f"teacher names {names} must be unique and match {TEACHER_NAME.pattern}")
+    if check_seal and meta.complete and parse_version(meta.format_version) >= METADATA_CHECKSUM_SINCE:
+        recorded = meta.fingerprints.get("metadata")
+        if recorded is None:
+            raise FormatError("a complete store of format 1.2 must carry its metadata checksum "
+                              "(fingerprints.metadata; docs/FORMAT.md, R4)")
+        if recorded != meta.metadata_checksum():
+            raise FormatError("the store's metadata was changed after it was written: its checksum "
+                              "(fingerprints.metadata) no longer matches (docs/FORMAT.md, R4); restore the "
+                              "store's zarr.json from its source")
     return meta
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli_types import count
 from .corpus import read_and_decode
 from .errors import CorpusError, IntegrityError, LogitStoreError
 from .inspect_store import predictions
@@ -161,10 +162,10 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
 @click.option("--images", default=None, type=click.Path(),
               help="Corpus root the store was dumped from [default: the root recorded in the store].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--per-class", default=8, show_default=True, type=int, help="Images drawn per class.")
-@click.option("--max-classes", default=20, show_default=True, type=int,
+@click.option("--per-class", default=8, show_default=True, type=count(1, 1000), help="Images drawn per class.")
+@click.option("--max-classes", default=20, show_default=True, type=count(1, 1000),
               help="Rows drawn when the teacher has more classes (the most predicted ones).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Which images are drawn.")
+@click.option("--seed", default=0, show_default=True, type=count(0), help="Which images are drawn.")
 def show(store: str, images: str | None, out: str, per_class: int, max_classes: int, seed: int) -> None:
     """A contact sheet: sample images grouped by the teacher's top-1 class, with its confidence and
     the class histogram. Use it to judge whether an unlabeled corpus will teach anything."""

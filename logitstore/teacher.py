@@ -6,26 +6,22 @@ architectures are named ("torchvision:NAME" or "package.module:factory"), never 
 from __future__ import annotations
 
 import hashlib
-import pickle
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from .arch import build_model
-from .errors import TeacherError
+from .arch import MAX_CLASSES, build_model
+from .checkpoint import check_zip_entries, load_weights_only
+from .errors import FormatError, TeacherError
 from .schema import Preprocess, TeacherInfo
 
 IMAGENET_PREPROCESS = {"size": [224, 224], "resize": 256, "mean": [0.485, 0.456, 0.406],
                        "std": [0.229, 0.224, 0.225], "mode": "RGB"}
-
-SAVE_HINT = ("save a state-dict checkpoint instead: torch.save({'arch': 'torchvision:resnet18' or "
-             "'package.module:factory', 'arch_kwargs': {...}, 'state_dict': model.state_dict(), "
-             "'classes': [...], 'preprocess': {...}}, PATH)")
-
 
 @dataclass
 class Teacher:
@@ -51,60 +47,76 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def _load_weights_only(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise TeacherError(f"{path}: refused to unpickle it (it holds Python objects such as a whole "
-                           f"nn.Module, and loading it would run arbitrary code); {SAVE_HINT}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise TeacherError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}); "
-                           "pass a torch.save'd state-dict checkpoint, a TorchScript file or a .pt2 program") from None
-
-
 def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
         first = " ".join(str(exc).split())[:400]
         raise TeacherError(f"{where}: the weights do not fit the architecture ({first})") from None
 
 
-def load_teacher(teacher: str, weights: str | None = None,
-                 arch_kwargs: dict[str, Any] | None = None) -> Teacher:
-    """Load any accepted teacher form. See `logitstore dump --help` for the list."""
+def load_teacher(teacher: str, weights: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+                 trust_modules: Sequence[str] = ()) -> Teacher:
+    """Load any accepted teacher form. See `logitstore dump --help` for the list.
+
+    An architecture named inside a checkpoint is resolved under the trust rule (logitstore/arch.py):
+    registries, built-in students and `trust_modules` only. One typed as `teacher` is trusted.
+    """
     path = Path(teacher).expanduser()
     if weights is not None or (not path.exists() and ":" in teacher):
         return _load_factory(teacher, weights, arch_kwargs)
     if not path.is_file():
         raise TeacherError(f"{teacher}: no such teacher file; pass a checkpoint, TorchScript or .pt2 "
                            "file, or 'torchvision:NAME --weights FILE'")
+    if path.stat().st_size == 0:
+        raise TeacherError(f"{path}: the file is empty; it was not saved completely, save or copy it again")
+    check_zip_entries(path)
     sha = file_sha256(path)
     if path.suffix == ".pt2":
+        log = logging.getLogger("torch.export")
+        level = log.level
+        log.setLevel(logging.ERROR)  # it logs its own warning before raising; our one line says it all
         try:
             program = torch.export.load(str(path))
         except Exception as exc:  # torch.export raises many kinds on bad files
             raise TeacherError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        finally:
+            log.setLevel(level)
         return Teacher(program.module(), TeacherInfo("torch.export", "export", str(path), sha), None, None)
     if _is_torchscript(path):
         try:
             module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as exc:
-            raise TeacherError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # torch.jit raises many kinds on damaged files
+            raise TeacherError(f"{path}: not a loadable TorchScript file ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         return Teacher(module, TeacherInfo("torchscript", "torchscript", str(path), sha), None, None)
-    ckpt = _load_weights_only(path)
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise TeacherError(f"{path}: a checkpoint must be a dict with 'arch' and 'state_dict' (found {keys}); "
                            f"for bare weights use --teacher torchvision:NAME --weights {path}")
-    kwargs = dict(ckpt.get("arch_kwargs") or {})
-    kwargs.update(arch_kwargs or {})
-    model = build_model(str(ckpt["arch"]), kwargs)
+    kwargs = {**(ckpt.get("arch_kwargs") or {}), **(arch_kwargs or {})}
+    model = build_model(ckpt["arch"], kwargs, trust_modules=trust_modules, where=str(path))
     _load_state_dict(model, ckpt["state_dict"], str(path))
     info = TeacherInfo(str(ckpt["arch"]), "checkpoint", str(path), sha, kwargs)
-    classes = [str(c) for c in ckpt["classes"]] if ckpt.get("classes") is not None else None
-    return Teacher(model, info, classes, ckpt.get("preprocess"))
+    return Teacher(model, info, _file_classes(ckpt.get("classes"), str(path)), _file_preprocess(ckpt, str(path)))
+
+
+def _file_classes(classes: Any, where: str) -> list[str] | None:
+    """Class names from a file: a list of at most MAX_CLASSES names, or nothing."""
+    if classes is None:
+        return None
+    if not isinstance(classes, (list, tuple)) or not 1 <= len(classes) <= MAX_CLASSES:
+        raise TeacherError(f"{where}: 'classes' must be a list of 1..{MAX_CLASSES} names")
+    return [str(c) for c in classes]
+
+
+def _file_preprocess(ckpt: dict[str, Any], where: str) -> dict[str, Any] | None:
+    pre = ckpt.get("preprocess")
+    if pre is not None and not isinstance(pre, dict):
+        raise TeacherError(f"{where}: 'preprocess' must be a dict (size, resize, mean, std, mode)")
+    return pre
 
 
 def _load_factory(arch: str, weights: str | None, arch_kwargs: dict[str, Any] | None) -> Teacher:
@@ -113,19 +125,19 @@ def _load_factory(arch: str, weights: str | None, arch_kwargs: dict[str, Any] | 
     wpath = Path(weights).expanduser()
     if not wpath.is_file():
         raise TeacherError(f"{weights}: no such weights file; check --weights")
-    state = _load_weights_only(wpath)
+    state = load_weights_only(wpath)
     classes = preprocess = None
     kwargs = dict(arch_kwargs or {})
     if isinstance(state, dict) and "state_dict" in state:  # a full checkpoint given as weights
-        classes, preprocess = state.get("classes"), state.get("preprocess")
+        classes, preprocess = _file_classes(state.get("classes"), str(wpath)), _file_preprocess(state, str(wpath))
         kwargs = {**(state.get("arch_kwargs") or {}), **kwargs}
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise TeacherError(f"{weights}: expected a state dict (name -> tensor), found {type(state).__name__}")
-    model = build_model(arch, kwargs)
+    model = build_model(arch, kwargs, typed=True, where="--teacher")  # typed by the user: trusted
     _load_state_dict(model, state, str(wpath))
     info = TeacherInfo(arch, "factory", str(wpath), file_sha256(wpath), kwargs)
-    return Teacher(model, info, [str(c) for c in classes] if classes else None, preprocess)
+    return Teacher(model, info, classes, preprocess)
 
 
 def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preprocess:
@@ -140,11 +152,15 @@ def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preproces
     mode = base.get("mode", "RGB")
     if "mean" not in base and "std" not in base:
         base["mean"], base["std"] = [0.0] * (3 if mode == "RGB" else 1), [1.0] * (3 if mode == "RGB" else 1)
-    return Preprocess.from_dict(base)
+    try:
+        return Preprocess.from_dict(base)
+    except FormatError as exc:
+        raise TeacherError(f"{teacher.info.file}: its preprocessing is refused: {exc}") from None
 
 
 def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Preprocess, where: str) -> int:
     """Run one dummy input through the teacher to learn its output width (and that it runs)."""
+    pre.check()  # bounded sizes: the dummy input below is allocated from them
     x = torch.zeros(2, pre.channels, *pre.size)
     try:
         with torch.no_grad():
@@ -155,4 +171,7 @@ def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Prepro
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TeacherError(f"{where}: the teacher must return logits of shape [batch, classes]; it returned {shape}")
+    if not 1 <= out.shape[1] <= MAX_CLASSES:
+        raise TeacherError(f"{where}: the teacher returns {out.shape[1]} logits per image; the format allows "
+                           f"1..{MAX_CLASSES} classes")
     return int(out.shape[1])

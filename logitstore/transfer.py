@@ -10,17 +10,18 @@ import json
 import os
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import google_crc32c
 from zarr.core.sync import sync
 
 from . import schema
-from .errors import IntegrityError, StoreStateError
-from .locations import (ROOT_KEY, delete_all, get_bytes, is_zip, key_exists, list_keys, open_raw_store,
-                        retire_root, set_bytes)
+from .destination import OURS, is_logitstore_root, root_attrs
+from .errors import DestinationError, FormatError, IntegrityError, StoreStateError
+from .locations import (ROOT_KEY, check_store_destination, delete_all, get_bytes, is_url, is_zip, key_exists,
+                        list_keys, open_raw_store, remove_stray_keys, retire_root, set_bytes)
 from .store import open_store
-
 
 
 @dataclass
@@ -64,7 +65,10 @@ def copy_store(src: str, dst: str, *, src_options: dict[str, Any] | None = None,
     if is_zip(dst):
         _write_zip(sstore, keys, root, dst, src, overwrite, report, on_key)
         return report
+    state = check_store_destination(dst, dst_options, [src], flag="DST")
     dstore = open_raw_store(dst, "w", dst_options)
+    if state == OURS:
+        remove_stray_keys(dstore)  # an interrupted copy's temporary files
     existing = get_bytes(dstore, ROOT_KEY)
     if existing is not None and not overwrite:
         attrs = json.loads(existing).get("attributes", {})
@@ -105,6 +109,18 @@ def _copy_key(sstore: Any, dstore: Any, key: str, src: str, report: CopyReport,
         on_key(1)
 
 
+def _parents(path: str) -> list[str]:
+    return [str(p) for p in Path(os.path.abspath(path)).parents]
+
+
+def _zip_root(path: str) -> dict[str, Any] | None:
+    """The root attributes of a packed store at `path`, None when it is not one."""
+    try:
+        return root_attrs(get_bytes(open_raw_store(path, "r"), ROOT_KEY))
+    except (FormatError, StoreStateError, zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
 def _write_zip(sstore: Any, keys: list[str], root: bytes, dst: str, src: str, overwrite: bool,
                report: CopyReport, on_key: Callable[[int], None] | None) -> None:
     # A zip is written once, front to back, into a temporary name renamed at the end: zarr's
@@ -112,8 +128,21 @@ def _write_zip(sstore: Any, keys: list[str], root: bytes, dst: str, src: str, ov
     # mistaken for a store. Entries are stored, not deflated (chunks are compressed already).
     from zarr.storage import ZipStore
 
-    if os.path.exists(dst) and not overwrite:
-        raise StoreStateError(f"{dst} exists; pass --overwrite to replace it")
+    if not is_url(src) and os.path.abspath(src) in (os.path.abspath(dst), *_parents(dst)):
+        raise DestinationError(f"OUT {dst} lies inside the store it packs ({src}); write it elsewhere")
+    if os.path.lexists(dst):
+        there = _zip_root(dst)
+        if not is_logitstore_root(there):
+            raise DestinationError(f"OUT {dst} exists and is not a packed logitstore store; nothing was changed; "
+                                   "choose another path")
+        meta = there.get(schema.ATTR_ROOT) or {}
+        same = meta.get("complete") is True and (meta.get("fingerprints") or {}).get("contents") == \
+            json.loads(root)["attributes"][schema.ATTR_ROOT]["fingerprints"]["contents"]
+        if same and not overwrite:
+            report.skipped = report.keys  # the same cache is already packed there
+            return
+        if not overwrite:
+            raise StoreStateError(f"{dst} holds another packed store; pass --overwrite to replace it")
     tmp = dst + ".partial"
     if os.path.exists(tmp):
         os.remove(tmp)

@@ -12,18 +12,19 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import schema
+from .destination import OURS
 from .errors import ResumeMismatchError, StoreStateError
 from .schema import StoreMeta
 from .store import LogitStore, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints, teacher_fingerprint
-from .locations import open_group, retire_root
+from .locations import check_store_destination, open_group, remove_stray_keys, retire_root
 
 
 def chunk_codecs() -> list[Any]:
@@ -295,7 +296,7 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
     # Reading every chunk back both fingerprints the contents and proves each chunk decodes
     # (checksums included) before the store is called complete.
     rows = row_fingerprints(LogitStore(str(group.store), group, meta, n))
-    meta = replace(meta, fingerprints={"teacher": teacher_fingerprint(meta.teacher), **rows})
+    meta = replace(meta, fingerprints={"teacher": teacher_fingerprint(meta.teacher), **rows}).sealed()
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     if schema.ATTR_PROGRESS in group.attrs:
         del group.attrs[schema.ATTR_PROGRESS]
@@ -304,25 +305,47 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
 
 def check_resumable(path: str, old: StoreMeta, meta: StoreMeta) -> None:
     """Refuse to resume a complete store, or one started with different settings (naming them)."""
-    if old.complete:
-        raise StoreStateError(f"{path} is already a complete store; pass --overwrite to replace it "
-                              "or choose another --out")
     diff = describe_differences(old.run_fingerprint(), meta.run_fingerprint())
+    if old.complete:
+        what = f"made with a different recipe ({diff})" if diff else "made with this recipe"
+        raise StoreStateError(f"{path} is already a complete store {what}; pass --overwrite to replace it "
+                              "or choose another --out")
     if diff:
         raise ResumeMismatchError(f"{path} holds an unfinished dump started differently ({diff}); "
                                   "re-run with the original settings, or pass --overwrite to start over")
 
 
+def already_complete(path: str, meta: StoreMeta, storage_options: dict[str, Any] | None = None,
+                     protected: Sequence[str] = ()) -> StoreMeta | None:
+    """The metadata of the complete store at `path` if this very recipe made it (a re-run has nothing
+    to do), None if there is no complete store there; a complete store of another recipe is refused."""
+    if check_store_destination(path, storage_options, protected) != OURS:
+        return None
+    group = open_group(path, mode="r", storage_options=storage_options)
+    if schema.ATTR_ROOT not in group.attrs:
+        return None
+    old = schema.meta_from_attrs(dict(group.attrs))
+    if not old.complete:
+        return None
+    if describe_differences(old.run_fingerprint(), meta.run_fingerprint()):
+        check_resumable(path, old, meta)  # raises, naming the differences
+    return old
+
+
 def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
                 storage_options: dict[str, Any] | None = None,
-                span: tuple[int, int] | None = None) -> StoreWriter:
+                span: tuple[int, int] | None = None, protected: Sequence[str] = ()) -> StoreWriter:
     """Create a store at `path`, or resume the incomplete one there if it was started identically.
 
+    `path` must be absent, empty or a store of ours (`check_store_destination`); `protected` are the
+    paths the command reads (the corpus, source stores), which it must not overlap.
     `span` = (lo, hi): the store receives only listing positions [lo, hi) (one segment of a
     distributed dump; see logitstore/distributed.py) and is left for assembly when closed.
     """
     lo, hi = span or (0, meta.corpus.n_listed)
+    check_store_destination(path, storage_options, protected)
     group = open_group(path, mode="a", storage_options=storage_options)
+    remove_stray_keys(group.store)  # an interrupted run's temporary files
     existing = group.attrs.get(schema.ATTR_ROOT)
     if existing is not None and not overwrite:
         old = schema.meta_from_attrs(dict(group.attrs))
@@ -335,9 +358,6 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
         if progress.rows == 0 and not set(row_array_names(meta)) <= set(group.array_keys()):
             create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)
-    if existing is None and any(True for _ in group.keys()) and not overwrite:
-        raise StoreStateError(f"{path} holds something that is not a logitstore store; "
-                              "choose another --out or pass --overwrite")
     retire_root(group.store)
     group = open_group(path, mode="w", storage_options=storage_options)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()

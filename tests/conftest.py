@@ -14,13 +14,20 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 MNIST = REPO.parent / "shared" / "datasets" / "mnist.npz"
+# The test teachers name `nets:...` (tests/nets.py): the tests trust that module, as a user trusts
+# their own, so every checkpoint they write loads (logitstore/arch.py, the trust rule).
+os.environ.setdefault("LOGITSTORE_TRUST_MODULES", "nets")
 MNIST_PRE = {"size": [28, 28], "mean": [0.1307], "std": [0.3081], "mode": "L"}
 CLASSES = [str(i) for i in range(10)]
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """Run `python -m logitstore ...` (or trainer) as a user would, with tests/ importable."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+def run_cli(*args: str, check: bool = True, timeout: float = 300, env: dict[str, str | None] | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    """Run `python -m logitstore ...` (or trainer) as a user would, with tests/ importable.
+
+    `env` changes the environment (a None value removes the variable)."""
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {k: v for k, v in {**base, **(env or {})}.items() if v is not None}
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, **kw)
     if check and proc.returncode != 0:
@@ -34,6 +41,28 @@ def mnist() -> dict[str, np.ndarray]:
         pytest.fail(f"{MNIST} is missing: the tests need ../shared/datasets/mnist.npz beside the repository")
     with np.load(MNIST) as d:
         return {k: d[k] for k in d.files}
+
+
+def invoke(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """The same command line as `run_cli`, run in this process (click's runner): for the many quick
+    refusals, where starting Python and torch again would cost seconds each."""
+    from click.testing import CliRunner
+
+    main = __import__(f"{tool}.cli", fromlist=["main"]).main
+    r = CliRunner().invoke(main, list(args))
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess([tool, *args], r.exit_code, r.stdout, r.stderr)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """A user error: exit `code`, one line on stderr naming what went wrong, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == code, (proc.returncode, proc.stdout, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
 
 
 def flip_byte(path: Path, offset: int, mask: int) -> None:

@@ -38,3 +38,8 @@ class _Slow(nn.Module):
 def slow_cnn(num_classes: int = 10, in_channels: int = 1, seconds: float = 0.05) -> nn.Module:
     """A teacher slow enough that a test can kill the dump mid-run."""
     return _Slow(tiny_cnn(num_classes, in_channels), seconds)
+
+
+def not_a_network(**kwargs):
+    """A factory that returns something other than an nn.Module (refused even when trusted)."""
+    return 3

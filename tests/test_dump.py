@@ -54,7 +54,7 @@ def test_stored_logits_equal_an_independent_forward_pass(tmp_path, corpus, teach
     m = store.meta
     assert m.complete and m.classes == tuple(CLASSES) and m.preprocess.mode == "L"
     assert m.teacher.arch == "nets:tiny_cnn" and len(m.teacher.sha256) == 64
-    assert m.corpus.n_images == 120 and m.format_version == schema.FULL_LOGITS_VERSION
+    assert m.corpus.n_images == 120 and m.format_version == schema.FORMAT_VERSION
     assert {"torch", "zarr", "logitstore"} <= set(m.versions)
 
 
@@ -241,8 +241,9 @@ def test_logits_outside_float16_are_an_error_naming_the_fix(tmp_path, corpus):
 def test_complete_store_is_not_overwritten_without_flag(tmp_path, corpus, teacher_ckpt):
     out = str(tmp_path / "s.zarr")
     logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0)
+    assert logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0).nothing_to_do  # the same recipe
     with pytest.raises(StoreStateError, match="--overwrite"):
-        logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0)
+        logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0, dtype="float32")
     logitstore.dump(str(teacher_ckpt), str(corpus), out, num_workers=0, overwrite=True, dtype="float32")
     assert logitstore.open_store(out).meta.dtype == "float32"
 

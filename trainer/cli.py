@@ -8,10 +8,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from logitstore.cli_types import count, real, storage_option_flag
 from logitstore.errors import LogitStoreError
 from logitstore.locations import parse_storage_options
 
 from .errors import TrainerError
+from .fit import LIMITS, teacher_weights_problem
 
 
 class _Group(click.Group):
@@ -23,10 +25,34 @@ class _Group(click.Group):
         except (TrainerError, LogitStoreError) as exc:
             click.echo(f"trainer: error: {' '.join(str(exc).split())}", err=True)
             ctx.exit(2)
+        except click.UsageError as exc:  # a flag value refused while parsing: one line too, not click's usage block
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"trainer: error: {' '.join(exc.format_message().split())} (see `{where} --help`)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("trainer: interrupted; checkpoint.pt in --out holds the last finished epoch, if any "
                        "(continue with --resume)", err=True)
             ctx.exit(130)
+
+
+def _number(name: str) -> click.ParamType:
+    """The flag type for a numeric FitConfig field: the library's own limit (trainer.fit.LIMITS)."""
+    lim = LIMITS[name]
+    return count(lim.lo, lim.hi) if lim.kind is int else real(lim.lo, lim.hi, lim.lo_open, lim.hi_open)
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint="--teacher-weights") \
+            from None
+    problem = teacher_weights_problem(weights)
+    if problem:
+        raise click.BadParameter(f"{text!r}: {problem}", param_hint="--teacher-weights")
+    return weights
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -49,6 +75,8 @@ def main() -> None:
     """Distil image classifiers from stores of teacher logits (no teacher in memory)."""
 
 
+TRUST_HELP = ("Trust a module named inside checkpoint files as a model factory (repeatable; also "
+              "LOGITSTORE_TRUST_MODULES=a,b). An architecture you type yourself is trusted by that act.")
 STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:NAME (e.g. torchvision:resnet18), "
                 "or package.module:factory (called with num_classes and in_channels where it takes them).")
 
@@ -63,21 +91,25 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
 @click.option("--student-kwargs", default=None, help="JSON object of extra keyword arguments for the student factory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory: checkpoint.pt (latest epoch), metrics.jsonl, curves.png.")
-@click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the stores' training rows.")
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Images per step, per process.")
-@click.option("--lr", default=None, type=float, help="Peak learning rate [default: 0.1 sgd, 0.001 adamw].")
+@click.option("--epochs", default=10, show_default=True, type=_number("epochs"),
+              help="Passes over the stores' training rows.")
+@click.option("--batch-size", default=128, show_default=True, type=_number("batch_size"),
+              help="Images per step, per process.")
+@click.option("--lr", default=None, type=_number("lr"), help="Peak learning rate [default: 0.1 sgd, 0.001 adamw].")
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]),
               help="SGD with Nesterov momentum, or AdamW.")
-@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD (Nesterov) momentum.")
-@click.option("--weight-decay", default=None, type=float,
+@click.option("--momentum", default=0.9, show_default=True, type=_number("momentum"),
+              help="SGD (Nesterov) momentum, in [0, 1).")
+@click.option("--weight-decay", default=None, type=_number("weight_decay"),
               help="On weights, not biases or norms [default: 5e-4 sgd, 0.05 adamw].")
-@click.option("--warmup-epochs", default=1.0, show_default=True, type=float,
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=_number("warmup_epochs"),
               help="Linear warmup, then a cosine decay to 0 over the remaining epochs (stepped every batch).")
-@click.option("--clip-grad", default=5.0, show_default=True, type=float, help="Max gradient norm; 0 turns it off.")
-@click.option("--temperature", "-T", default=4.0, show_default=True, type=float,
+@click.option("--clip-grad", default=5.0, show_default=True, type=_number("clip_grad"),
+              help="Max gradient norm; 0 turns it off.")
+@click.option("--temperature", "-T", default=4.0, show_default=True, type=_number("temperature"),
               help="Distillation temperature: loss = T^2 KL(softmax(t/T) || softmax(s/T)), in float32. Stores "
                    "dumped with --topk/--sample serve only the temperatures they keep (`logitstore info`).")
-@click.option("--alpha", default=0.0, show_default=True, type=float,
+@click.option("--alpha", default=0.0, show_default=True, type=_number("alpha"),
               help="Weight of a cross-entropy on hard labels, where images have one (needs --labels or "
                    "--labels-from-folders).")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
@@ -87,13 +119,13 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
 @click.option("--eval", "eval_images", default=None, type=click.Path(),
               help="Labeled test folder (one sub-folder per class, named after the store's classes); top-1/top-5 "
                    "each epoch.")
-@click.option("--holdout", default=0.02, show_default=True, type=float,
+@click.option("--holdout", default=0.02, show_default=True, type=_number("holdout"),
               help="Fraction of each block's rows kept out of training, to measure agreement with the teacher "
                    "(each pass scores the tails of at most max(64, 10%) of the blocks, evenly spaced).")
-@click.option("--shuffle-blocks", default=8, show_default=True, type=int,
+@click.option("--shuffle-blocks", default=8, show_default=True, type=_number("shuffle_blocks"),
               help="Blocks shuffled together (the shuffle buffer). A block is a chunk of the store, or several "
                    "consecutive chunks when chunks are under 2048 rows; block order is reshuffled every epoch.")
-@click.option("--cache-images", default=None, type=float,
+@click.option("--cache-images", default=None, type=_number("cache_images"),
               help="GiB of RAM for decoded images, so each is decoded once per run [default: half the available "
                    "memory]; 0 decodes every epoch.")
 @click.option("--skip-mismatched", is_flag=True,
@@ -101,26 +133,26 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
                    "stopping.")
 @click.option("--input-size", default=None, help="Student input H,W [default: the teacher's]; only the final "
                                                  "resize changes.")
-@click.option("--in-channels", default=None, type=int,
+@click.option("--in-channels", default=None, type=_number("in_channels"),
               help="Student input channels [default: the store's; 3 for torchvision:*]; 3 on a greyscale store "
                    "repeats the grey channel.")
 @click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast (and channels_last) on GPU, fp32 on CPU.")
-@click.option("--num-workers", default=None, type=int,
+@click.option("--num-workers", default=None, type=_number("num_workers"),
               help="Image decoding processes per training process [default: cores - 1, at most 8].")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=_number("seed"),
               help="Seeds the student's initialisation, the chunk order, the shuffles and the view choice.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
-@click.option("--stop-after", default=None, type=int,
+@click.option("--stop-after", default=None, type=_number("stop_after"),
               help="End this invocation after N epochs (the schedule still spans --epochs); continue with --resume.")
 @click.option("--teachers", default=None,
               help="Distil from an ensemble of the store's teachers, e.g. primary,big (see `logitstore dump "
                    "--add-teacher`): their softmaxes at --temperature, averaged [default: primary only].")
-@click.option("--teacher-weights", default=None, help="Comma-separated weight per --teachers entry [default: equal].")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); repeatable.")
+@click.option("--teacher-weights", default=None,
+              help="Comma-separated weight per --teachers entry, each > 0 [default: equal].")
+@storage_option_flag
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
 def fit(**kw: Any) -> None:
     """Distil a student from logit stores: `trainer fit --store cache.zarr --student lenet --out runs/a`."""
@@ -131,11 +163,7 @@ def fit(**kw: Any) -> None:
     kw["input_size"] = _size(kw["input_size"])
     kw["images"] = list(kw["images"]) or None
     kw["teachers"] = kw["teachers"].split(",") if kw["teachers"] else None
-    try:
-        kw["teacher_weights"] = [float(w) for w in kw["teacher_weights"].split(",")] if kw["teacher_weights"] else None
-    except ValueError:
-        raise click.BadParameter(f"{kw['teacher_weights']!r}: expected comma-separated numbers",
-                                 param_hint="--teacher-weights") from None
+    kw["teacher_weights"] = _weights(kw["teacher_weights"])
     kw["storage_options"] = parse_storage_options(kw.pop("storage_option"))
     stores = list(kw.pop("stores"))
     out = kw.pop("out")
@@ -150,19 +178,22 @@ def fit(**kw: Any) -> None:
               help="A student checkpoint (RUN_DIR/checkpoint.pt), or any checkpoint in that format.")
 @click.option("--images", required=True, type=click.Path(),
               help="Labeled folder: one sub-folder per class, named after the checkpoint's classes.")
-@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--batch-size", default=256, show_default=True, type=_number("batch_size"),
+              help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast on GPU, fp32 on CPU.")
-@click.option("--num-workers", default=0, show_default=True, type=int, help="Image decoding processes.")
+@click.option("--num-workers", default=0, show_default=True, type=_number("num_workers"),
+              help="Image decoding processes.")
+@click.option("--trust-module", "trust_modules", multiple=True, metavar="NAME", help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint: str, images: str, batch_size: int, device: str, precision: str, num_workers: int,
-          as_json: bool) -> None:
+          trust_modules: tuple[str, ...], as_json: bool) -> None:
     """Top-1 and top-5 accuracy of a saved student on a labeled folder."""
     from .evaluate import evaluate
 
     res = evaluate(checkpoint, images, batch_size=batch_size, device=device, num_workers=num_workers,
-                   precision=precision)
+                   precision=precision, trust_modules=list(trust_modules))
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return

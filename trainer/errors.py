@@ -32,3 +32,7 @@ class RunDirError(TrainerError):
 
 class CheckpointError(TrainerError):
     """A checkpoint file that cannot be read, or is not a {arch, arch_kwargs, state_dict, ...} dict."""
+
+
+class DivergedError(TrainerError):
+    """A training step whose loss (or the weights it left) is not finite; the last good checkpoint is kept."""

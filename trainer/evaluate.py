@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from logitstore.arch import build_model
+from logitstore.checkpoint import load_weights_only
 from logitstore.corpus import IMAGE_EXTENSIONS, decode_image, describe_failure
-from logitstore.errors import LogitStoreError
 from logitstore.schema import Preprocess
 from logitstore.views import EVAL
 
@@ -123,43 +121,37 @@ def evaluate_model(model: nn.Module, folder: LabeledFolder, spec: InputSpec, dev
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint dict, loaded without running code (weights_only)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p}: not a readable state-dict checkpoint ({first[:200]})") from None
+    """A checkpoint dict, loaded without running code (weights_only, uncompressed zip entries)."""
+    ckpt = load_weights_only(path, CheckpointError)
     missing = [k for k in ("arch", "state_dict", "classes", "preprocess") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise CheckpointError(f"{p}: a checkpoint must be a dict with arch, arch_kwargs, state_dict, classes and "
+        raise CheckpointError(f"{path}: a checkpoint must be a dict with arch, arch_kwargs, state_dict, classes and "
                               f"preprocess; this one lacks {missing}")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], where: str) -> nn.Module:
+def model_from_checkpoint(ckpt: dict[str, Any], where: str, trust_modules: Sequence[str] = ()) -> nn.Module:
+    """The checkpoint's network with its weights; its architecture resolves under the trust rule
+    (logitstore/arch.py): registries, built-in students and `trust_modules` only."""
+    model = build_model(ckpt["arch"], ckpt.get("arch_kwargs"), trust_modules=trust_modules, where=where)
     try:
-        model = build_model(str(ckpt["arch"]), dict(ckpt.get("arch_kwargs") or {}))
         model.load_state_dict(ckpt["state_dict"])
-    except LogitStoreError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
         raise CheckpointError(f"{where}: the weights do not fit {ckpt['arch']} "
                               f"({' '.join(str(exc).split())[:300]})") from None
     return model
 
 
 def evaluate(checkpoint: str | os.PathLike, images: str | os.PathLike, *, batch_size: int = 256,
-             device: str | None = None, num_workers: int = 0, precision: str = "auto") -> EvalResult:
+             device: str | None = None, num_workers: int = 0, precision: str = "auto",
+             trust_modules: Sequence[str] = ()) -> EvalResult:
     """Top-1 / top-5 of a saved student (or any checkpoint in the same format) on a labeled folder."""
     ckpt = load_checkpoint(checkpoint)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     classes = [str(c) for c in ckpt["classes"]]
     folder = labeled_folder(images, classes)
     dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt, str(checkpoint)).to(dev)
+    model = model_from_checkpoint(ckpt, str(checkpoint), trust_modules).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     spec = InputSpec(pre, tuple(pre.size), pre.channels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,13 +20,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from logitstore.destination import check_local_destination
 from logitstore.store import LogitStore
 
 from . import report
 from .data import SKIPPED, Batches, InputSpec, Request, batches_per_epoch, default_cache_bytes, make_batches, \
     make_input_spec, open_stores, read_ahead, targets_to
 from .device import autocast, resolve_device, resolve_precision
-from .errors import ConfigError, RunDirError, StoreMismatchError
+from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
 from .loss import objective, soft_target_loss, teacher_top1
 from .students import build_student, natural_in_channels, parse_student_kwargs, resolve_student
@@ -34,6 +36,59 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric setting may take: of its kind, finite, inside [lo, hi] (an end open when asked).
+
+    NaN passes every comparison-based range check (each comparison with NaN is false) and trains a
+    NaN student, so finiteness is part of every limit. `LIMITS` serves both `FitConfig.check` and
+    the CLI's flag types, so the library and the command line refuse the same values.
+    """
+
+    kind: type = float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def allows(self, x: Any) -> bool:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral if self.kind is int else numbers.Real):
+            return False
+        if not math.isfinite(x):
+            return False
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def describe(self) -> str:
+        def show(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+        bounds = ([f"{'>' if self.lo_open else '>='} {show(self.lo)}"] if self.lo is not None else []) + \
+                 ([f"{'<' if self.hi_open else '<='} {show(self.hi)}"] if self.hi is not None else [])
+        return ("a whole number" if self.kind is int else "a finite number") + \
+            (" " + " and ".join(bounds) if bounds else "")
+
+
+LIMITS: dict[str, Limit] = {
+    "epochs": Limit(int, 1),
+    "batch_size": Limit(int, 1),
+    "lr": Limit(float, 0, lo_open=True),
+    "momentum": Limit(float, 0, 1, hi_open=True),      # 1 never forgets a gradient: the steps grow without bound
+    "weight_decay": Limit(float, 0),
+    "warmup_epochs": Limit(float, 0),                  # and at most --epochs (FitConfig.check)
+    "clip_grad": Limit(float, 0),
+    "temperature": Limit(float, 0, lo_open=True),
+    "alpha": Limit(float, 0),
+    "holdout": Limit(float, 0, 1, hi_open=True),
+    "shuffle_blocks": Limit(int, 1),
+    "cache_images": Limit(float, 0, 1e6),              # GiB; the bound keeps GiB -> bytes an integer
+    "in_channels": Limit(int, 1, 64),
+    "num_workers": Limit(int, 0),
+    "seed": Limit(int, 0, 2 ** 32 - 1),                # what every RNG we seed (torch, numpy) accepts
+    "stop_after": Limit(int, 1),
+}
 
 
 @dataclass
@@ -76,21 +131,31 @@ class FitConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL stores
 
     def check(self) -> None:
+        """Refuse, in one line, what cannot work: the same values the CLI's flag types refuse."""
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size", "shuffle_blocks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature {self.temperature}: must be positive")
-        if self.alpha < 0 or self.warmup_epochs < 0 or self.clip_grad < 0:
-            raise ConfigError("--alpha, --warmup-epochs and --clip-grad must not be negative")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr}: must be positive")
-        if self.seed < 0:
-            raise ConfigError(f"--seed {self.seed}: must not be negative")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ConfigError("--stop-after must be at least 1")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and defaults[name] is None:  # None asks for the default
+                continue
+            if not limit.allows(value):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be {limit.describe()}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} is longer than --epochs {self.epochs}: the "
+                              "learning rate would never reach --lr")
+        if self.teacher_weights is not None:
+            problem = teacher_weights_problem(self.teacher_weights)
+            if problem:
+                raise ConfigError(f"--teacher-weights {list(self.teacher_weights)}: {problem}")
+
+
+def teacher_weights_problem(weights: Sequence[Any]) -> str:
+    """'' for usable ensemble weights (finite and positive: a weight of 0 would leave a teacher out), else
+    what is wrong."""
+    if not all(Limit(float, 0, lo_open=True).allows(w) for w in weights):
+        return "every weight must be a finite number > 0"
+    return ""
 
 
 @dataclass
@@ -239,12 +304,21 @@ def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Dist, device: torch.device
 def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Request], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, spec: InputSpec, device: torch.device,
                     cfg: FitConfig, precision: str, ddp: Dist, bar: Any, task: Any) -> dict[str, Any]:
+    """One pass over `requests`. The record it returns holds "diverged_at" (a 0-based step) when a loss
+    was not finite or the epoch left weights that are not; the caller must then save nothing."""
     model.train()
-    # Sums stay on the device: reading a loss every step would stall the GPU queue.
+    # Sums stay on the device: reading a loss every step would stall the GPU queue. For the same
+    # reason a non-finite loss is only marked on the device (the first such step) and read where
+    # the host waits for the device anyway: at the progress bar's update every 20 steps (a single
+    # process stops there) and once at the end of the epoch (`_first_bad_step`), before the caller
+    # measures or saves anything, so NaN weights never reach a checkpoint.
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, soft*n, hard*n, n
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
+    last = -1
     for step, batch in enumerate(batches(requests)):
+        last = step
         pixels = batch["pixels"].to(device, non_blocking=True)
         n = len(pixels)
         if not _every_rank_has_rows(n, cfg, ddp, device):  # a batch lost every image (--skip-mismatched)
@@ -257,6 +331,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
         with autocast(precision, device):
             out = model(x)
         loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha)
+        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(loss.detach()), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -269,10 +344,13 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
             done = float(sums[3]) * ddp.world
             bar.update(task, completed=step + 1, rate=done / max(1e-9, time.perf_counter() - t0),
                        loss=float(sums[0] / max(1.0, float(sums[3]))))
+            if ddp.world == 1 and int(first_bad) >= 0:
+                break  # every further step would train NaN weights (under DDP the ranks stop together, below)
         elif ddp.main:
             bar.update(task, completed=step + 1)
     if ddp.world > 1:
         dist.all_reduce(sums)
+    bad = _first_bad_step(model, first_bad, last, ddp)
     seconds = time.perf_counter() - t0
     n = float(sums[3])
     record = {"lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0]) / max(1.0, n),
@@ -280,9 +358,26 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
               "samples_per_s": n / seconds if seconds > 0 else 0.0}
     if cfg.alpha > 0:
         record["train_ce"] = float(sums[2]) / max(1.0, n)
+    if bad is not None:
+        record["diverged_at"] = bad
     if ddp.main:
         bar.update(task, rate=record["samples_per_s"], loss=record["train_loss"])
     return record
+
+
+@torch.no_grad()
+def _first_bad_step(model: nn.Module, first_bad: torch.Tensor, last: int, ddp: Dist) -> int | None:
+    """The first step (0-based) of this epoch whose loss was not finite, on any rank; else `last` when
+    the weights or buffers are not finite all the same (a gradient that overflowed on the last step),
+    else None. One host sync (and one small all-reduce under DDP) per epoch."""
+    none = torch.iinfo(torch.int64).max
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for t in state]).all() if state else torch.tensor(True)
+    step = torch.where(first_bad >= 0, first_bad, torch.where(finite.to(first_bad.device), none, last))
+    if ddp.world > 1:
+        dist.all_reduce(step, op=dist.ReduceOp.MIN)
+    found = int(step)
+    return None if found == none else found
 
 
 @torch.no_grad()
@@ -348,9 +443,38 @@ def fit(stores: Sequence[str | os.PathLike | LogitStore], out: str | os.PathLike
             dist.destroy_process_group()
 
 
+def is_run_dir(path: Path) -> bool:
+    """A directory this trainer wrote: it holds our checkpoint or our metrics (curves.png alone is a
+    picture anyone may have)."""
+    return (path / CHECKPOINT).is_file() or (path / METRICS).is_file()
+
+
+def _check_run_dir(cfg: FitConfig, protected: Sequence[str | os.PathLike | None]) -> None:
+    """--out may be absent, empty, or a run of ours; never the inputs, '/', or the current directory."""
+    check_local_destination(cfg.out, is_ours=is_run_dir, what="run directory", protected=protected, flag="--out")
+
+
+def _diverged(cfg: FitConfig, epoch: int, step: int, steps: int, saved_epoch: int, ckpt_path: Path) -> DivergedError:
+    """The one line for a run whose loss stopped being finite: where, why it usually happens, what is kept."""
+    lr, _ = lr_and_decay(cfg.optimizer, cfg.lr, cfg.weight_decay)
+    if saved_epoch:
+        kept = f"{ckpt_path} still holds epoch {saved_epoch}, the last good one"
+    elif cfg.overwrite and ckpt_path.exists():
+        kept = f"no checkpoint of this run was written ({ckpt_path} is still the earlier run's)"
+    else:
+        kept = "no checkpoint was written"
+    return DivergedError(
+        f"training diverged in epoch {epoch}, step {step + 1} of {steps}: the loss or the weights are not "
+        f"finite (NaN or inf). Likely causes: a learning rate too high for this student (--lr {lr:g}; try a "
+        f"lower --lr, a longer --warmup-epochs or --clip-grad), or a store holding non-finite logits (check it "
+        f"with `logitstore verify STORE`); {kept}")
+
+
 def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progress: bool) -> FitResult:
     run_dir = Path(cfg.out)
     ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    # Before anything is read or created: a mistyped --out must never touch the user's files or the inputs.
+    _check_run_dir(cfg, [*cfg.stores, *(cfg.images or []), cfg.eval_images])
     if cfg.resume and not ckpt_path.is_file():
         raise RunDirError(f"{ckpt_path}: no checkpoint to resume from; drop --resume to start a new run")
     if not cfg.resume and ckpt_path.exists() and not cfg.overwrite:
@@ -362,6 +486,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
     data = open_stores(stores, cfg.images, cfg.holdout, cfg.labels, cfg.labels_from_folders,
                        teachers=cfg.teachers, teacher_weights=cfg.teacher_weights, temperature=cfg.temperature,
                        storage_options=cfg.storage_options)
+    if cfg.images is None:  # the corpus roots recorded in the stores are inputs too
+        _check_run_dir(cfg, data.roots)
     if cfg.alpha > 0 and data.n_labeled == 0:
         raise ConfigError("--alpha needs hard labels, and none of the store's images has one; pass --labels FILE "
                           "or --labels-from-folders (or --alpha 0)")
@@ -405,6 +531,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start_epoch = int(ckpt["epoch"])
         history = [r for r in report.read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+    if ddp.world > 1:
+        dist.barrier()  # every rank has judged --out (_check_run_dir) before rank 0 writes into it
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         report.write_metrics(metrics_path, history)
@@ -433,11 +561,21 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
                                                 cfg.shuffle_blocks))
             record = {"epoch": epoch + 1, **train_one_epoch(train_model, batches, requests, optimizer, scheduler,
                                                             spec, dev, cfg, precision, ddp, bar, task)}
+            # Every rank has the same verdicts (reduced in train_one_epoch), so all stop together.
+            if "diverged_at" in record:
+                raise _diverged(cfg, epoch + 1, record["diverged_at"], steps, epoch, ckpt_path)
             # On the training device: NCCL (GPU runs) reduces device tensors only.
             skipped = torch.from_numpy((cache.flags == SKIPPED).astype("uint8")).to(dev)
             if ddp.world > 1:  # an image may be met (and skipped) by a different rank each epoch
                 dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
             record["skipped"] = int(skipped.sum())
+            if record["samples"] == 0:
+                # Ending 'done' here would save an untrained student as if it had learned something.
+                raise ImageError(
+                    f"epoch {epoch + 1} trained on no images: --skip-mismatched left out every one it read "
+                    f"({record['skipped']} missing or not matching their stored digests); point --images at the "
+                    "corpus the store was dumped from (`logitstore verify STORE --images DIR` names the "
+                    "differences)" if cfg.skip_mismatched else f"epoch {epoch + 1} trained on no images")
             if ddp.main:
                 record.update(teacher_agreement(model, batches, held_out, spec, dev, cfg.temperature, precision))
                 if folder is not None:

@@ -114,7 +114,7 @@ def build_student(arch: str, num_classes: int, in_channels: int, input_size: tup
                   student_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build the student and return it with the arch_kwargs that rebuild it (saved in checkpoints)."""
     try:
-        factory = resolve_factory(arch)
+        factory = resolve_factory(arch, typed=True, where="--student")  # the user named it: trusted
     except ArchitectureError as exc:
         raise StudentError(str(exc)) from None
     kwargs = dict(student_kwargs or {})

@@ -2,7 +2,9 @@
 
 Run it only when releasing a new format version (then add, never replace, a golden store).
 The rows are synthetic and fixed, so the bytes depend only on the format and the codecs.
-One store per kind of teacher target: full logits (1.0), top-K (1.1), sampled classes (1.1).
+One store per kind of teacher target and version: full logits (1.0), top-K and sampled classes (1.1),
+and all three again with the metadata checksum (1.2). The writer rebuilds the current version's
+stores byte for byte; the older ones are kept to prove they still read.
 """
 from __future__ import annotations
 
@@ -18,15 +20,16 @@ from logitstore.writer import RowBatch, open_writer
 
 HERE = Path(__file__).resolve().parent
 # golden store name (without .zarr) -> what each row keeps of the teacher's output
-KINDS = {
-    "v1.0": schema.TargetSpec(),
-    "v1.1-topk": schema.TargetSpec(schema.TARGET_TOPK, 2, (1.0, 2.0, 4.0, 8.0)),
-    "v1.1-sample": schema.TargetSpec(schema.TARGET_SAMPLE, 4, (1.0, 4.0), 4.0),
-}
+_FULL, _TOPK = schema.TargetSpec(), schema.TargetSpec(schema.TARGET_TOPK, 2, (1.0, 2.0, 4.0, 8.0))
+_SAMPLE = schema.TargetSpec(schema.TARGET_SAMPLE, 4, (1.0, 4.0), 4.0)
+TARGETS = {"v1.0": _FULL, "v1.1-topk": _TOPK, "v1.1-sample": _SAMPLE,
+           "v1.2": _FULL, "v1.2-topk": _TOPK, "v1.2-sample": _SAMPLE}
+# The stores this writer writes today (the current version's).
+KINDS = {name: t for name, t in TARGETS.items() if name.split("-")[0] == f"v{schema.FORMAT_VERSION}"}
 
 
 def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
-    targets = KINDS[name]
+    targets = TARGETS[name]
     return schema.StoreMeta(
         format_version=schema.version_for(targets), complete=False, classes=("cat", "dog", "bird"),
         preprocess=schema.Preprocess((8, 8), None, (0.5,), (0.25,), "L"),

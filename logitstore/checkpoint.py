@@ -1,0 +1,77 @@
+"""Read model files without running their code: the {arch, arch_kwargs, state_dict, classes, preprocess}
+checkpoint contract shared by teachers and students, and the zip checks every model file passes.
+
+A checkpoint is read with torch.load(weights_only=True): its pickle may only rebuild tensors and plain
+containers. Files in torch's zip layout (torch.save, TorchScript, torch.export .pt2) must keep their
+tensors uncompressed, as torch writes them: a file whose compressed entries would inflate far beyond
+their size is refused before it is read, so a small file can never take gigabytes of memory.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TeacherError
+
+SAVE_HINT = ("save a state-dict checkpoint instead: torch.save({'arch': 'torchvision:resnet18' or "
+             "'package.module:factory', 'arch_kwargs': {...}, 'state_dict': model.state_dict(), "
+             "'classes': [...], 'preprocess': {...}}, PATH)")
+CHECKPOINT_KEYS = ("arch", "arch_kwargs", "state_dict", "classes", "preprocess")
+
+
+# What the compressed entries of a model file may inflate to, in all: TorchScript deflates its code and
+# debug records (3-4x), tensors are stored. Deflate reaches ~1000x, so a 2 MB bomb is refused.
+INFLATE_LIMIT_BYTES = 64 << 20
+INFLATE_LIMIT_RATIO = 16
+
+
+def check_zip_entries(path: Path, error: type[Exception] = TeacherError, stored_only: bool = False) -> None:
+    """Refuse a zip that would inflate beyond what its kind of file holds (a zip bomb), before reading it.
+
+    Entries stored uncompressed must say so consistently; compressed entries (`stored_only` refuses
+    any) may inflate in all to INFLATE_LIMIT_BYTES + INFLATE_LIMIT_RATIO x their compressed size.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise error(f"{path}: not a readable zip file ({exc}); the file is damaged or not a model file") from None
+    size = os.path.getsize(path)
+    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    for info in infos:
+        if info.compress_type == zipfile.ZIP_STORED and (info.file_size != info.compress_size or info.file_size > size):
+            raise error(f"{path}: zip entry {info.filename[:100]!r} claims {info.file_size} bytes stored in "
+                        f"{info.compress_size}; the file is damaged")
+    if packed and stored_only:
+        raise error(f"{path}: zip entry {packed[0].filename[:100]!r} is compressed; a packed store keeps its "
+                    "entries uncompressed (`logitstore pack` writes them so): pack it again")
+    inflated, deflated = sum(i.file_size for i in packed), sum(i.compress_size for i in packed)
+    if inflated > INFLATE_LIMIT_BYTES + INFLATE_LIMIT_RATIO * deflated:
+        raise error(f"{path}: its compressed zip entries would inflate {deflated:,} bytes into {inflated:,} "
+                    "(a zip bomb, or not a file torch wrote); refused before reading it")
+
+
+def load_weights_only(path: str | os.PathLike, error: type[Exception] = TeacherError) -> Any:
+    """torch.load(weights_only=True) of a file, every failure one line of `error`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise error(f"{p}: no such file; check the path")
+    if p.stat().st_size == 0:
+        raise error(f"{p}: the file is empty; it was not saved completely, save or copy it again")
+    check_zip_entries(p, error)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise error(f"{p}: refused to unpickle it (it holds Python objects such as a whole nn.Module, and "
+                    f"loading it would run arbitrary code); {SAVE_HINT}") from None
+    except Exception as exc:  # torch raises many kinds on truncated or foreign files
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise error(f"{p}: not a readable PyTorch checkpoint ({first}); pass a torch.save'd state-dict "
+                    "checkpoint, a TorchScript file or a .pt2 program") from None

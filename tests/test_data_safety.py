@@ -1,0 +1,183 @@
+"""Nothing is lost: a tool writes or replaces only what is its own, a re-run of a finished job has nothing
+to do, an interrupted write's leftovers are harmless, and an edited zarr.json is refused (docs/FORMAT.md,
+"Writing and resuming", R3, R4, R7)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import logitstore
+from logitstore.errors import DestinationError, FormatError
+
+from conftest import REPO, TESTS, assert_one_line_error, invoke, run_cli
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus, teacher_ckpt) -> Path:
+    out = tmp_path_factory.mktemp("safety") / "s.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(out), num_workers=0, chunk_rows=32)
+    return out
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def dump_cli(teacher: Path, corpus: Path, out: str, *flags: str):
+    return invoke("logitstore", "dump", "--teacher", str(teacher), "--images", str(corpus), "--out", out,
+                  "--quiet", "--num-workers", "0", *flags)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_of_user_files_keeps_every_byte(tmp_path, corpus, teacher_ckpt, store, overwrite):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "precious.txt").write_text("keep")
+    (d / "sub" / "notes.md").write_text("mine")
+    before = snapshot(d)
+    for proc in (dump_cli(teacher_ckpt, corpus, str(d), *overwrite),
+                 invoke("logitstore", "select", str(store), "-o", str(d), "--limit", "5", *overwrite),
+                 invoke("logitstore", "merge", str(store), str(store), "-o", str(d), "--prefix", "a,b", *overwrite),
+                 invoke("logitstore", "copy", str(store), str(d), *overwrite)):
+        assert_one_line_error(proc, "not a logitstore store", "nothing was changed")
+    assert snapshot(d) == before
+
+
+def test_the_corpus_the_current_directory_and_empty_paths_are_refused(tmp_path, corpus, teacher_ckpt,
+                                                                         monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(corpus / "part0", data / "images")
+    monkeypatch.chdir(tmp_path / "data")
+    before = snapshot(tmp_path)
+    images = data / "images"
+    cases = {str(images): "overlaps", str(images / "x.zarr"): "overlaps", str(data): "current directory",
+             str(tmp_path): "current directory", "": "empty", ".": "current directory", "/": "root"}
+    for out, needle in cases.items():
+        assert_one_line_error(dump_cli(teacher_ckpt, images, out, "--overwrite"), needle)
+    monkeypatch.chdir(REPO)  # the corpus inside the destination, which is not the current directory
+    assert_one_line_error(dump_cli(teacher_ckpt, images, str(data), "--overwrite"), "overlaps")
+    assert snapshot(tmp_path) == before
+
+
+def test_library_refuses_a_foreign_folder_too(tmp_path, corpus, teacher_ckpt):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "x.txt").write_text("x")
+    with pytest.raises(DestinationError):
+        logitstore.dump(str(teacher_ckpt), str(corpus), str(d), overwrite=True, num_workers=0)
+    assert (d / "x.txt").read_text() == "x"
+
+
+def test_rerunning_a_finished_command_has_nothing_to_do(tmp_path, corpus, teacher_ckpt, store):
+    out = tmp_path / "a.zarr"
+    assert dump_cli(teacher_ckpt, corpus, str(out)).returncode == 0
+    before = snapshot(out)
+    again = dump_cli(teacher_ckpt, corpus, str(out))
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    assert snapshot(out) == before
+    assert_one_line_error(dump_cli(teacher_ckpt, corpus, str(out), "--seed", "1", "--views", "2"), "--overwrite",
+                          "different recipe")
+    for cmd in (["copy", str(store), str(tmp_path / "c.zarr")], ["pack", str(store), str(tmp_path / "p.zarr.zip")],
+                ["select", str(store), "-o", str(tmp_path / "sel.zarr"), "--limit", "7"]):
+        first = run_cli("logitstore", *cmd)
+        target = Path(cmd[-1] if cmd[0] != "select" else cmd[3])
+        made = snapshot(target) if target.is_dir() else target.read_bytes()
+        second = run_cli("logitstore", *cmd)
+        assert first.returncode == second.returncode == 0
+        assert (snapshot(target) if target.is_dir() else target.read_bytes()) == made
+    other = invoke("logitstore", "select", str(store), "-o", str(tmp_path / "sel.zarr"), "--limit", "8")
+    assert_one_line_error(other, "--overwrite")
+    pack_over_file = tmp_path / "notes.zip"
+    pack_over_file.write_bytes(b"not a zip")
+    assert_one_line_error(invoke("logitstore", "pack", str(store), str(pack_over_file), "--overwrite"),
+                          "not a packed logitstore store")
+    assert pack_over_file.read_bytes() == b"not a zip"
+
+
+def test_temporary_leftovers_are_ignored_reported_and_cleaned(tmp_path, store):
+    # exactly what zarr's LocalStore leaves when a write is killed before its rename
+    copy = tmp_path / "c.zarr"
+    run_cli("logitstore", "copy", str(store), str(copy))
+    stray = copy / "logits" / "c" / "0" / "0" / ("0." + "ab" * 16 + ".partial")
+    stray.write_bytes(b"half a chunk")
+    v = run_cli("logitstore", "verify", str(copy))
+    assert v.returncode == 0 and "OK" in v.stdout and "temporary file" in v.stderr
+    run_cli("logitstore", "copy", str(copy), str(tmp_path / "again.zarr"))
+    run_cli("logitstore", "pack", str(copy), str(tmp_path / "again.zarr.zip"))
+    assert not list((tmp_path / "again.zarr").rglob("*.partial"))
+    assert logitstore.open_store(tmp_path / "again.zarr.zip").meta.fingerprints == \
+        logitstore.open_store(store).meta.fingerprints
+
+
+def test_a_killed_copy_is_finished_by_the_same_command(tmp_path, store):
+    dst = tmp_path / "k.zarr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    proc = subprocess.Popen([sys.executable, "-m", "logitstore", "copy", str(store), str(dst)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (dst / "zarr.json").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (dst / "ids").mkdir(parents=True, exist_ok=True)
+    (dst / "ids" / ("zarr.json." + "cd" * 16 + ".partial")).write_bytes(b"{")  # a write cut short
+    run_cli("logitstore", "copy", str(store), str(dst))
+    assert not list(dst.rglob("*.partial"))
+    assert snapshot(dst) == snapshot(store)
+
+
+def _edit_root(path: Path, edit) -> None:
+    doc = json.loads((path / "zarr.json").read_text())
+    edit(doc["attributes"]["logitstore"])
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["preprocess"].__setitem__("mean", [0.5]),
+    lambda m: m["classes"].__setitem__(3, "three"),
+    lambda m: m["teacher"].__setitem__("sha256", "0" * 64),
+    lambda m: m["corpus"].__setitem__("n_failed", 3),
+    lambda m: m["fingerprints"].__setitem__("teacher", "sha256:" + "0" * 64),
+    lambda m: m["fingerprints"].pop("metadata"),
+], ids=["mean", "class-name", "teacher-sha", "counts", "teacher-fingerprint", "checksum-removed"])
+def test_edited_metadata_is_refused_by_every_reader(tmp_path, store, edit):
+    import shutil
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    _edit_root(bad, edit)
+    with pytest.raises(FormatError, match="R4"):
+        logitstore.open_store(bad)
+    for cmd in (["logitstore", "info", str(bad)], ["logitstore", "verify", str(bad)],
+                ["trainer", "fit", "--store", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1"]):
+        assert_one_line_error(invoke(*cmd), "R4")
+
+
+@pytest.mark.parametrize("value", ["false", "true", 1, None])
+def test_complete_must_be_a_boolean(tmp_path, store, value):
+    import shutil
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    _edit_root(bad, lambda m: m.__setitem__("complete", value))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "complete", "true or false")
+
+
+def test_a_packed_store_with_compressed_entries_is_refused(tmp_path, store):
+    bomb = tmp_path / "bomb.zarr.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(store.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(store).as_posix())
+        zf.writestr("logits/c/9/0/0", b"\0" * (32 << 20))
+    assert_one_line_error(invoke("logitstore", "info", str(bomb)), "compressed")
