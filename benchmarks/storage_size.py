@@ -127,6 +127,7 @@ def students(con: Console, work: Path, epochs: int = 6, temperature: float = 4.0
     import logitstore
     import trainer
     from examples.mnist_ood import corpora, mnist
+    from examples.mnist_ood.nets import TRUSTED
     from examples.mnist_ood.run import PLANS, train_teacher
     from logitstore.inspect_store import store_bytes
 
@@ -134,7 +135,7 @@ def students(con: Console, work: Path, epochs: int = 6, temperature: float = 4.0
     test_dir = mnist.write_folder(data.test_images, work / "test", data.test_labels)
     teacher = work / "teacher.pt"
     train_teacher(data, PLANS["demo"], teacher)
-    teacher_top1 = trainer.evaluate(teacher, test_dir).top1
+    teacher_top1 = trainer.evaluate(teacher, test_dir, trust_modules=TRUSTED).top1
     corpora.write_letters(work / "letters", 10_000, seed=seed)
     t = Table(title=f"Students from each kind of store (teacher {teacher_top1:.2%} on {len(data.test_images):,} "
                     f"MNIST test digits; 10,000 letters; LeNet-5, T = {temperature:g}, {epochs} epochs)")
@@ -143,7 +144,7 @@ def students(con: Console, work: Path, epochs: int = 6, temperature: float = 4.0
     base_err = None
     for name, kw in STUDENT_STORES:
         out = work / f"{name.replace(' ', '_').replace('-', '')}.zarr"
-        logitstore.dump(str(teacher), str(work / "letters"), str(out), overwrite=True, **kw)
+        logitstore.dump(str(teacher), str(work / "letters"), str(out), overwrite=True, trust_modules=TRUSTED, **kw)
         st = logitstore.open_store(out)
         nbytes = sum(v for k, v in store_bytes(st).items() if k in st.meta.target_arrays())
         res = trainer.fit([out], work / "runs" / out.stem, student="lenet", epochs=epochs, temperature=temperature,

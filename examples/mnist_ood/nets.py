@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 TEACHER_ARCH = "examples.mnist_ood.nets:teacher_cnn"
+# The demo trusts its own module: a checkpoint naming it loads only where it is trusted (logitstore/arch.py).
+TRUSTED = (TEACHER_ARCH.split(":")[0],)
 
 
 def teacher_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:

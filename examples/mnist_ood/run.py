@@ -40,7 +40,7 @@ from logitstore.show import contact_sheet
 
 from . import corpora, mnist
 from . import supervised as sup
-from .nets import TEACHER_ARCH, teacher_cnn
+from .nets import TEACHER_ARCH, TRUSTED, teacher_cnn
 
 console = Console(stderr=True, highlight=False)           # progress
 report = Console(width=None if sys.stdout.isatty() else 130)  # the tables, unwrapped when piped
@@ -158,7 +158,8 @@ def train_teacher(data: mnist.Mnist, plan: Plan, path: Path) -> dict[str, Any]:
 
 
 def dump(teacher: Path, corpus: Path, store: Path, progress: bool, **kw: Any) -> dict[str, Any]:
-    s = logitstore.dump(str(teacher), str(corpus), str(store), overwrite=True, progress=progress, **kw)
+    s = logitstore.dump(str(teacher), str(corpus), str(store), overwrite=True, progress=progress,
+                        trust_modules=TRUSTED, **kw)
     d = store_info(logitstore.open_store(store))
     return {"store": str(store), "images": s.n_images, "failed": s.n_failed, "views": s.views,
             "seconds": s.seconds, "bytes": s.bytes_on_disk, "histogram": d["class_histogram"],
@@ -228,7 +229,7 @@ def run(plan: Plan, out: Path, mnist_source: str | None, fresh: bool = False, pr
 
     R("mnist test folder", write_test)
     R("teacher", lambda: train_teacher(data, plan, teacher_pt))
-    R("teacher accuracy", lambda: {"top1": trainer.evaluate(teacher_pt, test_dir).top1})
+    R("teacher accuracy", lambda: {"top1": trainer.evaluate(teacher_pt, test_dir, trust_modules=TRUSTED).top1})
 
     # --- corpora: no digit in them -----------------------------------------------------------
     def make(name: str, fn: Callable[[Path], dict[str, Any]]) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from logitstore.arch import build_model
 
 from .mnist import CLASSES, PREPROCESS
+from .nets import TRUSTED
 
 MEAN, STD = PREPROCESS["mean"][0], PREPROCESS["std"][0]
 
@@ -92,6 +93,6 @@ def save_checkpoint(model: nn.Module, arch: str, arch_kwargs: dict[str, Any], pa
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ckpt["arch"], ckpt.get("arch_kwargs"))
+    model = build_model(ckpt["arch"], ckpt.get("arch_kwargs"), trust_modules=TRUSTED)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
