@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import logitstore
 from logitstore.corpus import list_corpus
-from logitstore.pipeline import _collate, _CorpusViews, _forward
+from logitstore.teacher.job import _collate, _CorpusViews, _forward
 from logitstore.schema import Preprocess, ViewSpec
 
 PRE = {"size": [28, 28], "mean": [0.1307], "std": [0.3081], "mode": "L"}

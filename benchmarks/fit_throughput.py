@@ -33,7 +33,8 @@ from rich.table import Table
 
 import logitstore
 import trainer
-from logitstore.store import LogitStore, Rows
+from logitstore.rows import Rows
+from logitstore.store import LogitStore
 from trainer.loss import distillation_loss
 from trainer.students import cifar_resnet, lenet
 

@@ -25,7 +25,7 @@ from rich.table import Table
 
 import logitstore
 import trainer
-from logitstore.transfer import copy_store
+from logitstore.tools.transfer import copy_store
 
 from .fit_throughput import CLASSES, PRE, make_corpus
 

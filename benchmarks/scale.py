@@ -2,7 +2,7 @@
 
     python -m benchmarks.scale [--rows 5000000] [--repeats 2] [--workers 2] [--chunk-rows R] [--keep]
 
-  write   the real writer (`open_writer`, `StoreWriter.submit` of teacher-sized `RowBatch`es,
+  write   the real writer (`open_writer`, `StoreWriter.submit` of teacher-sized `Rows`,
           `close(finalize=True)`) against `ndarray.tofile` of the same bytes into one file per
           array; both flushed to the disk (sync) before the clock stops. Finalize reads the whole store back to
           fingerprint it: timed apart (it reads what the page cache still holds).
@@ -44,7 +44,8 @@ from benchmarks.chunk_size import teacher_like_logits
 from logitstore import schema
 from logitstore.schema import CorpusInfo, Preprocess, StoreMeta, TeacherInfo, ViewSpec
 from logitstore.store import open_store
-from logitstore.writer import RowBatch, open_writer
+from logitstore.rows import Rows as StoreRows
+from logitstore.writer import open_writer
 
 CLASSES = 1000
 BATCH = 256          # rows per teacher batch (the writer's input) and per training batch (the reader's output)
@@ -82,11 +83,11 @@ class Rows:
         self.image_hw = np.full((BATCH, 2), 4, np.int32)
         self.view_params = np.tile(np.array([0, 0, 4, 4, 0], np.int32), (BATCH, 1, 1))
 
-    def batch(self, a: int, b: int) -> RowBatch:
+    def batch(self, a: int, b: int) -> StoreRows:
         p = a % POOL  # POOL is a multiple of BATCH: a batch is one slice of the pool
-        return RowBatch(np.arange(a, b), [f"n{i // 1300:08d}/{i:09d}.JPEG" for i in range(a, b)],
-                        self.logits[p:p + b - a], self.digests[p:p + b - a], self.image_hw[:b - a],
-                        self.view_params[:b - a])
+        return StoreRows(np.array([f"n{i // 1300:08d}/{i:09d}.JPEG" for i in range(a, b)], dtype=object),
+                         self.logits[p:p + b - a], self.digests[p:p + b - a], self.image_hw[:b - a],
+                         self.view_params[:b - a], source=np.arange(a, b))
 
 
 # --------------------------------------------------------------------------------------------

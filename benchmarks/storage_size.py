@@ -129,7 +129,7 @@ def students(con: Console, work: Path, epochs: int = 6, temperature: float = 4.0
     from examples.mnist_ood import corpora, mnist
     from examples.mnist_ood.nets import TRUSTED
     from examples.mnist_ood.run import PLANS, train_teacher
-    from logitstore.inspect_store import store_bytes
+    from logitstore.tools.inspect_store import store_bytes
 
     data = mnist.load(None)
     test_dir = mnist.write_folder(data.test_images, work / "test", data.test_labels)

@@ -1,21 +1,42 @@
-"""logitstore: run a teacher once over an image corpus; keep its raw logits in a Zarr v3 store."""
-from .errors import (ArchitectureError, CorpusError, FormatError, IntegrityError, LogitRangeError,
-                     LogitStoreError, ResumeMismatchError, StoreStateError, TeacherError)
+"""logitstore: run a teacher once over an image corpus; keep its raw logits in a Zarr v3 store.
+
+    import logitstore
+    logitstore.dump("teacher.pt", "corpus/", "cache.zarr", views=4)     # the teacher, once
+    store = logitstore.open_store("cache.zarr")                          # any reader
+    rows = store[0:1024]                                                 # logitstore.Rows
+    logitstore.verify(store).ok, logitstore.info(store)["images"]
+
+The teacher side (`dump`, `add_teacher`) lives in logitstore.teacher and is imported on first use,
+so a reader (the trainer) never loads teacher code.
+"""
+from .errors import (ArchitectureError, CorpusError, DestinationError, DumpInterrupted, FormatError, IntegrityError,
+                     LogitRangeError, LogitStoreError, MismatchError, OptionError, ResumeMismatchError,
+                     StoreStateError, TeacherError, UntrustedCodeError)
+from .rows import Rows
 from .schema import FORMAT_VERSION, Preprocess, StoreMeta, ViewSpec
-from .store import LogitStore, Rows, open_store
+from .store import LogitStore, open_store
 
 __version__ = "0.1.0"
 
-__all__ = ["dump", "DumpSummary", "DumpInterrupted", "open_store", "LogitStore", "Rows", "StoreMeta", "Preprocess", "ViewSpec",
-           "FORMAT_VERSION", "LogitStoreError", "FormatError", "StoreStateError", "ResumeMismatchError",
-           "TeacherError", "CorpusError", "LogitRangeError", "IntegrityError", "ArchitectureError"]
+# name -> module that defines it, imported on first use
+_LAZY = {
+    "dump": "teacher.local", "run_dump": "teacher.local", "DumpConfig": "teacher.job", "DumpSummary": "teacher.job",
+    "add_teacher": "teacher.add", "AddTeacherSummary": "teacher.add",
+    "info": "tools.inspect_store", "verify": "tools.inspect_store", "VerifyReport": "tools.inspect_store",
+    "merge": "tools.combine", "select": "tools.combine", "MergeReport": "tools.combine",
+    "SelectReport": "tools.combine", "copy_store": "tools.transfer", "CopyReport": "tools.transfer",
+    "contact_sheet": "tools.show", "SheetSummary": "tools.show",
+}
+
+__all__ = sorted([*_LAZY, "open_store", "LogitStore", "Rows", "StoreMeta", "Preprocess", "ViewSpec", "FORMAT_VERSION",
+                  "LogitStoreError", "FormatError", "StoreStateError", "ResumeMismatchError", "TeacherError",
+                  "CorpusError", "LogitRangeError", "IntegrityError", "ArchitectureError", "UntrustedCodeError",
+                  "DestinationError", "OptionError", "MismatchError", "DumpInterrupted"])
 
 
 def __getattr__(name: str):
-    # `dump` pulls in the teacher loader; import it on first use so that readers (the trainer)
-    # never load teacher code.
-    if name in ("dump", "DumpSummary", "DumpInterrupted"):
-        from . import pipeline
+    if name in _LAZY:
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'logitstore' has no attribute {name!r}")

@@ -11,10 +11,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .cli_types import count, real, storage_option_flag
-from .errors import LogitStoreError
+from . import limits
+from .cli_common import human_bytes, number, one_line_errors, parse_size, storage_option_flag
+from .errors import DumpInterrupted, LogitStoreError
 from .locations import parse_storage_options
-from .show import show
+from .teacher.job import DUMP_LIMITS
 
 console = Console(stderr=True)
 
@@ -33,29 +34,6 @@ def _floats(text: str | None, name: str, count: int | None = None) -> tuple[floa
     return vals
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        vals = [int(p) for p in parts if p]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--size") from None
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or min(vals) < 1 or max(vals) > 4096:
-        raise click.BadParameter(f"{text!r}: expected H,W or a single side, each 1..4096", param_hint="--size")
-    return vals[0], vals[1]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def _describe_targets(t: dict[str, Any]) -> str:
     temps = ",".join(f"{x:g}" for x in t.get("temperatures", []))
     if t["kind"] == "topk":
@@ -65,24 +43,20 @@ def _describe_targets(t: dict[str, Any]) -> str:
     return ""
 
 
-class _Group(click.Group):
-    """Turns user errors into one line on stderr and a non-zero exit; bugs keep their traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:  # a wrong flag: one line, like every other user error
-            usage = " ".join(filter(None, ("logitstore", ctx.invoked_subcommand, "--help")))
-            click.echo(f"logitstore: error: {' '.join(exc.format_message().split())} (see `{usage}`)", err=True)
-            ctx.exit(2)
-        except LogitStoreError as exc:
-            from .pipeline import DumpInterrupted
-
-            click.echo(f"logitstore: error: {exc}", err=True)
-            ctx.exit(130 if isinstance(exc, DumpInterrupted) else 2)
+def _count(lo: int = 1, hi: int | None = None) -> click.ParamType:
+    return number(limits.count(lo, hi))
 
 
-@click.group(cls=_Group)
+def _real(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> click.ParamType:
+    return number(limits.real(lo, hi, lo_open))
+
+
+def _dump_number(name: str) -> click.ParamType:
+    """The flag type of a DumpConfig number: the library's own limit."""
+    return number(DUMP_LIMITS[name])
+
+
+@click.group(cls=one_line_errors("logitstore", (LogitStoreError,), {DumpInterrupted: 130}))
 @click.version_option(package_name="logitstore")
 def main() -> None:
     """Run a teacher once over an image corpus and keep its raw logits in a Zarr v3 store."""
@@ -107,39 +81,39 @@ TEACHER_HELP = """Teacher, one of:
               help="Add this teacher to the complete store at --out (same images, matched by digest; the "
                    "stored views replayed), for ensembles. --images defaults to the store's corpus.")
 @click.option("--teacher-name", default=None, help="Name of the added teacher [default: file stem].")
-@click.option("--views", default=1, show_default=True, type=count(1, 1024),
+@click.option("--views", default=1, show_default=True, type=_dump_number("views"),
               help="1: the deterministic eval view; V>1: V random resized crops (+flip) per image.")
-@click.option("--seed", default=0, show_default=True, type=count(0, 2**63 - 1), help="Seed of the random views.")
+@click.option("--seed", default=0, show_default=True, type=_dump_number("seed"), help="Seed of the random views.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the logits.")
 @click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Teacher compute precision (auto: bf16 autocast on GPU, fp32 on CPU).")
-@click.option("--batch-size", default=64, show_default=True, type=count(1, 65536))
-@click.option("--num-workers", default=None, type=count(0, 256), help="Decoding processes [default: min(8, cores)].")
+@click.option("--batch-size", default=64, show_default=True, type=_dump_number("batch_size"))
+@click.option("--num-workers", default=None, type=_dump_number("num_workers"), help="Decoding processes [default: min(8, cores)].")
 @click.option("--size", default=None, help="Teacher input H,W (overrides the checkpoint's).")
-@click.option("--resize", default=None, type=count(1, 8192), help="Resize the shorter side to this, then center-crop --size.")
+@click.option("--resize", default=None, type=_dump_number("resize"), help="Resize the shorter side to this, then center-crop --size.")
 @click.option("--mean", default=None, help="Per-channel mean, comma-separated, on the 0-1 scale.")
 @click.option("--std", default=None, help="Per-channel std, comma-separated, on the 0-1 scale.")
 @click.option("--mode", default=None, type=click.Choice(["RGB", "L"]), help="Colour mode the teacher takes.")
 @click.option("--classes", default=None, help="Class names: comma-separated, or a file with one per line.")
 @click.option("--crop-scale", default="0.08,1.0", show_default=True, help="Random crop area range (V>1).")
 @click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
-@click.option("--flip-prob", default=0.5, show_default=True, type=real(0, 1), help="Horizontal flip probability (V>1).")
-@click.option("--chunk-rows", default=None, type=count(1, 1 << 20), help="Rows per chunk [default: ~4 MiB of logits].")
-@click.option("--keep-bits", default=None, type=count(1, 22),
+@click.option("--flip-prob", default=0.5, show_default=True, type=_dump_number("flip_prob"), help="Horizontal flip probability (V>1).")
+@click.option("--chunk-rows", default=None, type=_dump_number("chunk_rows"), help="Rows per chunk [default: ~4 MiB of logits].")
+@click.option("--keep-bits", default=None, type=_dump_number("keep_bits"),
               help="Lossy logits: keep this many mantissa bits (BitRound); see benchmarks/RESULTS.md for "
                    "bytes against KL [default: lossless].")
-@click.option("--topk", default=None, type=count(1, 1 << 20),
+@click.option("--topk", default=None, type=_dump_number("topk"),
               help="Large label spaces: keep each view's K largest logits and their classes, plus the rest's "
                    "log-sum-exp at --temperatures (exact top-K and tail probabilities there; docs/FORMAT.md).")
-@click.option("--sample", default=None, type=count(1, 65535),
+@click.option("--sample", default=None, type=_dump_number("sample"),
               help="Large label spaces, unbiased: keep K draws from the teacher's softmax at --sample-temperature "
                    "(classes, counts, logits, proposal probabilities) and the full log-sum-exp at --temperatures.")
 @click.option("--temperatures", default=None,
               help="With --topk/--sample: the temperatures students may distil at [default: 1,2,4,8].")
-@click.option("--sample-temperature", default=None, type=real(0, lo_open=True),
+@click.option("--sample-temperature", default=None, type=_dump_number("sample_temperature"),
               help="With --sample: the proposal's temperature, one of --temperatures; use the training "
                    "temperature or above [default: 4].")
 @click.option("--embed-images", is_flag=True,
@@ -151,7 +125,7 @@ TEACHER_HELP = """Teacher, one of:
                    "timm:NAME or a built-in student; an architecture you type in --teacher is trusted.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @storage_option_flag
-@click.option("--segment-rows", default=None, type=count(1),
+@click.option("--segment-rows", default=None, type=_dump_number("segment_rows"),
               help="Under torchrun: listing positions per unit of work, a multiple of --batch-size "
                    "[default: about 8 segments per process, at most 64 chunks each].")
 def dump(**kw: Any) -> None:
@@ -160,31 +134,26 @@ def dump(**kw: Any) -> None:
     Under torchrun (`torchrun --nproc-per-node K -m logitstore dump ...`) the K processes share the
     work, one GPU each; a killed job is finished by the same command, with any number of processes.
     """
-    from .pipeline import dump as run_dump
+    from .teacher.job import DumpConfig
+    from .teacher.local import run_dump
 
     try:
-        arch_kwargs = json.loads(kw["arch_kwargs"]) if kw["arch_kwargs"] else None
+        kw["arch_kwargs"] = json.loads(kw["arch_kwargs"]) if kw["arch_kwargs"] else None
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON ({exc})", param_hint="--arch-kwargs") from None
-    quiet = kw.pop("quiet")
-    storage_options = parse_storage_options(kw["storage_option"])
-    if kw["add_teacher"]:
-        _add_teacher(kw, arch_kwargs, storage_options, quiet)
+    kw.update(storage_options=parse_storage_options(kw.pop("storage_option")), progress=not kw.pop("quiet"),
+              trust_modules=kw.pop("trust_module"), size=parse_size(kw["size"], "--size"),
+              mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"),
+              crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
+              crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2),
+              temperatures=_floats(kw["temperatures"], "--temperatures"))
+    add, name = kw.pop("add_teacher"), kw.pop("teacher_name")
+    if add:
+        _add_teacher(kw, name)
         return
     if kw["images"] is None:
         raise click.UsageError("Missing option '--images' (a folder of images or a listing file).")
-    summary = run_dump(
-        kw["teacher"], kw["images"], kw["out"], weights=kw["weights"], arch_kwargs=arch_kwargs,
-        views=kw["views"], seed=kw["seed"], dtype=kw["dtype"], device=kw["device"],
-        precision=kw["precision"], batch_size=kw["batch_size"], num_workers=kw["num_workers"],
-        size=_size(kw["size"]), resize=kw["resize"], mean=_floats(kw["mean"], "--mean"),
-        std=_floats(kw["std"], "--std"), mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
-        chunk_rows=kw["chunk_rows"], crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
-        crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2), flip_prob=kw["flip_prob"],
-        progress=not quiet, storage_options=storage_options, embed_images=kw["embed_images"],
-        keep_bits=kw["keep_bits"], segment_rows=kw["segment_rows"], topk=kw["topk"], sample=kw["sample"],
-        temperatures=_floats(kw["temperatures"], "--temperatures"), sample_temperature=kw["sample_temperature"],
-        trust_modules=kw["trust_module"])
+    summary = run_dump(DumpConfig(**kw))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
         return
     if summary.nothing_to_do:
@@ -197,7 +166,7 @@ def dump(**kw: Any) -> None:
             ("dtype / precision / device", f"{summary.dtype} / {summary.precision} / {summary.device}"),
             ("resumed from row", f"{summary.resumed_rows:,}"), ("time", f"{summary.seconds:.1f} s"),
             ("throughput", f"{summary.images_per_s:,.1f} images/s"),
-            ("size on disk", _human(summary.bytes_on_disk)),
+            ("size on disk", human_bytes(summary.bytes_on_disk)),
             ("bytes per image", f"{summary.bytes_on_disk / max(1, summary.n_images):,.1f}")]
     for k, v in rows:
         t.add_row(k, v)
@@ -208,16 +177,15 @@ def dump(**kw: Any) -> None:
         click.echo(f"  ... and {summary.n_failed - 10} more (see `logitstore info {summary.out}`)", err=True)
 
 
-def _add_teacher(kw: dict[str, Any], arch_kwargs: dict[str, Any] | None, storage_options: dict[str, Any],
-                 quiet: bool) -> None:
-    from .add_teacher import add_teacher
+def _add_teacher(kw: dict[str, Any], name: str | None) -> None:
+    from .teacher.add import add_teacher
 
-    s = add_teacher(kw["out"], kw["teacher"], name=kw["teacher_name"], images=kw["images"], weights=kw["weights"],
-                    arch_kwargs=arch_kwargs, device=kw["device"], precision=kw["precision"],
-                    batch_size=kw["batch_size"], num_workers=kw["num_workers"], size=_size(kw["size"]),
-                    resize=kw["resize"], mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"),
-                    mode=kw["mode"], classes=kw["classes"], overwrite=kw["overwrite"],
-                    storage_options=storage_options, progress=not quiet, trust_modules=kw["trust_module"])
+    s = add_teacher(kw["out"], kw["teacher"], name=name, images=kw["images"], weights=kw["weights"],
+                    arch_kwargs=kw["arch_kwargs"], device=kw["device"], precision=kw["precision"],
+                    batch_size=kw["batch_size"], num_workers=kw["num_workers"], size=kw["size"],
+                    resize=kw["resize"], mean=kw["mean"], std=kw["std"], mode=kw["mode"], classes=kw["classes"],
+                    overwrite=kw["overwrite"], storage_options=kw["storage_options"], progress=kw["progress"],
+                    trust_modules=kw["trust_modules"])
     click.echo(f"OK: teacher {s.name!r} added to {s.store}: {s.rows:,} rows in {s.seconds:.1f} s "
                f"({s.matched_by_digest:,} images found by digest elsewhere)")
 
@@ -229,7 +197,7 @@ def _add_teacher(kw: dict[str, Any], arch_kwargs: dict[str, Any] | None, storage
 @storage_option_flag
 def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
     """Metadata, counts, failures, size, compression and the teacher's prediction summary."""
-    from .inspect_store import info as store_info
+    from .tools.inspect_store import info as store_info
     from .store import open_store
 
     d = store_info(open_store(store, allow_incomplete=allow_incomplete,
@@ -253,7 +221,7 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
         ("corpus", f"{d['corpus']['root']}"),
         ("created", d["created"]),
         *[(f"fingerprint {k}", v) for k, v in d["fingerprints"].items()],
-        ("size on disk", f"{_human(d['bytes_on_disk'])} ({d['bytes_per_image'] or 0:,.1f} B/image)"),
+        ("size on disk", f"{human_bytes(d['bytes_on_disk'])} ({d['bytes_per_image'] or 0:,.1f} B/image)"),
         ("logits compression", (f"{ratio:.2f}x" if ratio else "n/a") + (" (against full logits)"
                                                                           if d["targets"]["kind"] != "logits" else "")),
         ("confidence (T=1)", "mean {mean:.3f}, p10 {p10:.3f}, median {median:.3f}, p90 {p90:.3f}".format(
@@ -276,7 +244,7 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
 @storage_option_flag
 def verify(store: str, images: str | None, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
     """Check a store: complete, every chunk's checksum, finite logits, and (with --images) digests."""
-    from .inspect_store import verify as run_verify
+    from .tools.inspect_store import verify as run_verify
     from .store import open_store
 
     rep = run_verify(open_store(store, allow_incomplete=allow_incomplete,
@@ -328,14 +296,14 @@ def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...])
 def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str]) -> None:
     from rich.progress import Progress
 
-    from .transfer import copy_store
+    from .tools.transfer import copy_store
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"copy -> {dst}", total=None)
         rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
                  dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
                  on_key=lambda n: bar.advance(task, n))
-    click.echo(f"OK: {src} -> {dst}: {rep.copied} objects copied ({_human(rep.bytes_copied)}), "
+    click.echo(f"OK: {src} -> {dst}: {rep.copied} objects copied ({human_bytes(rep.bytes_copied)}), "
                f"{rep.skipped} already there, every chunk checksum verified")
 
 
@@ -349,7 +317,7 @@ def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts
 def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, overwrite: bool,
           storage_option: tuple[str, ...]) -> None:
     """Merge stores of several corpora dumped by the same teacher (same classes, preprocessing, views)."""
-    from .combine import merge as run_merge
+    from .tools.combine import merge as run_merge
 
     rep = run_merge(list(stores), out, prefixes=prefix.split(",") if prefix else None, dedupe=dedupe,
                     overwrite=overwrite, storage_options=parse_storage_options(storage_option))
@@ -361,11 +329,11 @@ def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, o
 @main.command()
 @click.argument("store")
 @click.option("-o", "--out", required=True, help="Selected store to write.")
-@click.option("--min-confidence", type=real(0, 1), default=None, help="Keep rows whose top probability >= this.")
-@click.option("--max-entropy", type=real(0), default=None, help="Keep rows whose entropy (nats) <= this.")
-@click.option("--per-class", type=count(1), default=None, help="Keep the K most confident rows per predicted class.")
-@click.option("--limit", type=count(1), default=None, help="Keep at most this many rows (most confident first).")
-@click.option("--temperature", type=real(0, lo_open=True), default=1.0, show_default=True,
+@click.option("--min-confidence", type=_real(0, 1), default=None, help="Keep rows whose top probability >= this.")
+@click.option("--max-entropy", type=_real(0), default=None, help="Keep rows whose entropy (nats) <= this.")
+@click.option("--per-class", type=_count(1), default=None, help="Keep the K most confident rows per predicted class.")
+@click.option("--limit", type=_count(1), default=None, help="Keep at most this many rows (most confident first).")
+@click.option("--temperature", type=_real(0, lo_open=True), default=1.0, show_default=True,
               help="Temperature of the softmax these criteria are measured on.")
 @click.option("--overwrite", is_flag=True)
 @storage_option_flag
@@ -373,7 +341,7 @@ def select(store: str, out: str, min_confidence: float | None, max_entropy: floa
            per_class: int | None, limit: int | None, temperature: float, overwrite: bool,
            storage_option: tuple[str, ...]) -> None:
     """Build a transfer set chosen by the teacher (confidence, entropy, class balance, size)."""
-    from .combine import select as run_select
+    from .tools.combine import select as run_select
 
     rep = run_select(store, out, min_confidence=min_confidence, max_entropy=max_entropy, per_class=per_class,
                      limit=limit, temperature=temperature, overwrite=overwrite,
@@ -386,7 +354,27 @@ def select(store: str, out: str, min_confidence: float | None, max_entropy: floa
     Console().print(t)
 
 
-main.add_command(show)  # defined beside the contact-sheet code it drives
+@main.command("show")
+@click.argument("store")
+@click.option("--images", default=None, type=click.Path(),
+              help="Corpus root the store was dumped from [default: the root recorded in the store].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--per-class", default=8, show_default=True, type=_count(1, 1000), help="Images drawn per class.")
+@click.option("--max-classes", default=20, show_default=True, type=_count(1, 1000),
+              help="Rows drawn when the teacher has more classes (the most predicted ones).")
+@click.option("--seed", default=0, show_default=True, type=_count(0), help="Which images are drawn.")
+def show(store: str, images: str | None, out: str, per_class: int, max_classes: int, seed: int) -> None:
+    """A contact sheet: sample images grouped by the teacher's top-1 class, with its confidence and
+    the class histogram. Use it to judge whether an unlabeled corpus will teach anything."""
+    from .tools.show import contact_sheet
+
+    summary = contact_sheet(store, images, out, per_class=per_class, seed=seed, max_classes=max_classes)
+    top = sorted(summary.class_counts.items(), key=lambda kv: -kv[1])[:5]
+    n = max(1, summary.images)
+    click.echo(f"wrote {summary.out}: {summary.images:,} images; most predicted: "
+               + ", ".join(f"{k} {100 * v / n:.1f}%" for k, v in top))
+
+
 
 if __name__ == "__main__":
     main()

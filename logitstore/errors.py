@@ -44,3 +44,15 @@ class DestinationError(LogitStoreError):
 
 class UntrustedCodeError(LogitStoreError):
     """A file names code (an architecture factory) that nobody said to trust; nothing was imported."""
+
+
+class OptionError(LogitStoreError):
+    """A flag or argument value that cannot work, or flags that do not go together."""
+
+
+class MismatchError(LogitStoreError):
+    """Stores that cannot be combined: different teacher, classes, class order, preprocessing or views."""
+
+
+class DumpInterrupted(LogitStoreError):
+    """Ctrl-C: everything committed so far is kept; the same command resumes."""

@@ -13,6 +13,7 @@ from zarr.codecs import Crc32cCodec
 from . import schema
 from .errors import FormatError, IntegrityError, StoreStateError
 from .locations import open_group
+from .rows import Rows
 from .schema import StoreMeta
 
 # Stores with --keep-bits carry numcodecs' BitRound filter, which docs/FORMAT.md specifies; zarr warns
@@ -20,27 +21,6 @@ from .schema import StoreMeta
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 # A distributed dump keeps its segments under _segments/ until it completes (logitstore/distributed.py).
 warnings.filterwarnings("ignore", message="Object at _segments is not recognized")
-
-
-@dataclass
-class Rows:
-    """A slice of a store's rows, as NumPy arrays."""
-
-    ids: np.ndarray            # [n] str (object)
-    logits: np.ndarray         # [n, V, C]
-    digests: np.ndarray        # [n, 32] uint8
-    image_hw: np.ndarray       # [n, 2] int32
-    view_params: np.ndarray    # [n, V, 5] int32
-    pixels: np.ndarray | None = None  # [n, V, ch, H, W] uint8, when the store embeds them
-    targets: dict[str, np.ndarray] | None = None  # sparse stores: their target arrays (logits is None)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def slice(self, a: int, b: int) -> "Rows":
-        cut = lambda x: None if x is None else x[a:b]  # noqa: E731
-        return Rows(self.ids[a:b], cut(self.logits), self.digests[a:b], self.image_hw[a:b], self.view_params[a:b],
-                    cut(self.pixels), None if self.targets is None else {k: v[a:b] for k, v in self.targets.items()})
 
 
 # iter_chunks reads up to this many chunks at once: zarr decodes the chunks of one read concurrently

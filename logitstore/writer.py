@@ -22,6 +22,7 @@ from . import schema
 from .destination import OURS
 from .errors import ResumeMismatchError, StoreStateError
 from .schema import StoreMeta
+from .rows import Rows
 from .store import LogitStore, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints, teacher_fingerprint
 from .locations import check_store_destination, open_group, remove_stray_keys, retire_root
@@ -50,42 +51,6 @@ def logits_filters(keep_bits: int | None) -> list[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "numcodecs codecs are not in the Zarr v3 spec": known, specified
         return [BitRound(keepbits=keep_bits)]
-
-
-@dataclass
-class RowBatch:
-    """Rows in listing order, with their listing positions (`source`), plus failures met on the way."""
-
-    source: np.ndarray           # [n] int64 listing positions
-    ids: list[str]
-    logits: np.ndarray           # [n, V, C]
-    digests: np.ndarray          # [n, 32] uint8
-    image_hw: np.ndarray         # [n, 2] int32
-    view_params: np.ndarray      # [n, V, 5] int32
-    failures: list[tuple[int, str, str]] = field(default_factory=list)  # (source, id, reason)
-    pixels: np.ndarray | None = None  # [n, V, ch, H, W] uint8, with --embed-images
-    targets: dict[str, np.ndarray] | None = None  # sparse stores: their target arrays (logits is None)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, sel: slice) -> "RowBatch":
-        return RowBatch(self.source[sel], self.ids[sel], None if self.logits is None else self.logits[sel],
-                        self.digests[sel], self.image_hw[sel], self.view_params[sel], [],
-                        None if self.pixels is None else self.pixels[sel],
-                        None if self.targets is None else {k: v[sel] for k, v in self.targets.items()})
-
-    @staticmethod
-    def concat(parts: list["RowBatch"]) -> "RowBatch":
-        pixels = [p.pixels for p in parts if p.pixels is not None and len(p)]
-        targets = parts[0].targets
-        return RowBatch(np.concatenate([p.source for p in parts]), [i for p in parts for i in p.ids],
-                        None if parts[0].logits is None else np.concatenate([p.logits for p in parts]),
-                        np.concatenate([p.digests for p in parts]),
-                        np.concatenate([p.image_hw for p in parts]), np.concatenate([p.view_params for p in parts]),
-                        [f for p in parts for f in p.failures], np.concatenate(pixels) if pixels else None,
-                        None if targets is None else {k: np.concatenate([p.targets[k] for p in parts])
-                                                      for k in targets})
 
 
 @dataclass
@@ -122,10 +87,10 @@ def lossy_arrays(meta: StoreMeta) -> tuple[str, ...]:
     return tuple(name for name, (_, dtype) in meta.target_arrays().items() if dtype == meta.dtype)
 
 
-def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Any) -> None:
-    """Rows (a RowBatch or a store's Rows) into every row array at [a, a + len(rows))."""
+def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows) -> None:
+    """Rows into every row array at [a, a + len(rows))."""
     b = a + len(rows)
-    for name, values in (rows.targets or {schema.LOGITS: rows.logits}).items():
+    for name, values in rows.target_arrays().items():
         arrays[name][a:b] = values
     arrays[schema.IDS][a:b] = np.array(list(rows.ids), dtype=object)
     arrays[schema.DIGESTS][a:b] = rows.digests
@@ -182,11 +147,11 @@ class StoreWriter:
         self.end = meta.corpus.n_listed if end is None else end
         self.segment = segment
         self._arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}
-        self._buffer: list[RowBatch] = []
+        self._buffer: list[Rows] = []
         self._buffered = 0
         self._pending_failures: list[tuple[int, str, str]] = []
         # Bounded: if storage falls behind, the teacher waits rather than RAM filling up.
-        self._queue: queue.Queue[RowBatch | None] = queue.Queue(maxsize=queue_chunks * 8)
+        self._queue: queue.Queue[Rows | None] = queue.Queue(maxsize=queue_chunks * 8)
         self._error: BaseException | None = None
         self._committed_at = 0.0  # monotonic time of the last progress commit
         self._behind = False       # the recorded progress is behind self.progress
@@ -197,7 +162,7 @@ class StoreWriter:
         self._thread.start()
 
     # -- main-thread side -------------------------------------------------------------------
-    def submit(self, batch: RowBatch) -> None:
+    def submit(self, batch: Rows) -> None:
         self._raise_if_failed()
         self._queue.put(batch)
 
@@ -238,7 +203,7 @@ class StoreWriter:
             while not self._ended:  # unblock the producer
                 self._ended = self._queue.get() is None
 
-    def _take(self, batch: RowBatch | None) -> None:
+    def _take(self, batch: Rows | None) -> None:
         if batch is None:
             self._ended = True
             return
@@ -251,7 +216,7 @@ class StoreWriter:
         CHUNKS_PER_WRITE chunks a write."""
         r = self.meta.chunk_rows
         while self._buffered >= r or (final and self._buffered > 0):
-            rows = RowBatch.concat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            rows = Rows.concat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
             n = min(len(rows) if final else len(rows) // r * r, r * self._per_write)
             self._write_rows(rows.take(slice(0, n)))
             rest = rows.take(slice(n, None))
@@ -259,7 +224,7 @@ class StoreWriter:
         if final:
             self._commit(self.progress.rows, self.end)
 
-    def _write_rows(self, rows: RowBatch) -> None:
+    def _write_rows(self, rows: Rows) -> None:
         write_rows(self._arrays, self.progress.rows, rows)
         self._commit(self.progress.rows + len(rows), int(rows.source[-1]) + 1, force=False)
 

@@ -127,13 +127,13 @@ def test_torchrun_dump_to_s3_matches_a_local_single_process_dump(tmp_path, image
 
 def test_a_distributed_dump_is_finished_by_one_process_and_refuses_a_mismatched_restart(tmp_path, images,
                                                                                         teacher_ckpt):
-    from logitstore.distributed import DistContext, dump_distributed
-    from logitstore.errors import ResumeMismatchError
-    from logitstore.pipeline import DumpInterrupted, prepare_dump
+    from logitstore.teacher.distributed import DistContext, dump_distributed
+    from logitstore.errors import DumpInterrupted, ResumeMismatchError
+    from logitstore.teacher.job import DumpConfig, prepare_dump
 
     out = str(tmp_path / "out.zarr")
     kw = dict(views=2, batch_size=8, chunk_rows=16, num_workers=0)
-    job = prepare_dump(str(teacher_ckpt), str(images), **kw)
+    job = prepare_dump(DumpConfig(str(teacher_ckpt), str(images), out, **kw))
     batches = []
 
     def interrupt_in_the_second_segment(n: int) -> None:

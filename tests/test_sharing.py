@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import logitstore
-from logitstore.combine import MismatchError, merge, select
+from logitstore.tools.combine import MismatchError, merge, select
 from logitstore.errors import IntegrityError, StoreStateError
-from logitstore.transfer import copy_store
+from logitstore.tools.transfer import copy_store
 
 from conftest import flip_byte, run_cli, save_teacher
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 import logitstore
 from logitstore.errors import CorpusError, IntegrityError
-from logitstore.show import contact_sheet, show
+from logitstore.cli import main
+from logitstore.tools.show import contact_sheet
 
 from conftest import run_cli
 
@@ -73,7 +74,7 @@ def test_sheet_refuses_a_missing_corpus_root(store_path, tmp_path):
 
 def test_show_command_defaults_to_the_recorded_corpus(store_path, tmp_path):
     out = tmp_path / "cli.png"
-    res = CliRunner().invoke(show, [str(store_path), "--out", str(out), "--per-class", "2"])
+    res = CliRunner().invoke(main, ["show", str(store_path), "--out", str(out), "--per-class", "2"])
     assert res.exit_code == 0, res.output
     assert out.exists() and "120 images" in res.output and "most predicted" in res.output
 

@@ -11,7 +11,7 @@ import torch
 import logitstore
 import trainer
 from logitstore.errors import IntegrityError
-from logitstore.transfer import copy_store
+from logitstore.tools.transfer import copy_store
 from trainer.data import make_batches, make_input_spec, open_stores
 from trainer.errors import ConfigError, ImageError, StoreMismatchError
 from trainer.loss import ensemble_logits
@@ -82,7 +82,7 @@ def test_embedded_pixels_train_without_the_corpus(world: World, tmp_path: Path):
 
 
 def test_ensemble_of_a_stores_teachers(world: World, tmp_path: Path):
-    from logitstore.add_teacher import add_teacher
+    from logitstore.teacher.add import add_teacher
 
     two = tmp_path / "two.zarr"
     shutil.copytree(world.store, two)
@@ -112,7 +112,7 @@ def test_ensemble_of_a_stores_teachers(world: World, tmp_path: Path):
 
 
 def test_a_merged_store_needs_images_when_it_has_no_single_root(world: World, tmp_path: Path):
-    from logitstore.combine import merge
+    from logitstore.tools.combine import merge
 
     merged = tmp_path / "m.zarr"
     merge([str(world.store), str(world.store)], str(merged), prefixes=["x", "y"])

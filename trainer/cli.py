@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from logitstore.cli_types import count, real, storage_option_flag
+from logitstore.cli_common import number, one_line_errors, parse_size, storage_option_flag
 from logitstore.errors import LogitStoreError
 from logitstore.locations import parse_storage_options
 
@@ -16,29 +16,9 @@ from .errors import TrainerError
 from .fit import LIMITS, teacher_weights_problem
 
 
-class _Group(click.Group):
-    """Turns user errors into one line on stderr and a non-zero exit; bugs keep their traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (TrainerError, LogitStoreError) as exc:
-            click.echo(f"trainer: error: {' '.join(str(exc).split())}", err=True)
-            ctx.exit(2)
-        except click.UsageError as exc:  # a flag value refused while parsing: one line too, not click's usage block
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            click.echo(f"trainer: error: {' '.join(exc.format_message().split())} (see `{where} --help`)", err=True)
-            ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("trainer: interrupted; checkpoint.pt in --out holds the last finished epoch, if any "
-                       "(continue with --resume)", err=True)
-            ctx.exit(130)
-
-
 def _number(name: str) -> click.ParamType:
     """The flag type for a numeric FitConfig field: the library's own limit (trainer.fit.LIMITS)."""
-    lim = LIMITS[name]
-    return count(lim.lo, lim.hi) if lim.kind is int else real(lim.lo, lim.hi, lim.lo_open, lim.hi_open)
+    return number(LIMITS[name])
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -55,21 +35,8 @@ def _weights(text: str | None) -> list[float] | None:
     return weights
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        vals = [int(p) for p in text.lower().replace("x", ",").split(",") if p]
-    except ValueError:
-        vals = []
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or min(vals) < 1:
-        raise click.BadParameter(f"{text!r}: expected H,W or a single side", param_hint="--input-size")
-    return vals[0], vals[1]
-
-
-@click.group(cls=_Group)
+@click.group(cls=one_line_errors("trainer", (TrainerError, LogitStoreError), on_interrupt=(
+    "interrupted; checkpoint.pt in --out holds the last finished epoch, if any (continue with --resume)")))
 @click.version_option(package_name="logitstore")
 def main() -> None:
     """Distil image classifiers from stores of teacher logits (no teacher in memory)."""
@@ -160,7 +127,7 @@ def fit(**kw: Any) -> None:
     from .report import summary_table
 
     quiet = kw.pop("quiet")
-    kw["input_size"] = _size(kw["input_size"])
+    kw["input_size"] = parse_size(kw["input_size"], "--input-size")
     kw["images"] = list(kw["images"]) or None
     kw["teachers"] = kw["teachers"].split(",") if kw["teachers"] else None
     kw["teacher_weights"] = _weights(kw["teacher_weights"])

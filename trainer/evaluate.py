@@ -18,7 +18,7 @@ from logitstore.schema import Preprocess
 from logitstore.views import EVAL
 
 from .data import InputSpec
-from .device import autocast, resolve_device, resolve_precision
+from logitstore.device import TRAIN_PRECISIONS, autocast, resolve_device, resolve_precision
 from .errors import CheckpointError, ClassMismatchError, ImageError
 
 
@@ -155,4 +155,4 @@ def evaluate(checkpoint: str | os.PathLike, images: str | os.PathLike, *, batch_
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     spec = InputSpec(pre, tuple(pre.size), pre.channels)
-    return evaluate_model(model, folder, spec, dev, batch_size, num_workers, resolve_precision(precision, dev))
+    return evaluate_model(model, folder, spec, dev, batch_size, num_workers, resolve_precision(precision, dev, TRAIN_PRECISIONS))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from logitstore.destination import check_local_destination
+from logitstore.limits import Limit
 from logitstore.store import LogitStore
 
 from . import report
 from .data import SKIPPED, Batches, InputSpec, Request, batches_per_epoch, default_cache_bytes, make_batches, \
     make_input_spec, open_stores, read_ahead, targets_to
-from .device import autocast, resolve_device, resolve_precision
+from logitstore.device import TRAIN_PRECISIONS, autocast, resolve_device, resolve_precision
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
 from .loss import objective, soft_target_loss, teacher_top1
@@ -36,39 +36,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 OPTIMIZERS = ("sgd", "adamw")
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The values a numeric setting may take: of its kind, finite, inside [lo, hi] (an end open when asked).
-
-    NaN passes every comparison-based range check (each comparison with NaN is false) and trains a
-    NaN student, so finiteness is part of every limit. `LIMITS` serves both `FitConfig.check` and
-    the CLI's flag types, so the library and the command line refuse the same values.
-    """
-
-    kind: type = float
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def allows(self, x: Any) -> bool:
-        if isinstance(x, bool) or not isinstance(x, numbers.Integral if self.kind is int else numbers.Real):
-            return False
-        if not math.isfinite(x):
-            return False
-        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
-            return False
-        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
-
-    def describe(self) -> str:
-        def show(x: float) -> str:
-            return str(x) if isinstance(x, int) else f"{x:g}"
-        bounds = ([f"{'>' if self.lo_open else '>='} {show(self.lo)}"] if self.lo is not None else []) + \
-                 ([f"{'<' if self.hi_open else '<='} {show(self.hi)}"] if self.hi is not None else [])
-        return ("a whole number" if self.kind is int else "a finite number") + \
-            (" " + " and ".join(bounds) if bounds else "")
 
 
 LIMITS: dict[str, Limit] = {
@@ -480,7 +447,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
     if not cfg.resume and ckpt_path.exists() and not cfg.overwrite:
         raise RunDirError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
                           "--overwrite to start again, or choose another --out")
-    precision = resolve_precision(cfg.precision, dev)
+    precision = resolve_precision(cfg.precision, dev, TRAIN_PRECISIONS)
 
     # --- data, student, evaluation set --------------------------------------------------------
     data = open_stores(stores, cfg.images, cfg.holdout, cfg.labels, cfg.labels_from_folders,

@@ -35,8 +35,8 @@ import logitstore
 import trainer
 from logitstore import LogitStore
 from logitstore.arch import build_model
-from logitstore.inspect_store import info as store_info
-from logitstore.show import contact_sheet
+from logitstore.tools.inspect_store import info as store_info
+from logitstore.tools.show import contact_sheet
 
 from . import corpora, mnist
 from . import supervised as sup
@@ -68,8 +68,13 @@ class Plan:
 
 
 PLANS = {
-    # For tests and CI (about 25 s): only checks that the pipeline teaches at all.
-    "tiny": Plan("tiny", train_images=3000, letters=3000, noise=3000, teacher_epochs=2, student_epochs=4),
+    # For tests and CI (about 30 s): only checks that the pipeline teaches at all. The students
+    # train until their loss has flattened (12 epochs of 3,000 images, 276 steps): stopped
+    # earlier, still on the steep part of the curve, the letters student's accuracy swings
+    # with any change in floating-point rounding (0.31 to 0.80 at 4 epochs, depending on the
+    # seed, the fonts on the machine, or just torch's thread count), and a passing CI run
+    # could fail on another machine.
+    "tiny": Plan("tiny", train_images=3000, letters=3000, noise=3000, teacher_epochs=2, student_epochs=12),
     # The README's first command: the embedded MNIST subset, about a minute on 2 cores.
     "demo": Plan("demo", train_images=None, letters=10_000, noise=10_000, teacher_epochs=2, student_epochs=6),
     # The whole experiment (20-30 minutes on 2 cores; examples/mnist_ood/README.md has its numbers).

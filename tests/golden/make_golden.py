@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from logitstore import schema
-from logitstore.pipeline import encode_targets
-from logitstore.writer import RowBatch, open_writer
+from logitstore.teacher.job import encode_targets
+from logitstore.rows import Rows
+from logitstore.writer import open_writer
 
 HERE = Path(__file__).resolve().parent
 # golden store name (without .zarr) -> what each row keeps of the teacher's output
@@ -40,7 +41,7 @@ def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
         created="2026-11-25T00:00:00+00:00", versions={"logitstore": "golden"}, targets=targets)
 
 
-def golden_rows(name: str = "v1.0") -> list[RowBatch]:
+def golden_rows(name: str = "v1.0") -> list[Rows]:
     rng = np.random.default_rng(0)
     n, listed = 10, 11  # listing position 6 failed
     source = np.array([p for p in range(listed) if p != 6], dtype=np.int64)
@@ -51,7 +52,8 @@ def golden_rows(name: str = "v1.0") -> list[RowBatch]:
     params = rng.integers(0, 8, size=(n, 2, 5)).astype(np.int32)
     params[..., 4] %= 2
     targets = encode_targets(golden_meta(name), torch.from_numpy(logits.astype(np.float32)), ids)
-    full = RowBatch(source, ids, None if targets else logits, digests, hw, params, [], None, targets)
+    full = Rows(np.array(ids, dtype=object), None if targets else logits, digests, hw, params, None, targets,
+                source=source)
     first, rest = full.take(slice(0, 6)), full.take(slice(6, None))
     return [first, replace(rest, failures=[(6, "img06.png", "UnidentifiedImageError: cannot identify image file")])]
 

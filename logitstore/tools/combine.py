@@ -10,15 +10,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import schema
-from .errors import LogitStoreError
-from .schema import CorpusInfo, StoreMeta
-from .store import LogitStore, Rows, open_store
-from .writer import RowBatch, already_complete, open_writer
-
-
-class MismatchError(LogitStoreError):
-    """Stores that cannot be combined: different teacher, classes, class order, preprocessing or views."""
+from .. import schema
+from ..errors import LogitStoreError, MismatchError, OptionError
+from ..schema import CorpusInfo, StoreMeta
+from ..rows import Rows
+from ..store import LogitStore, open_store
+from ..writer import already_complete, open_writer
 
 
 def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = True) -> str | None:
@@ -55,7 +52,7 @@ def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def _write(out: str, meta: StoreMeta, batches: Iterable[RowBatch], overwrite: bool,
+def _write(out: str, meta: StoreMeta, batches: Iterable[Rows], overwrite: bool,
            storage_options: dict[str, Any] | None, sources: Sequence[str]) -> StoreMeta:
     """Write a derived store at `out` (never over one of its `sources`); a complete store that this
     very recipe made is left as it is."""
@@ -76,13 +73,15 @@ def _write(out: str, meta: StoreMeta, batches: Iterable[RowBatch], overwrite: bo
 
 
 def _batch(rows: Rows, keep: np.ndarray, first: int, ids: Sequence[str] | None = None,
-           failures: list[tuple[int, str, str]] | None = None) -> RowBatch:
-    n = int(keep.sum())
-    return RowBatch(np.arange(first, first + n, dtype=np.int64),
-                    list(ids) if ids is not None else [str(i) for i in rows.ids[keep]],
-                    None if rows.logits is None else rows.logits[keep], rows.digests[keep], rows.image_hw[keep],
-                    rows.view_params[keep], failures or [], None if rows.pixels is None else rows.pixels[keep],
-                    None if rows.targets is None else {k: v[keep] for k, v in rows.targets.items()})
+           failures: list[tuple[int, str, str]] | None = None) -> Rows:
+    """The kept rows, numbered from listing position `first`, renamed to `ids` when given."""
+    out = rows.take(keep)
+    n = len(out)
+    out.source = np.arange(first, first + n, dtype=np.int64)
+    out.failures = list(failures or [])
+    if ids is not None:
+        out.ids = np.array(list(ids), dtype=object)
+    return out
 
 
 @dataclass
@@ -119,7 +118,7 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
     seen: set[bytes] = set()
     dropped = 0
 
-    def batches() -> Iterator[RowBatch]:
+    def batches() -> Iterator[Rows]:
         nonlocal dropped
         written = 0
         for prefix, store in zip(names, stores):
@@ -176,10 +175,10 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
     original order.
     """
     if temperature <= 0 or (per_class is not None and per_class < 1) or (limit is not None and limit < 1):
-        raise LogitStoreError("select: --temperature must be positive and --per-class, --limit at least 1")
+        raise OptionError("select: --temperature must be positive and --per-class, --limit at least 1")
     store = open_store(source, storage_options=storage_options)
     if store.meta.sparse:
-        raise LogitStoreError(f"select: {source} keeps {store.meta.targets.kind} targets; selecting by the "
+        raise OptionError(f"select: {source} keeps {store.meta.targets.kind} targets; selecting by the "
                               "teacher's confidence needs a full-logits store")
     conf, ent, arg = [], [], []
     for _, rows in store.iter_chunks():  # pass 1: three numbers per row, never the logits
@@ -205,10 +204,10 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
         keep[idx[np.argsort(-conf_a[idx], kind="stable")[:limit]]] = True
     n_out = int(keep.sum())
     if n_out == 0:
-        raise LogitStoreError(f"select: no row of {source} meets the criteria; loosen --min-confidence, "
+        raise OptionError(f"select: no row of {source} meets the criteria; loosen --min-confidence, "
                               "--max-entropy or --per-class")
 
-    def batches() -> Iterator[RowBatch]:
+    def batches() -> Iterator[Rows]:
         written = 0
         for k, rows in store.iter_chunks():  # pass 2: copy the chosen rows, chunk by chunk
             a, b = store.chunk_bounds(k)

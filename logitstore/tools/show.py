@@ -10,15 +10,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 
-from .cli_types import count
-from .corpus import read_and_decode
-from .errors import CorpusError, IntegrityError, LogitStoreError
+from ..corpus import read_and_decode
+from ..errors import CorpusError, IntegrityError, LogitStoreError, OptionError
 from .inspect_store import predictions
-from .store import LogitStore, open_store
-from .views import apply_view
+from ..store import LogitStore, open_store
+from ..views import apply_view
 
 
 @dataclass
@@ -86,7 +84,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
 
     if per_class < 1 or max_classes < 1:
-        raise LogitStoreError(f"per_class ({per_class}) and max_classes ({max_classes}) must be at least 1")
+        raise OptionError(f"per_class ({per_class}) and max_classes ({max_classes}) must be at least 1")
     if not isinstance(store, LogitStore):
         store = open_store(store)
     root = Path(images_root if images_root is not None else store.meta.corpus.root).expanduser()
@@ -155,23 +153,3 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     return SheetSummary(out=out, images=len(pred), class_counts={classes[k]: int(counts[k]) for k in range(len(classes))},
                         shown={classes[int(c)]: len(picks[int(c)]) for c in drawn},
                         classes_drawn=[classes[int(c)] for c in drawn])
-
-
-@click.command("show")
-@click.argument("store")
-@click.option("--images", default=None, type=click.Path(),
-              help="Corpus root the store was dumped from [default: the root recorded in the store].")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--per-class", default=8, show_default=True, type=count(1, 1000), help="Images drawn per class.")
-@click.option("--max-classes", default=20, show_default=True, type=count(1, 1000),
-              help="Rows drawn when the teacher has more classes (the most predicted ones).")
-@click.option("--seed", default=0, show_default=True, type=count(0), help="Which images are drawn.")
-def show(store: str, images: str | None, out: str, per_class: int, max_classes: int, seed: int) -> None:
-    """A contact sheet: sample images grouped by the teacher's top-1 class, with its confidence and
-    the class histogram. Use it to judge whether an unlabeled corpus will teach anything."""
-    summary = contact_sheet(store, images, out, per_class=per_class, seed=seed, max_classes=max_classes)
-    top = sorted(summary.class_counts.items(), key=lambda kv: -kv[1])[:5]
-    n = max(1, summary.images)
-    click.echo(f"wrote {summary.out}: {summary.images:,} images; most predicted: "
-               + ", ".join(f"{k} {100 * v / n:.1f}%" for k, v in top))
-

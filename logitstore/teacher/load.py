@@ -1,4 +1,5 @@
-"""Load a teacher safely: state-dict checkpoints, TorchScript, torch.export programs, factories.
+"""Load a teacher safely and get it ready: state-dict checkpoints, TorchScript, torch.export programs,
+factories; its preprocessing, class names and output width.
 
 No arbitrary code runs on load: checkpoints go through torch.load(weights_only=True), and
 architectures are named ("torchvision:NAME" or "package.module:factory"), never unpickled.
@@ -15,10 +16,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .arch import MAX_CLASSES, build_model
-from .checkpoint import check_zip_entries, load_weights_only
-from .errors import FormatError, TeacherError
-from .schema import Preprocess, TeacherInfo
+from ..arch import MAX_CLASSES, build_model
+from ..checkpoint import check_zip_entries, load_weights_only
+from ..errors import FormatError, TeacherError
+from ..schema import Preprocess, TeacherInfo
 
 IMAGENET_PREPROCESS = {"size": [224, 224], "resize": 256, "mean": [0.485, 0.456, 0.406],
                        "std": [0.229, 0.224, 0.225], "mode": "RGB"}
@@ -175,3 +176,37 @@ def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Prepro
         raise TeacherError(f"{where}: the teacher returns {out.shape[1]} logits per image; the format allows "
                            f"1..{MAX_CLASSES} classes")
     return int(out.shape[1])
+
+
+def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, Any] | None,
+                    overrides: dict[str, Any], trust_modules: Sequence[str] = ()) -> tuple[Teacher, Preprocess, int]:
+    """Load a teacher in eval mode, settle its preprocessing (flags over checkpoint), learn its width."""
+    t = load_teacher(teacher, weights, arch_kwargs, trust_modules)
+    o = overrides
+    pre = resolve_preprocess(t, {"size": list(o["size"]) if o.get("size") else None, "resize": o.get("resize"),
+                                 "mean": list(o["mean"]) if o.get("mean") else None,
+                                 "std": list(o["std"]) if o.get("std") else None, "mode": o.get("mode")})
+    if isinstance(t.model, nn.Module):
+        try:
+            t.model.eval()
+        except (NotImplementedError, RuntimeError):  # torch.export modules may refuse .eval()
+            pass
+    return t, pre, probe_num_classes(t.model, pre, t.info.file)  # probed on the CPU, before moving
+
+
+def to_device(model: Any, dev: torch.device) -> Any:
+    if isinstance(model, nn.Module):
+        model = model.to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def read_classes(classes: str | Sequence[str] | None) -> list[str] | None:
+    """--classes: names given in code, comma-separated, or a file with one name per line."""
+    if classes is None or not isinstance(classes, str):
+        return None if classes is None else [str(c) for c in classes]
+    path = Path(classes).expanduser()
+    if path.is_file():
+        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [c.strip() for c in classes.split(",")]

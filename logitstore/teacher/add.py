@@ -18,16 +18,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import schema
-from .corpus import decode_image, list_corpus, sha256_bytes
-from .errors import CorpusError, IntegrityError, StoreStateError, TeacherError
-from .locations import open_group
-from .device import resolve_device, resolve_precision
-from .pipeline import _check_logits, _forward, progress_bar, _read_classes, prepare_teacher, to_device
-from .schema import ExtraTeacher, Preprocess
-from .store import LogitStore, open_store
-from .views import apply_view
-from .writer import chunk_codecs, logits_filters
+from .. import schema
+from ..corpus import decode_image, list_corpus, sha256_bytes
+from ..errors import CorpusError, IntegrityError, StoreStateError, TeacherError
+from ..locations import open_group
+from ..device import resolve_device, resolve_precision
+from ..cli_common import progress_bar
+from .job import check_logits, forward
+from .load import prepare_teacher, read_classes, to_device
+from ..schema import ExtraTeacher, Preprocess
+from ..store import LogitStore, open_store
+from ..views import apply_view
+from ..writer import chunk_codecs, logits_filters
 
 
 @dataclass
@@ -114,7 +116,7 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                                     {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode},
                                     trust_modules)
     model = to_device(t.model, dev)
-    names = _read_classes(classes) or t.classes or [str(i) for i in range(width)]
+    names = read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if tuple(names) != meta.classes:
         what = ("the class order differs" if sorted(names) == sorted(meta.classes)
                 else f"it has {width} outputs named {names[:5]}..., the store has {meta.num_classes} "
@@ -144,8 +146,8 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     with progress_bar(progress) as bar:
         task = bar.add_task(f"teacher {name}", total=len(store))
         for pixels in loader:
-            logits = _forward(model, pixels, pre, dev, autocast)
-            _check_logits(logits.reshape(len(logits), -1), meta.dtype, list(rows_all.ids[seen:seen + len(logits)]),
+            logits = forward(model, pixels, pre, dev, autocast)
+            check_logits(logits.reshape(len(logits), -1), meta.dtype, list(rows_all.ids[seen:seen + len(logits)]),
                           meta.keep_bits)
             seen += len(logits)
             buffer.append(logits.numpy().astype(np_dtype))

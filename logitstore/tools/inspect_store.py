@@ -9,14 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from . import schema
-from .corpus import sha256_bytes
-from .errors import IntegrityError
-from .fingerprint import RowHasher
-from .locations import stored_bytes, stray_keys
-from .schema import StoreMeta
-from .sparse import topk_probabilities
-from .store import LogitStore, Rows
+from .. import schema
+from ..corpus import sha256_bytes
+from ..errors import IntegrityError
+from ..fingerprint import RowHasher
+from ..locations import stored_bytes, stray_keys
+from ..schema import StoreMeta
+from ..sparse import topk_probabilities
+from ..rows import Rows
+from ..store import LogitStore
 
 
 def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,12 +16,12 @@ from typing import Any, Callable
 import google_crc32c
 from zarr.core.sync import sync
 
-from . import schema
-from .destination import OURS, is_logitstore_root, root_attrs
-from .errors import DestinationError, FormatError, IntegrityError, StoreStateError
-from .locations import (ROOT_KEY, check_store_destination, delete_all, get_bytes, is_url, is_zip, key_exists,
+from .. import schema
+from ..destination import OURS, is_logitstore_root, root_attrs
+from ..errors import DestinationError, FormatError, IntegrityError, StoreStateError
+from ..locations import (ROOT_KEY, check_store_destination, delete_all, get_bytes, is_url, is_zip, key_exists,
                         list_keys, open_raw_store, remove_stray_keys, retire_root, set_bytes)
-from .store import open_store
+from ..store import open_store
 
 
 @dataclass

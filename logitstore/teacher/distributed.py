@@ -26,12 +26,15 @@ import numpy as np
 import torch.distributed as dist
 from zarr.core.sync import sync
 
-from . import schema
-from .errors import LogitStoreError, ResumeMismatchError, StoreStateError
-from .locations import check_store_destination, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
-from .schema import StoreMeta
-from .store import LogitStore, Rows, open_store, row_array_names
-from .writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
+from .. import schema
+from ..cli_common import progress_bar
+from ..errors import DumpInterrupted, LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
+from ..locations import check_store_destination, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
+from ..schema import StoreMeta
+from ..rows import Rows
+from ..store import LogitStore, open_store, row_array_names
+from .job import DumpJob, make_summary
+from ..writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
 
 # Segments per process when the segment size is not given: enough that processes finish close
 # together and a dead one loses little, few enough that a segment is many chunks long.
@@ -111,11 +114,10 @@ class _Comm:
             dist.destroy_process_group()
 
 
-def dump_distributed(job: Any, out: str, ctx: DistContext, *, overwrite: bool = False,
+def dump_distributed(job: DumpJob, out: str, ctx: DistContext, *, overwrite: bool = False,
                      storage_options: dict[str, Any] | None = None, segment_rows: int | None = None,
                      progress: bool = False, on_batch: Callable[[int], None] | None = None) -> Any:
     """`logitstore.dump` for one process of a torchrun job (or one process finishing such a dump)."""
-    from .pipeline import make_summary
 
     if is_zip(out):
         raise StoreStateError(f"{out}: a zip store is written once with `logitstore pack`; dump to a "
@@ -161,7 +163,7 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
     rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
     if rows < 1 or rows % meta.batch_size:
         # Whole teacher batches keep every image in the batch it has in a single-process run.
-        raise LogitStoreError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
+        raise OptionError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
                               f"{meta.batch_size}")
     retire_root(group.store)
     group = open_group(out, mode="w", storage_options=so)
@@ -174,7 +176,6 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
 def _dump_segments(job: Any, out: str, ctx: DistContext, rows: int, so: dict[str, Any] | None,
                    progress: bool, on_batch: Callable[[int], None] | None) -> int:
     """Every segment of this rank, each resumed where it stopped; returns the rows that were already there."""
-    from .pipeline import DumpInterrupted, progress_bar
 
     n = job.meta.corpus.n_listed
     mine = [(k, k * rows, min(n, (k + 1) * rows)) for k in range(ctx.rank, math.ceil(n / rows), ctx.world)]
@@ -235,19 +236,7 @@ def _assemble(out: str, meta: StoreMeta, offsets: list[int], ctx: DistContext, s
             stop = min(b, offsets[s + 1])
             pieces.append(parts[s].read(pos - offsets[s], stop - offsets[s], pixels=meta.embedded_pixels))
             pos = stop
-        write_rows(arrays, a, _concat(pieces))
-
-
-def _concat(pieces: list[Rows]) -> Rows:
-    if len(pieces) == 1:
-        return pieces[0]
-    pixels = [p.pixels for p in pieces if p.pixels is not None]
-    targets = pieces[0].targets
-    return Rows(np.concatenate([p.ids for p in pieces]),
-                None if pieces[0].logits is None else np.concatenate([p.logits for p in pieces]),
-                np.concatenate([p.digests for p in pieces]), np.concatenate([p.image_hw for p in pieces]),
-                np.concatenate([p.view_params for p in pieces]), np.concatenate(pixels) if pixels else None,
-                None if targets is None else {k: np.concatenate([p.targets[k] for p in pieces]) for k in targets})
+        write_rows(arrays, a, Rows.concat(pieces))
 
 
 def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:

@@ -1,0 +1,364 @@
+"""The dump's work: settle the flags into a DumpJob (teacher on its device, corpus, metadata), then
+run it over listing positions: corpus -> DataLoader workers (read, digest, decode, views) -> teacher
+-> rows handed to a writer. The single-process loop (local.py) and the distributed one
+(distributed.py) both drive a DumpJob."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import __version__, limits, schema
+from ..corpus import Corpus, describe_failure, list_corpus, read_and_decode
+from ..device import resolve_device, resolve_precision
+from ..errors import LogitRangeError, LogitStoreError, OptionError, TeacherError
+from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
+from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
+from ..rows import Rows
+from ..views import apply_view, normalize, sample_view_params
+from ..writer import StoreWriter
+from .load import prepare_teacher, read_classes, to_device
+
+# --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
+# default, where importance weights are then exactly 1 (lowest variance). Colder proposals make the
+# weights of tail classes grow exponentially at hotter training temperatures (logitstore/sparse.py).
+DEFAULT_SAMPLE_TEMPERATURE = 4.0
+_TAG_SAMPLE = 0x5A
+
+
+@dataclass
+class DumpConfig:
+    """Every choice of a dump, as plain values: built once (by the CLI or `logitstore.dump`), passed as is.
+
+    See `logitstore dump --help` for what each means.
+    """
+
+    teacher: str
+    images: str
+    out: str
+    weights: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+    trust_modules: Sequence[str] = ()
+    views: int = 1
+    seed: int = 0
+    dtype: str = "float16"
+    device: str | None = None
+    precision: str = "auto"
+    batch_size: int = 64
+    num_workers: int | None = None
+    size: tuple[int, int] | None = None
+    resize: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    mode: str | None = None
+    classes: str | Sequence[str] | None = None
+    chunk_rows: int | None = None
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    embed_images: bool = False
+    keep_bits: int | None = None
+    topk: int | None = None
+    sample: int | None = None
+    temperatures: Sequence[float] | None = None
+    sample_temperature: float | None = None
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    segment_rows: int | None = None
+    progress: bool = False
+    on_batch: Callable[[int], None] | None = None
+
+    def check(self) -> None:
+        """The checks that need no file: ranges of the numbers, and which flags go together."""
+        if self.dtype not in schema.LOGIT_DTYPES:
+            raise OptionError(f"--dtype {self.dtype!r} is not one of {', '.join(schema.LOGIT_DTYPES)}")
+        for name, limit in DUMP_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not limit.allows(value):
+                raise OptionError(f"--{name.replace('_', '-')} {value!r}: must be {limit.describe()}")
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1) or not (0 < self.crop_ratio[0] <= self.crop_ratio[1]):
+            raise OptionError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
+        schema.check_keep_bits(self.keep_bits, self.dtype)
+
+    def target_spec(self) -> TargetSpec:
+        return target_spec(self.topk, self.sample, self.temperatures, self.sample_temperature)
+
+
+# Ranges of the dump's numbers, shared with the CLI's flag types (docs/FORMAT.md, R3, for the stored ones).
+DUMP_LIMITS = {
+    "views": limits.count(1, schema.MAX_VIEWS), "seed": limits.count(0, 2 ** 63 - 1),
+    "batch_size": limits.count(1, 65536), "num_workers": limits.count(0, 256),
+    "resize": limits.count(1, schema.MAX_RESIZE), "flip_prob": limits.real(0, 1),
+    "chunk_rows": limits.count(1, schema.MAX_CHUNK_ROWS), "keep_bits": limits.count(1, 22),
+    "topk": limits.count(1, schema.MAX_CLASSES), "sample": limits.count(1, 65535),
+    "sample_temperature": limits.real(0, lo_open=True), "segment_rows": limits.count(1),
+}
+
+
+@dataclass
+class DumpSummary:
+    out: str
+    n_listed: int
+    n_images: int
+    n_failed: int
+    views: int
+    num_classes: int
+    dtype: str
+    precision: str
+    device: str
+    chunk_rows: int
+    resumed_rows: int
+    seconds: float
+    bytes_on_disk: int
+    failures: list[tuple[str, str]]
+    nothing_to_do: bool = False  # the store was already complete with this recipe
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.n_listed - self.resumed_rows
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+class _CorpusViews(Dataset):
+    """Item = one listing position: digest, pixels of every view (uint8), or the reason it failed."""
+
+    def __init__(self, corpus: Corpus, pre: Preprocess, views: ViewSpec, seed: int):
+        self.corpus, self.pre, self.views, self.seed = corpus, pre, views, seed
+
+    def __len__(self) -> int:
+        return len(self.corpus.ids)
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        image_id = self.corpus.ids[pos]
+        try:
+            digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
+            h, w = int(img.shape[1]), int(img.shape[2])
+            params = sample_view_params(h, w, self.views, self.seed, image_id)
+            pixels = torch.stack([apply_view(img, p, self.pre, self.views.kind) for p in params])
+        except Exception as exc:  # any unreadable file is recorded, never fatal
+            return {"source": pos, "id": image_id, "error": describe_failure(exc)}
+        return {"source": pos, "id": image_id, "error": None, "digest": np.frombuffer(digest, np.uint8),
+                "hw": (h, w), "params": params, "pixels": pixels}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [it for it in items if it["error"] is None]
+    return {
+        "ok": ok and {
+            "source": np.array([it["source"] for it in ok], dtype=np.int64),
+            "ids": [it["id"] for it in ok],
+            "digests": np.stack([it["digest"] for it in ok]),
+            "hw": np.array([it["hw"] for it in ok], dtype=np.int32),
+            "params": np.stack([it["params"] for it in ok]).astype(np.int32),
+            "pixels": torch.stack([it["pixels"] for it in ok]),
+        },
+        "failures": [(it["source"], it["id"], it["error"]) for it in items if it["error"] is not None],
+    }
+
+
+def _versions() -> dict[str, str]:
+    import numcodecs
+    import PIL
+    import torchvision
+    import zarr
+
+    return {"logitstore": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+def check_logits(logits: torch.Tensor, dtype: str, ids: list[str], keep_bits: int | None = None) -> None:
+    finite = torch.isfinite(logits).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = ids[int((~finite).nonzero()[0])]
+        raise LogitRangeError(f"the teacher returned NaN or inf logits for {bad}; check the teacher and "
+                              "its preprocessing (--mean/--std/--mode), or try --precision fp32")
+    if dtype == "float16":
+        limit = schema.float16_limit(keep_bits)
+        peak = logits.abs().flatten(1).amax(1)
+        if bool((peak > limit).any()):
+            i = int((peak > limit).nonzero()[0])
+            raise LogitRangeError(f"a logit of {float(peak[i]):.6g} for {ids[i]} is outside float16's range "
+                                  f"(+-{limit:g}{' with --keep-bits' if keep_bits else ''}); "
+                                  "re-run with --dtype float32")
+
+
+@dataclass
+class DumpJob:
+    """Everything settled before the first image is read: the teacher on its device, the corpus, the metadata."""
+
+    model: Any
+    corpus: Corpus
+    meta: StoreMeta
+    device: torch.device
+    num_workers: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.meta.batch_size
+
+    def batches(self, start: int, stop: int) -> list[list[int]]:
+        """Listing positions [start, stop) as the fixed batches of an uninterrupted run: a resumed run
+        restarts at the boundary of the batch that holds its first missing image, so every image is
+        seen in the same batch as in an uninterrupted run and the logits match bit for bit."""
+        b = self.batch_size
+        return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
+
+    def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
+            on_batch: Callable[[int], None] | None = None) -> None:
+        """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here)."""
+        meta, pre, dev = self.meta, self.meta.preprocess, self.device
+        batches = self.batches(start, stop)
+        if not batches:
+            return
+        workers = self.num_workers
+        loader = DataLoader(_CorpusViews(self.corpus, pre, meta.views, meta.seed), batch_sampler=batches,
+                            num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+                            prefetch_factor=4 if workers else None, persistent_workers=False)
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if meta.precision == "bf16" else torch.float16)
+                    if meta.precision in ("bf16", "fp16") else None)
+        np_dtype = np.float16 if meta.dtype == "float16" else np.float32
+        v = meta.views.count
+        for batch in loader:
+            failures = [f for f in batch["failures"] if f[0] >= start]
+            ok = batch["ok"]
+            rows = _failures_only(failures, v)
+            if ok and (ok["source"] >= start).any():  # a resumed run re-reads a batch it may have kept
+                logits = forward(self.model, ok["pixels"], pre, dev, autocast)
+                keep = ok["source"] >= start
+                ids = [i for i, k in zip(ok["ids"], keep) if k]
+                lg = logits[torch.from_numpy(keep)]
+                check_logits(lg.reshape(len(ids), -1), meta.dtype, ids, meta.keep_bits)
+                targets = encode_targets(meta, lg, ids)
+                rows = Rows(np.array(ids, dtype=object), None if targets else lg.numpy().astype(np_dtype),
+                            ok["digests"][keep], ok["hw"][keep], ok["params"][keep],
+                            ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None,
+                            targets, source=ok["source"][keep], failures=failures)
+            if len(rows) or failures:
+                writer.submit(rows)
+            n = len(ok["ids"]) if ok else 0
+            if progress is not None:
+                progress.advance(task, n + len(batch["failures"]))
+            if on_batch is not None:
+                on_batch(n)
+
+
+def target_spec(topk: int | None = None, sample: int | None = None,
+                temperatures: Sequence[float] | None = None, sample_temperature: float | None = None) -> TargetSpec:
+    """--topk / --sample and their temperatures -> what each row keeps of the teacher's output."""
+    if topk is not None and sample is not None:
+        raise OptionError("--topk and --sample are alternatives; give one (or neither for full logits)")
+    if topk is None and sample is None:
+        if temperatures is not None or sample_temperature is not None:
+            raise OptionError("--temperatures and --sample-temperature apply to --topk or --sample stores")
+        return TargetSpec()
+    temps = tuple(sorted({float(t) for t in (temperatures or REFERENCE_TEMPERATURES)}))
+    if topk is not None:
+        if sample_temperature is not None:
+            raise OptionError("--sample-temperature applies to --sample stores only")
+        return TargetSpec(schema.TARGET_TOPK, int(topk), temps)
+    proposal = float(DEFAULT_SAMPLE_TEMPERATURE if sample_temperature is None else sample_temperature)
+    if proposal not in temps:
+        raise OptionError(f"--sample-temperature {proposal:g} must be one of --temperatures "
+                              f"{','.join(f'{t:g}' for t in temps)}")
+    return TargetSpec(schema.TARGET_SAMPLE, int(sample), temps, proposal)
+
+
+def encode_targets(meta: StoreMeta, logits: torch.Tensor, ids: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """float32 logits [n, V, C] -> the store's sparse target arrays (None for a full-logits store)."""
+    t = meta.targets
+    np_dtype = np.float16 if meta.dtype == "float16" else np.float32
+    if t.kind == schema.TARGET_TOPK:
+        e = encode_topk(logits, t.k, t.temperatures)
+        return {schema.TOPK_VALUES: e.values.astype(np_dtype), schema.TOPK_INDICES: e.indices,
+                schema.TAIL_LSE: e.tail_lse}
+    if t.kind == schema.TARGET_SAMPLE:
+        # Draws are seeded per image id, like the views: the same in any batch, process or resumed run.
+        seeds = [[meta.seed, _TAG_SAMPLE, int.from_bytes(hashlib.sha256(i.encode("utf-8")).digest()[:8], "little")]
+                 for i in ids]
+        e = encode_sample(logits.numpy(), t.k, t.temperatures, t.proposal_temperature, seeds)
+        return {schema.SAMPLE_INDICES: e.indices, schema.SAMPLE_COUNTS: e.counts,
+                schema.SAMPLE_LOGITS: e.logits.astype(np_dtype), schema.SAMPLE_PROPOSAL: e.proposal,
+                schema.LSE: e.lse}
+    return None
+
+
+def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
+    """Validate the flags, list the corpus, load the teacher onto its device and settle the metadata."""
+    cfg.check()
+    targets = cfg.target_spec()
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:  # one GPU per torchrun process
+        dev = torch.device("cuda", local_rank)
+    precision = resolve_precision(cfg.precision, dev)
+    corpus = list_corpus(cfg.images)
+
+    t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
+                                    {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
+                                     "mode": cfg.mode}, cfg.trust_modules)
+    names = read_classes(cfg.classes) or t.classes or [str(i) for i in range(width)]
+    if len(names) != width:
+        raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
+                           "were given; pass --classes with exactly one name per output")
+    if cfg.views * width > schema.MAX_ROW_LOGITS:
+        raise OptionError(f"--views {cfg.views} x {width} classes exceeds {schema.MAX_ROW_LOGITS} logits per image "
+                          "(docs/FORMAT.md, R3); store fewer views, or --topk")
+    spec = ViewSpec(1, "eval") if cfg.views == 1 else ViewSpec(cfg.views, "random_resized_crop",
+                                                              tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
+                                                              float(cfg.flip_prob))
+    try:
+        targets.check(width)
+    except LogitStoreError as exc:
+        raise OptionError(f"--topk/--sample: {exc}") from None
+    meta = StoreMeta(
+        format_version=schema.version_for(targets), complete=False, classes=tuple(names), preprocess=pre, views=spec,
+        teacher=t.info, corpus=CorpusInfo(str(corpus.root), corpus.listing, corpus.listing_sha256(),
+                                          len(corpus.ids)),
+        dtype=cfg.dtype, precision=precision, seed=cfg.seed, chunk_rows=1, batch_size=cfg.batch_size,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
+        embedded_pixels=cfg.embed_images, keep_bits=cfg.keep_bits, targets=targets)
+    row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
+    meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
+    workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers)
+
+
+def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
+                 failures: list[tuple[str, str]], nothing_to_do: bool = False) -> DumpSummary:
+    return DumpSummary(out=out, n_listed=len(job.corpus.ids), n_images=meta.corpus.n_images,
+                       n_failed=meta.corpus.n_failed, views=meta.views.count, num_classes=meta.num_classes,
+                       dtype=meta.dtype, precision=meta.precision, device=str(job.device),
+                       chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows, seconds=seconds,
+                       bytes_on_disk=nbytes, failures=failures, nothing_to_do=nothing_to_do)
+
+
+def _failures_only(failures: list[tuple[int, str, str]], v: int) -> Rows:
+    """Rows of a batch in which every image failed: none, and the reasons."""
+    return Rows(np.zeros(0, dtype=object), None, np.zeros((0, 32), np.uint8), np.zeros((0, 2), np.int32),
+                np.zeros((0, v, 5), np.int32), source=np.zeros(0, np.int64), failures=failures)
+
+
+def forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, pre: Preprocess,
+             dev: torch.device, autocast: Any) -> torch.Tensor:
+    """uint8 [B, V, C, H, W] -> float32 logits [B, V, classes] on the CPU."""
+    b, v = pixels.shape[:2]
+    # uint8 crosses to the device (4x fewer bytes than float); normalisation happens there.
+    x = normalize(pixels.flatten(0, 1).to(dev, non_blocking=True), pre)
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if autocast is not None:
+            with autocast:
+                out = model(x)
+        else:
+            out = model(x)
+    return out.float().cpu().view(b, v, -1)
