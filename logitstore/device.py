@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 from typing import ContextManager, Sequence
 
 import torch
@@ -41,3 +43,26 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     if precision in ("bf16", "fp16"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Torchrun:
+    """This process's place in a torchrun job (read from the variables torchrun sets)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_env() -> Torchrun | None:
+    """The torchrun job this process belongs to, or None when it was not started by torchrun."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return Torchrun(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))

@@ -526,6 +526,35 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
     return meta
 
 
+def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = True,
+                          same_encoding: bool = True) -> str | None:
+    """The first difference that makes two stores' rows incomparable, or None.
+
+    `same_encoding`: also the way the logits are stored (dtype, rounding, embedded pixels, teacher
+    precision), which a merged store must share but a student reading both need not."""
+    if a.classes != b.classes:
+        if set(a.classes) == set(b.classes):
+            return "the class order differs"
+        only_a = sorted(set(a.classes) - set(b.classes))[:5]
+        only_b = sorted(set(b.classes) - set(a.classes))[:5]
+        return f"the classes differ (only in the first: {only_a}; only in the second: {only_b})"
+    if a.preprocess != b.preprocess:
+        diff = {k: (v, b.preprocess.to_dict()[k]) for k, v in a.preprocess.to_dict().items()
+                if b.preprocess.to_dict()[k] != v}
+        return f"the preprocessing differs ({diff})"
+    if same_teacher and (a.teacher.arch, a.teacher.sha256) != (b.teacher.arch, b.teacher.sha256):
+        return (f"the teacher differs ({a.teacher.arch} sha256 {a.teacher.sha256[:12]} vs "
+                f"{b.teacher.arch} sha256 {b.teacher.sha256[:12]})")
+    if a.views != b.views:
+        return f"the views differ ({a.views.to_dict()} vs {b.views.to_dict()})"
+    if a.targets != b.targets:
+        return f"the teacher targets differ ({a.targets.to_dict()} vs {b.targets.to_dict()})"
+    for what in ("dtype", "keep_bits", "embedded_pixels", "precision") if same_encoding else ():
+        if getattr(a, what) != getattr(b, what):
+            return f"the {what} differs ({getattr(a, what)} vs {getattr(b, what)})"
+    return None
+
+
 def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
     """Rows per chunk: about 4 MiB of raw logits, a power of two in [256, 8192].
 

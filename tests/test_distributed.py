@@ -127,7 +127,8 @@ def test_torchrun_dump_to_s3_matches_a_local_single_process_dump(tmp_path, image
 
 def test_a_distributed_dump_is_finished_by_one_process_and_refuses_a_mismatched_restart(tmp_path, images,
                                                                                         teacher_ckpt):
-    from logitstore.teacher.distributed import DistContext, dump_distributed
+    from logitstore.device import Torchrun
+    from logitstore.teacher.distributed import dump_distributed
     from logitstore.errors import DumpInterrupted, ResumeMismatchError
     from logitstore.teacher.job import DumpConfig, prepare_dump
 
@@ -142,7 +143,7 @@ def test_a_distributed_dump_is_finished_by_one_process_and_refuses_a_mismatched_
             raise KeyboardInterrupt
 
     with pytest.raises(DumpInterrupted):
-        dump_distributed(job, out, DistContext(0, 1, 0), segment_rows=16, on_batch=interrupt_in_the_second_segment)
+        dump_distributed(job, out, Torchrun(), segment_rows=16, on_batch=interrupt_in_the_second_segment)
     with pytest.raises(ResumeMismatchError, match="segment-rows 16"):
         logitstore.dump(str(teacher_ckpt), str(images), out, segment_rows=32, **kw)
     # Without torchrun, the same dump call finishes every segment in this one process.

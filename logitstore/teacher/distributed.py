@@ -28,6 +28,7 @@ from zarr.core.sync import sync
 
 from .. import schema
 from ..cli_common import progress_bar
+from ..device import Torchrun
 from ..errors import DumpInterrupted, LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
 from ..locations import check_store_destination, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
 from ..schema import StoreMeta
@@ -44,19 +45,6 @@ MAX_SEGMENT_CHUNKS = 64
 PHASE_TIMEOUT = timedelta(hours=24)
 
 
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world: int
-    local_rank: int
-
-
-def context_from_env() -> DistContext | None:
-    """This process's place in a torchrun job, or None outside one."""
-    if "WORLD_SIZE" not in os.environ:
-        return None
-    return DistContext(int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]),
-                       int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def is_distributed_store(location: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -81,7 +69,7 @@ def default_segment_rows(n_listed: int, batch_size: int, chunk_rows: int, world:
 class _Comm:
     """The few collectives a distributed dump needs; with one process, none at all."""
 
-    def __init__(self, ctx: DistContext):
+    def __init__(self, ctx: Torchrun):
         self.ctx, self._owns = ctx, False
         if ctx.world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)
@@ -114,7 +102,7 @@ class _Comm:
             dist.destroy_process_group()
 
 
-def dump_distributed(job: DumpJob, out: str, ctx: DistContext, *, overwrite: bool = False,
+def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool = False,
                      storage_options: dict[str, Any] | None = None, segment_rows: int | None = None,
                      progress: bool = False, on_batch: Callable[[int], None] | None = None) -> Any:
     """`logitstore.dump` for one process of a torchrun job (or one process finishing such a dump)."""
@@ -173,7 +161,7 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
     return p
 
 
-def _dump_segments(job: Any, out: str, ctx: DistContext, rows: int, so: dict[str, Any] | None,
+def _dump_segments(job: Any, out: str, ctx: Torchrun, rows: int, so: dict[str, Any] | None,
                    progress: bool, on_batch: Callable[[int], None] | None) -> int:
     """Every segment of this rank, each resumed where it stopped; returns the rows that were already there."""
 
@@ -219,7 +207,7 @@ def _plan_assembly(out: str, meta: StoreMeta, n_seg: int, so: dict[str, Any] | N
     return p
 
 
-def _assemble(out: str, meta: StoreMeta, offsets: list[int], ctx: DistContext, so: dict[str, Any] | None) -> None:
+def _assemble(out: str, meta: StoreMeta, offsets: list[int], ctx: Torchrun, so: dict[str, Any] | None) -> None:
     """Copy segment rows into this rank's final chunks (k % world == rank), each written whole."""
     group = open_group(out, mode="a", storage_options=so)
     arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}

@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 from ..cli_common import progress_bar
+from ..device import Torchrun, torchrun_env
 from ..errors import DumpInterrupted, OptionError
 from ..locations import stored_bytes
 from ..writer import already_complete, open_writer
@@ -24,9 +25,9 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     """Dump as `cfg` says. Under torchrun (WORLD_SIZE set), or to finish a store a distributed dump
     started, the work is split over the processes (distributed.py); `segment_rows` is its unit."""
     so = cfg.storage_options
-    ctx = distributed.context_from_env()
+    ctx = torchrun_env()
     if ctx is None and not cfg.overwrite and distributed.is_distributed_store(cfg.out, so):
-        ctx = distributed.DistContext(0, 1, 0)  # finish it in this one process
+        ctx = Torchrun()  # finish it in this one process
     job = prepare_dump(cfg, None if ctx is None else ctx.local_rank)
     protected = [job.meta.corpus.root]
     done = None if cfg.overwrite else already_complete(cfg.out, job.meta, so, protected)

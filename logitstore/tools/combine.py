@@ -12,33 +12,10 @@ import numpy as np
 
 from .. import schema
 from ..errors import LogitStoreError, MismatchError, OptionError
-from ..schema import CorpusInfo, StoreMeta
+from ..schema import CorpusInfo, StoreMeta, compatibility_problem
 from ..rows import Rows
 from ..store import LogitStore, open_store
 from ..writer import already_complete, open_writer
-
-
-def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = True) -> str | None:
-    """The first difference that makes two stores' logits incomparable, or None."""
-    if a.classes != b.classes:
-        if set(a.classes) == set(b.classes):
-            return "the class order differs"
-        only_a = sorted(set(a.classes) - set(b.classes))[:5]
-        only_b = sorted(set(b.classes) - set(a.classes))[:5]
-        return f"the classes differ (only in the first: {only_a}; only in the second: {only_b})"
-    if a.preprocess != b.preprocess:
-        diff = {k: (v, b.preprocess.to_dict()[k]) for k, v in a.preprocess.to_dict().items()
-                if b.preprocess.to_dict()[k] != v}
-        return f"the preprocessing differs ({diff})"
-    if same_teacher and (a.teacher.arch, a.teacher.sha256) != (b.teacher.arch, b.teacher.sha256):
-        return (f"the teacher differs ({a.teacher.arch} sha256 {a.teacher.sha256[:12]} vs "
-                f"{b.teacher.arch} sha256 {b.teacher.sha256[:12]})")
-    if a.views != b.views:
-        return f"the views differ ({a.views.to_dict()} vs {b.views.to_dict()})"
-    for what in ("dtype", "keep_bits", "embedded_pixels", "precision", "targets"):
-        if getattr(a, what) != getattr(b, what):
-            return f"the {what} differs ({getattr(a, what)} vs {getattr(b, what)})"
-    return None
 
 
 def _sha256_text(text: str) -> str:
