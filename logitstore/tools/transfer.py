@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import google_crc32c
 from zarr.core.sync import sync
 
 from .. import schema
 from ..destination import OURS, is_logitstore_root, root_attrs
 from ..errors import DestinationError, FormatError, IntegrityError, StoreStateError
-from ..locations import (ROOT_KEY, check_store_destination, delete_all, get_bytes, is_url, is_zip, key_exists,
+from ..locations import (ROOT_KEY, check_store_destination, crc32c_ok, delete_all, get_bytes, is_url, is_zip, key_exists,
                         list_keys, open_raw_store, remove_stray_keys, retire_root, set_bytes)
 from ..store import open_store
 
@@ -38,7 +37,7 @@ def check_chunk(key: str, data: bytes, where: str) -> None:
     """A chunk's last 4 bytes are the little-endian CRC32C of the rest (zarr's crc32c codec)."""
     if key.rsplit("/", 1)[-1] == ROOT_KEY:
         return
-    if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
+    if not crc32c_ok(data):
         raise IntegrityError(f"{where}: chunk '{key}' fails its CRC32C checksum; the source is corrupted, "
                              "restore it and copy again")
 
