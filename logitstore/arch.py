@@ -28,7 +28,7 @@ TRUST_ENV = "LOGITSTORE_TRUST_MODULES"
 # by name, because the format core never imports the trainer.
 BUILTIN_FACTORIES = {"trainer.students": ("lenet", "cifar_resnet")}
 REGISTRIES = ("torchvision", "timm")
-# Bounds on what a file may ask a factory to allocate (docs/FORMAT.md, R-bounds).
+# Bounds on what a file may ask a factory to allocate (docs/FORMAT.md, R3 and "Teacher files").
 MAX_CLASSES = 1 << 20
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

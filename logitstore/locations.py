@@ -148,7 +148,7 @@ def _local_store_is_ours(path: Path) -> bool:
 def check_store_destination(location: str, storage_options: dict[str, Any] | None = None,
                             protected: Sequence[str] = (), flag: str = "--out") -> str:
     """ABSENT, EMPTY or OURS for a store a command wants to write; refuses anything else in one line
-    (docs/FORMAT.md, "Writing"): a tool writes or replaces only a store of its own."""
+    (docs/FORMAT.md, W1): a tool writes or replaces only a store of its own."""
     if is_url(location):
         keys = list_all_keys(open_raw_store(location, "w", storage_options))
         if not keys:

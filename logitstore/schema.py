@@ -37,7 +37,7 @@ ATTR_ROOT = "logitstore"
 # Updated at every committed chunk while a dump runs; removed when the store is complete.
 ATTR_PROGRESS = "logitstore_progress"
 # A distributed dump's progress: it writes segments of the listing under SEGMENTS/ first, then
-# assembles them into the row arrays (docs/FORMAT.md, "Distributed writing").
+# assembles them into the row arrays (docs/DESIGN.md, "Distributed writing").
 PROGRESS_SEGMENT_ROWS = "segment_rows"
 PROGRESS_PHASE = "phase"
 PHASE_SEGMENTS, PHASE_ASSEMBLY, PHASE_ASSEMBLED = "segments", "assembly", "assembled"
@@ -459,7 +459,7 @@ def check_version(version: Any) -> None:
     if major != FORMAT_MAJOR:
         newer = "newer" if major > FORMAT_MAJOR else "older"
         raise FormatError(f"store format {version} is a {newer} major version than this reader's "
-                          f"{FORMAT_VERSION}; use a logitstore release that reads format {major}.x")
+                          f"{FORMAT_VERSION}; use a logitstore release that reads format {major}.x (docs/FORMAT.md, R1)")
 
 
 def _string_map(v: Any, name: str) -> dict[str, str]:
@@ -502,7 +502,7 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise FormatError(f"the '{ATTR_ROOT}' attribute is malformed ({exc}); docs/FORMAT.md lists each "
-                          "key's type") from None
+                          "key's type (R3)") from None
     if meta.complete and not {"teacher", "corpus", "contents"} <= set(meta.fingerprints):
         raise FormatError("a complete store must carry fingerprints teacher, corpus and contents")
     if meta.dtype not in LOGIT_DTYPES:

@@ -167,7 +167,7 @@ class LogitStore:
 
 def _require_checksum(location: str, name: str, arr: zarr.Array) -> None:
     if not any(isinstance(cd, Crc32cCodec) for cd in arr.metadata.codecs):
-        raise FormatError(f"{location}: array '{name}' has no crc32c codec; the spec requires a checksum "
+        raise FormatError(f"{location}: array '{name}' has no crc32c codec; docs/FORMAT.md R5 requires a checksum "
                           "on every chunk")
 
 
@@ -188,16 +188,16 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
     n = None
     for name, (tail, chunks, dtypes) in expected.items():
         if name not in names:
-            raise FormatError(f"{location}: required array '{name}' is missing (docs/FORMAT.md, Arrays)")
+            raise FormatError(f"{location}: required array '{name}' is missing (docs/FORMAT.md, R5)")
         arr = group[name]
         if tuple(arr.shape[1:]) != tail or tuple(arr.chunks) != chunks:
             raise FormatError(f"{location}: array '{name}' has shape {arr.shape} chunks {arr.chunks}; "
                               f"the spec requires [N, {', '.join(map(str, tail))}] chunked {chunks}")
         if name != schema.IDS and str(arr.dtype) not in dtypes:
-            raise FormatError(f"{location}: array '{name}' has dtype {arr.dtype}; the spec requires {dtypes[0]}")
+            raise FormatError(f"{location}: array '{name}' has dtype {arr.dtype}; docs/FORMAT.md R5 requires {dtypes[0]}")
         _require_checksum(location, name, arr)
         if n is not None and arr.shape[0] != n:
-            raise FormatError(f"{location}: array '{name}' has {arr.shape[0]} rows, others have {n}")
+            raise FormatError(f"{location}: array '{name}' has {arr.shape[0]} rows, others have {n} (docs/FORMAT.md, R5)")
         n = arr.shape[0]
 
 
@@ -210,17 +210,17 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
     if not meta.complete and not allow_incomplete:
         raise StoreStateError(f"{loc}: the store is incomplete (a dump or copy was interrupted or is still "
                               "running); finish it by re-running the same command, or pass "
-                              "--allow-incomplete to read the rows written so far")
+                              "--allow-incomplete to read the rows written so far (docs/FORMAT.md, R2)")
     _validate_arrays(loc, group, meta)
     if meta.complete:
         rows = group[next(iter(meta.target_arrays()))].shape[0]
         missing = [n for n in schema.FAILURE_ARRAYS if n not in set(group.array_keys())]
         if missing:
-            raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, Arrays)")
+            raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, R5)")
         for name in schema.FAILURE_ARRAYS:
             _require_checksum(loc, name, group[name])
         if rows != meta.corpus.n_images:
-            raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images}")
+            raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images} (docs/FORMAT.md, R5)")
         for t in meta.extra_teachers:
             path = f"{schema.TEACHERS}/{t.name}/{schema.LOGITS}"
             try:
@@ -230,7 +230,7 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
             if arr.shape != group[schema.LOGITS].shape or arr.chunks != group[schema.LOGITS].chunks:
                 raise FormatError(f"{loc}: '{path}' must have the shape and chunks of 'logits'")
             if str(arr.dtype) != meta.dtype:
-                raise FormatError(f"{loc}: '{path}' has dtype {arr.dtype}; the spec requires {meta.dtype}")
+                raise FormatError(f"{loc}: '{path}' has dtype {arr.dtype}; docs/FORMAT.md R5 requires {meta.dtype}")
             _require_checksum(loc, path, arr)
     else:
         rows = int((group.attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))

@@ -1,6 +1,6 @@
 """Write a store: whole chunks from buffered rows, off the main thread, with a resumable commit point.
 
-Commit protocol (docs/FORMAT.md, "Writing and resuming"): rows land in whole chunks; after chunks'
+Commit protocol (docs/FORMAT.md, W2-W4; docs/DESIGN.md): rows land in whole chunks; after chunks'
 arrays are written, the progress attribute records how many rows are final and how far through
 the corpus listing they reach (at most every COMMIT_INTERVAL_S). A crash before a record only
 costs rewriting those chunks with the same bytes. `complete` is set last, after the arrays are
