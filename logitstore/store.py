@@ -11,7 +11,7 @@ from zarr.codecs import Crc32cCodec
 
 from . import schema
 from .errors import FormatError, IntegrityError, StoreStateError
-from .locations import crc32c_ok, get_bytes, open_group
+from .locations import crc32c_ok, get_bytes, list_all_keys, open_group
 from .rows import Rows
 from .schema import StoreMeta
 
@@ -97,16 +97,27 @@ class LogitStore:
 
     def _read_array(self, name: str, arr: zarr.Array, a: int, b: int) -> np.ndarray:
         try:
-            return arr[a:b]
+            values = arr[a:b]
         except Exception:
             bad = self._failing_chunks(arr, a, b)
             if not bad:
                 raise  # not a corrupted chunk: a bug or an I/O error keeps its own message
+        else:
+            if arr.dtype.kind == "f" and not np.isfinite(values).all():
+                self._refuse_non_finite(name, values, a, arr.chunks[0])
+            return values
         rows = arr.chunks[0]
         where = ", ".join(f"{k} (rows {k * rows}-{(k + 1) * rows - 1}, '{key}')" for k, key in bad[:5])
         raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {where} fail their CRC32C checksum "
                              "(corrupted bytes, docs/FORMAT.md R6); restore the store from its source or re-run "
                              "the dump")
+
+    def _refuse_non_finite(self, name: str, values: np.ndarray, a: int, rows: int) -> None:
+        bad = a + int(np.nonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0][0])
+        raise IntegrityError(f"{self.location}: array '{name}' holds NaN or inf at row {bad} (chunk {bad // rows}, "
+                             "id " + repr(str(self.group[schema.IDS][bad])) + "); a teacher's outputs must be finite "
+                             "(docs/FORMAT.md, R6): the store was altered or written by a broken tool, restore it "
+                             "from its source or re-run the dump")
 
     def _failing_chunks(self, arr: zarr.Array, a: int, b: int) -> list[tuple[int, str]]:
         """(k, key) of the chunks of rows [a, b) whose stored bytes fail their CRC32C: computed on the
@@ -201,6 +212,34 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
         n = arr.shape[0]
 
 
+def _never_fill(meta: StoreMeta) -> list[str]:
+    """Row arrays whose chunks can never hold only the fill value: every one of their chunks is stored,
+    so a missing one is a hole (zarr would read it back as zeros). Index and count arrays, view
+    parameters and pixels can be all zeros, so older writers (which skipped fill-value chunks) left
+    some out."""
+    targets = [n for n, (_, dtype) in meta.target_arrays().items() if np.dtype(dtype).kind == "f"]
+    extra = [f"{schema.TEACHERS}/{t.name}/{schema.LOGITS}" for t in meta.extra_teachers]
+    return [*targets, *extra, schema.IDS, schema.DIGESTS, schema.IMAGE_HW]
+
+
+def _check_no_holes(loc: str, group: zarr.Group, meta: StoreMeta, rows: int) -> None:
+    """R5: every chunk of rows [0, rows) of the arrays that always store theirs is present."""
+    for name in _never_fill(meta):
+        arr = group[name]
+        n_chunks = -(-rows // arr.chunks[0])
+        if n_chunks == 0:
+            continue
+        tail = (0,) * (arr.ndim - 1)
+        present = set(list_all_keys(group.store, f"{arr.path}/c/"))
+        for k in range(n_chunks):
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((k, *tail))}"
+            if key not in present:
+                r = arr.chunks[0]
+                raise FormatError(f"{loc}: array '{name}' chunk {k} (rows {k * r}-{min(rows, (k + 1) * r) - 1}, "
+                                  f"'{key}') is missing: a reader would see zeros there (docs/FORMAT.md, R5); "
+                                  "restore the store from its source (`logitstore copy`) or re-run the dump")
+
+
 def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
                storage_options: dict[str, Any] | None = None) -> LogitStore:
     """Open a store read-only and validate it; an incomplete store is refused unless asked for."""
@@ -234,4 +273,5 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
             _require_checksum(loc, path, arr)
     else:
         rows = int((group.attrs.get(schema.ATTR_PROGRESS) or {}).get("rows", 0))
+    _check_no_holes(loc, group, meta, rows)
     return LogitStore(loc, group, meta, rows)

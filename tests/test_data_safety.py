@@ -181,3 +181,41 @@ def test_a_packed_store_with_compressed_entries_is_refused(tmp_path, store):
                 zf.write(p, p.relative_to(store).as_posix())
         zf.writestr("logits/c/9/0/0", b"\0" * (32 << 20))
     assert_one_line_error(invoke("logitstore", "info", str(bomb)), "compressed")
+
+
+def test_a_deleted_chunk_is_a_hole_every_reader_refuses(tmp_path, store):
+    import shutil
+
+    bad = tmp_path / "holed.zarr"
+    shutil.copytree(store, bad)
+    (bad / "logits" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(FormatError, match=r"'logits' chunk 1 \(rows 32-63.*missing.*R5"):
+        logitstore.open_store(bad)
+    for cmd in (["logitstore", "info", str(bad)], ["logitstore", "verify", str(bad)],
+                ["logitstore", "copy", str(bad), str(tmp_path / "c.zarr")],
+                ["trainer", "fit", "--store", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1"]):
+        assert_one_line_error(invoke(*cmd), "chunk 1", "missing")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c.zarr").exists()
+
+
+def test_non_finite_logits_written_with_valid_checksums_stop_every_reader(tmp_path, store):
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    bad = tmp_path / "nan.zarr"
+    shutil.copytree(store, bad)
+    logits = zarr.open_array(str(bad / "logits"), mode="r+")
+    row = logits[40]
+    row[0, 3] = np.nan
+    logits[40] = row  # through zarr: the chunk's CRC32C is valid
+    st = logitstore.open_store(bad)
+    with pytest.raises(logitstore.IntegrityError, match=r"'logits' holds NaN or inf at row 40 \(chunk 1"):
+        st.read(32, 64)
+    assert np.isfinite(st.read(0, 32).logits.astype(np.float32)).all()  # the other chunks still read
+    fit = invoke("trainer", "fit", "--store", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--num-workers", "0", "--cache-images", "0")
+    assert_one_line_error(fit, "row 40", "NaN or inf")
+    verify = invoke("logitstore", "verify", str(bad))
+    assert verify.returncode == 1 and "NaN or inf" in verify.stderr
