@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,7 @@ def list_corpus(source: str | os.PathLike) -> Corpus:
     src = Path(source).expanduser()
     if src.is_dir():
         root = src.resolve()
-        ids = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                    ids.append(Path(dirpath, name).relative_to(root).as_posix())
+        ids = [p.relative_to(root).as_posix() for p in _walk_images(root)]
         ids.sort()
         if not ids:
             raise CorpusError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) found; "
@@ -74,6 +70,35 @@ def list_corpus(source: str | os.PathLike) -> Corpus:
             raise CorpusError(f"{src}: the listing names some images twice; each image must appear once")
         return Corpus(root=root, ids=ids, listing=str(src.resolve()))
     raise CorpusError(f"{src}: no such folder or listing file; check the --images path")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Regular image files under `root`, following directory links once each: a link cycle is walked
+    once, and FIFOs, sockets and devices named like images are left out (reading one would block)."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable folder holds nothing we can dump
+        folders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    folders.append(Path(e.path))
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                    found.append(Path(e.path))
+            except OSError:
+                continue  # a dangling or looping link
+        stack.extend(reversed(folders))  # depth first, in name order: the same walk on every run
+    return found
 
 
 def sha256_bytes(data: bytes) -> bytes:
@@ -118,6 +143,8 @@ def _to_mode(im: Image.Image, mode: str) -> np.ndarray:
 
 def read_and_decode(path: Path, mode: str) -> tuple[bytes, torch.Tensor]:
     """(sha256 digest, uint8 pixels) from one read of the file; raises on any failure."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+        raise OSError(f"not a regular file (a folder, FIFO, socket or device): {path.name}")
     data = path.read_bytes()
     return sha256_bytes(data), decode_image(data, mode)
 

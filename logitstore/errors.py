@@ -56,3 +56,7 @@ class MismatchError(LogitStoreError):
 
 class DumpInterrupted(LogitStoreError):
     """Ctrl-C: everything committed so far is kept; the same command resumes."""
+
+
+class WriteError(LogitStoreError):
+    """The destination refused a write (disk full, read-only, vanished, an object store's error)."""

@@ -20,7 +20,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import schema
 from .destination import OURS
-from .errors import ResumeMismatchError, StoreStateError
+from .errors import ResumeMismatchError, StoreStateError, WriteError
 from .schema import StoreMeta
 from .rows import Rows
 from .store import LogitStore, row_array_names, row_nbytes
@@ -171,10 +171,13 @@ class StoreWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise_if_failed()
-        if finalize:
-            self._flush(final=True)
-            return self.meta if self.segment else self._finalize()
-        self._commit(self.progress.rows, self.progress.next_source)  # an interruption keeps what is written
+        try:
+            if finalize:
+                self._flush(final=True)
+                return self.meta if self.segment else self._finalize()
+            self._commit(self.progress.rows, self.progress.next_source)  # an interruption keeps what is written
+        except OSError as exc:
+            raise write_failure(str(self.group.store), exc) from None
         return self.meta
 
     def _raise_if_failed(self) -> None:
@@ -199,7 +202,7 @@ class StoreWriter:
                         break
                 self._flush(final=False)
         except BaseException as exc:  # surfaced on the main thread at the next submit/close
-            self._error = exc
+            self._error = write_failure(str(self.group.store), exc) if isinstance(exc, OSError) else exc
             while not self._ended:  # unblock the producer
                 self._ended = self._queue.get() is None
 
@@ -243,6 +246,14 @@ class StoreWriter:
     def _finalize(self) -> StoreMeta:
         self.meta = finalize_store(self.group, self.meta, self.progress.rows, self.progress.failures)
         return self.meta
+
+
+def write_failure(location: str, exc: OSError) -> WriteError:
+    """A write the destination refused, as one line: what failed, and that the same command resumes."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return WriteError(f"{location}: a write failed: {what}{where}. The store is left incomplete; free space or "
+                      "fix the destination, then run the same command again to resume")
 
 
 def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[list[str]]) -> StoreMeta:
@@ -307,6 +318,14 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
     `span` = (lo, hi): the store receives only listing positions [lo, hi) (one segment of a
     distributed dump; see logitstore/distributed.py) and is left for assembly when closed.
     """
+    try:
+        return _open_writer(path, meta, overwrite, storage_options, span, protected)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
+
+
+def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: dict[str, Any] | None,
+                 span: tuple[int, int] | None, protected: Sequence[str]) -> StoreWriter:
     lo, hi = span or (0, meta.corpus.n_listed)
     check_store_destination(path, storage_options, protected)
     group = open_group(path, mode="a", storage_options=storage_options)

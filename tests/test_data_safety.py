@@ -219,3 +219,52 @@ def test_non_finite_logits_written_with_valid_checksums_stop_every_reader(tmp_pa
     assert_one_line_error(fit, "row 40", "NaN or inf")
     verify = invoke("logitstore", "verify", str(bad))
     assert verify.returncode == 1 and "NaN or inf" in verify.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system that fills up: a tmpfs of 96 KiB (root can mount one; CI runs as root)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, corpus, teacher_ckpt, small_disk):
+    out = small_disk / "s.zarr"
+    args = ("--embed-images", "--chunk-rows", "16", "--batch-size", "8")
+    full = run_cli("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(corpus), "--out", str(out),
+                   "--quiet", "--num-workers", "0", *args, check=False)
+    assert_one_line_error(full, "a write failed", "No space left", "run the same command again")
+    with pytest.raises(logitstore.StoreStateError, match="incomplete"):
+        logitstore.open_store(out)
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    run_cli("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(corpus), "--out", str(out),
+            "--quiet", "--num-workers", "0", *args)
+    ref = tmp_path / "ref.zarr"
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(ref), num_workers=0, embed_images=True, chunk_rows=16,
+                    batch_size=8)
+    assert logitstore.open_store(out).meta.fingerprints == logitstore.open_store(ref).meta.fingerprints
+
+
+def test_corpora_that_bite_never_hang(tmp_path, corpus, teacher_ckpt):
+    import shutil
+
+    root = tmp_path / "bite"
+    shutil.copytree(corpus / "part0", root / "a")
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)   # a cycle
+    (root / "b").symlink_to(root / "a", target_is_directory=True)      # a second cycle through another name
+    os.mkfifo(root / "pipe.png")                                         # reading it would block forever
+    (root / "folder.png").mkdir()
+    (root / "folder.png" / "x.txt").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{root / 'a' / 'img00000.png'}\n{root / 'pipe.png'}\n")
+    dumped = logitstore.dump(str(teacher_ckpt), str(root), str(tmp_path / "d.zarr"), num_workers=0)
+    assert dumped.n_images == 40 and dumped.n_failed == 0  # the 40 images once: no cycle, no FIFO
+    listed = run_cli("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(listing), "--out",
+                     str(tmp_path / "l.zarr"), "--quiet", "--num-workers", "0", timeout=120)
+    st = logitstore.open_store(tmp_path / "l.zarr")
+    assert listed.returncode == 0 and len(st) == 1
+    assert st.failures()[0][0].endswith("pipe.png") and "not a regular file" in st.failures()[0][1]
