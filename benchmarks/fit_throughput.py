@@ -306,7 +306,7 @@ def main() -> None:
         "- (a) and (b) are the whole `trainer.fit` loop (DataLoader, decode cache, view replay, float32 loss, "
         "gradient clipping, LR schedule); (0) and (c) are bare loops. (a) reads the same rows from RAM through "
         "the same reader interface, so (b)/(a) is the cost of streaming: block reads run one group ahead in a "
-        "background thread (`trainer.data.read_ahead`).",
+        "background thread (`trainer.batches.read_ahead`).",
         "- Most of the ~0.9 GiB RSS is the torch import (CUDA libraries included); what the trainer holds per "
         "row (image sizes, labels: ~20 B) and per epoch (one group of blocks) is what would grow, and does not.",
         ]

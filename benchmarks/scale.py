@@ -204,7 +204,7 @@ class _Slice:
 def read_rate(data: Any, rows: int, epoch: int, batches: Any = None) -> float:
     """Rows/s of the first `rows` rows of an epoch: requests behind read_ahead, as trainer.fit drives
     them, consumed directly or through the DataLoader (`batches`)."""
-    from trainer.data import read_ahead
+    from trainer.batches import read_ahead
 
     n = max(1, rows // BATCH)
     t0 = time.perf_counter()
@@ -224,7 +224,7 @@ def read_rate(data: Any, rows: int, epoch: int, batches: Any = None) -> float:
 
 def open_readers(store: Path, raw: Path, images: Path, n: int) -> dict[str, Any]:
     """{"raw": a StoreSet over the memmaps, "store": a StoreSet over the store}: the same blocks."""
-    from trainer.data import StoreSet
+    from trainer.storeset import StoreSet
 
     meta = open_store(store).meta
     out = {"raw": StoreSet([MemmapStore(raw, meta, n)], [images]), "store": StoreSet([open_store(store)], [images])}
@@ -234,7 +234,8 @@ def open_readers(store: Path, raw: Path, images: Path, n: int) -> dict[str, Any]
 
 def make_loaders(readers: dict[str, Any], workers: int) -> dict[str, Any]:
     """The trainer's DataLoader for each reader, its decode cache filled (as from the second epoch on)."""
-    from trainer.data import CACHED, make_batches, make_input_spec
+    from trainer.batches import CACHED, make_batches
+    from trainer.inputs import make_input_spec
 
     out = {}
     for side, data in readers.items():
@@ -261,15 +262,17 @@ def _status_kib(field: str) -> int:
 def reader_footprint(store: str, n: int, images: str) -> dict[str, Any]:
     """In this process: open head(n) of the store as the trainer does, lay out its decode cache
     (budget 0, so no pixels), one epoch of requests behind read_ahead, one held-out pass."""
-    import trainer.data as td
+    from trainer.batches import make_batches, read_ahead
+    from trainer.inputs import make_input_spec
+    from trainer.storeset import open_stores
 
     base = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    data = td.open_stores([open_store(store).head(n)], images=[images])
-    td.make_batches(data, td.make_input_spec(data.pre, None, 1), cache_bytes=0)
+    data = open_stores([open_store(store).head(n)], images=[images])
+    make_batches(data, make_input_spec(data.pre, None, 1), cache_bytes=0)
     opened = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows = sum(len(r) for r in td.read_ahead(data.requests(0, BATCH)))
+    rows = sum(len(r) for r in read_ahead(data.requests(0, BATCH)))
     epoch = time.perf_counter() - t0
     held = sum(len(r) for r in data.holdout_requests(BATCH))
     return {"rows": n, "trained": rows, "held": held, "open_s": opened, "epoch_s": epoch,

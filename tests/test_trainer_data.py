@@ -12,9 +12,11 @@ import torch
 import logitstore
 from logitstore.corpus import decode_image
 from logitstore.views import apply_view, normalize
-from trainer.data import Segment, batches_per_epoch, epoch_share, make_batches, make_input_spec, open_stores
+from trainer.batches import make_batches
 from trainer.errors import ImageError, StoreMismatchError
-from trainer.loss import NO_LABEL
+from trainer.inputs import NO_LABEL, make_input_spec
+from trainer.order import Segment, batches_per_epoch, epoch_share
+from trainer.storeset import open_stores
 
 from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
 
@@ -159,7 +161,8 @@ def test_stores_with_different_classes_are_refused_naming_the_difference(world: 
     other = tmp_path / "letters.zarr"
     logitstore.dump(str(world.teacher), str(world.corpus / "part0"), str(other), chunk_rows=64, num_workers=0,
                     classes=list("abcdefghij"))
-    with pytest.raises(StoreMismatchError, match=r"classes differ \(class 0 = '0' vs class 0 = 'a'\)"):
+    with pytest.raises(StoreMismatchError, match=r"classes differ \(only in the first: \['0', .*only in the second: "
+                                                 r"\['a', "):
         open_stores([world.store, other])
 
 
@@ -213,7 +216,7 @@ def test_a_store_of_many_blocks_is_scored_on_evenly_spaced_tails(world: World, t
 def test_read_ahead_keeps_the_order_raises_the_readers_errors_and_stops_with_its_consumer():
     import threading
 
-    from trainer.data import read_ahead
+    from trainer.batches import read_ahead
 
     assert list(read_ahead(iter(range(100)), depth=3)) == list(range(100))
 

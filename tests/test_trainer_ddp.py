@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.data import epoch_share, open_stores
+from trainer.order import epoch_share
+from trainer.storeset import open_stores
 
 from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer_fixtures import one_torch_thread  # noqa: F401  (fixture)
-from trainer.loss import NO_LABEL, distillation_loss, hard_label_loss, objective
+from trainer.inputs import NO_LABEL
+from trainer.loss import distillation_loss, hard_label_loss, objective
 
 
 def reference_kd(student: np.ndarray, teacher: np.ndarray, T: float) -> float:

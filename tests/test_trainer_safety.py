@@ -93,7 +93,8 @@ def test_library_refuses_what_the_cli_refuses(tmp_path: Path, name: str, value):
 def test_flag_types_and_library_share_one_table():
     for name, limit in LIMITS.items():
         opt = next(p for p in main.commands["fit"].params if p.name == name)
-        assert (opt.type.lo, opt.type.hi, opt.type.kind) == (limit.lo, limit.hi, limit.kind), name
+        flag = opt.type.limit  # the flag type's own Limit (logitstore.cli_common.Number)
+        assert (flag.lo, flag.hi, flag.kind) == (limit.lo, limit.hi, limit.kind), name
 
 
 # --- runs that must not end 'done' -------------------------------------------------------------

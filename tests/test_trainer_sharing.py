@@ -12,9 +12,10 @@ import logitstore
 import trainer
 from logitstore.errors import IntegrityError
 from logitstore.tools.transfer import copy_store
-from trainer.data import make_batches, make_input_spec, open_stores
+from trainer.batches import make_batches
 from trainer.errors import ConfigError, ImageError, StoreMismatchError
-from trainer.loss import ensemble_logits
+from trainer.inputs import make_input_spec
+from trainer.storeset import ensemble_logits, open_stores
 
 from conftest import flip_byte, save_teacher
 from trainer_fixtures import World, world  # noqa: F401  (fixture)

@@ -12,9 +12,9 @@ import logitstore
 import trainer
 from logitstore import schema
 from trainer.cli import main
-from trainer.data import open_stores
 from trainer.errors import ConfigError, StoreMismatchError
 from trainer.loss import distillation_loss, soft_target_loss, teacher_top1
+from trainer.storeset import open_stores
 
 from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
 

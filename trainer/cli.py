@@ -123,18 +123,17 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
 def fit(**kw: Any) -> None:
     """Distil a student from logit stores: `trainer fit --store cache.zarr --student lenet --out runs/a`."""
-    from .fit import fit as run_fit
+    from .fit import FitConfig, run_fit
     from .report import summary_table
 
     quiet = kw.pop("quiet")
+    kw["stores"] = list(kw["stores"])
     kw["input_size"] = parse_size(kw["input_size"], "--input-size")
     kw["images"] = list(kw["images"]) or None
     kw["teachers"] = kw["teachers"].split(",") if kw["teachers"] else None
     kw["teacher_weights"] = _weights(kw["teacher_weights"])
     kw["storage_options"] = parse_storage_options(kw.pop("storage_option"))
-    stores = list(kw.pop("stores"))
-    out = kw.pop("out")
-    result = run_fit(stores, out, progress=not quiet, **kw)
+    result = run_fit(FitConfig(**kw), progress=not quiet)
     if result.history and not quiet:
         Console().print(summary_table(result.history, result.info))
         click.echo(f"checkpoint: {result.checkpoint}")

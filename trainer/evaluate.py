@@ -17,13 +17,17 @@ from logitstore.corpus import IMAGE_EXTENSIONS, decode_image, describe_failure
 from logitstore.schema import Preprocess
 from logitstore.views import EVAL
 
-from .data import InputSpec
 from logitstore.device import TRAIN_PRECISIONS, autocast, resolve_device, resolve_precision
+
+from .batches import Failed
 from .errors import CheckpointError, ClassMismatchError, ImageError
+from .inputs import InputSpec
 
 
 @dataclass
 class EvalResult:
+    """Accuracy of a student on a labeled folder: top-1, top-k (k = 5, or fewer classes) and the image count."""
+
     top1: float
     top5: float
     n: int
@@ -80,13 +84,13 @@ class _LabeledImages(Dataset):
         try:
             img = decode_image(path.read_bytes(), self.spec.pre.mode)
         except Exception as exc:  # returned, not raised: a worker would wrap it in a traceback
-            return f"{path}: cannot read it as an image ({describe_failure(exc)})"
+            return Failed(ImageError(f"{path}: cannot read it as an image ({describe_failure(exc)})"))
         return self.spec.view(img, None, EVAL), int(self.folder.labels[i])
 
 
 def _collate(items: list[Any]) -> Any:
     for it in items:
-        if isinstance(it, str):
+        if isinstance(it, Failed):
             return it
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
 
@@ -102,8 +106,8 @@ def evaluate_model(model: nn.Module, folder: LabeledFolder, spec: InputSpec, dev
     correct1 = correct5 = n = 0
     k = 1
     for batch in loader:
-        if isinstance(batch, str):
-            raise ImageError(batch)
+        if isinstance(batch, Failed):
+            raise batch.error
         pixels, labels = batch
         x = spec.to_input(pixels.to(device, non_blocking=True))
         if device.type == "cuda":

@@ -19,17 +19,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from logitstore.cli_common import human_bytes, progress_bar
 from logitstore.destination import check_local_destination
+from logitstore.device import TRAIN_PRECISIONS, Torchrun, autocast, resolve_device, resolve_precision, torchrun_env
 from logitstore.limits import Limit
 from logitstore.store import LogitStore
 
 from . import report
-from .data import SKIPPED, Batches, InputSpec, Request, batches_per_epoch, default_cache_bytes, make_batches, \
-    make_input_spec, open_stores, read_ahead, targets_to
-from logitstore.device import TRAIN_PRECISIONS, autocast, resolve_device, resolve_precision
+from .batches import SKIPPED, Batches, Request, default_cache_bytes, make_batches, read_ahead, targets_to
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
+from .inputs import InputSpec, make_input_spec
 from .loss import objective, soft_target_loss, teacher_top1
+from .order import batches_per_epoch
+from .storeset import open_stores
 from .students import build_student, natural_in_channels, parse_student_kwargs, resolve_student
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,9 +63,14 @@ LIMITS: dict[str, Limit] = {
 
 @dataclass
 class FitConfig:
-    """Every choice of a run, as plain values (saved in the checkpoint as `args`)."""
+    """Every choice of a run, as plain values: built once (by the CLI or `trainer.fit`), passed as is, and
+    saved in the checkpoint as `args`. See `trainer fit --help` for what each means.
 
-    stores: list[str]
+    Paths may be os.PathLike, a store may be given open (its location is kept) and `student_kwargs` as
+    JSON text: each becomes a plain value on construction.
+    """
+
+    stores: list[str]                    # paths, zip files or URLs
     out: str
     student: str = "lenet"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +105,19 @@ class FitConfig:
     teacher_weights: list[float] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL stores
 
+    def __post_init__(self) -> None:
+        self.stores = [str(s.location) if isinstance(s, LogitStore) or hasattr(s, "meta") else os.fspath(s)
+                       for s in self.stores]
+        self.out = os.fspath(self.out)
+        self.student_kwargs = parse_student_kwargs(self.student_kwargs)
+        self.images = [os.fspath(p) for p in self.images] if self.images else None
+        self.labels = os.fspath(self.labels) if self.labels else None
+        self.eval_images = os.fspath(self.eval_images) if self.eval_images else None
+        self.input_size = tuple(self.input_size) if self.input_size else None
+        self.teachers = list(self.teachers) if self.teachers else None
+        self.teacher_weights = list(self.teacher_weights) if self.teacher_weights else None
+        self.storage_options = dict(self.storage_options or {})
+
     def check(self) -> None:
         """Refuse, in one line, what cannot work: the same values the CLI's flag types refuse."""
         if self.optimizer not in OPTIMIZERS:
@@ -127,6 +148,8 @@ def teacher_weights_problem(weights: Sequence[Any]) -> str:
 
 @dataclass
 class FitResult:
+    """What a run leaves: its directory, its checkpoint, and one metrics record per epoch."""
+
     run_dir: str
     checkpoint: str
     history: list[dict[str, Any]]     # one record per epoch (also in metrics.jsonl)
@@ -134,33 +157,22 @@ class FitResult:
 
     @property
     def final(self) -> dict[str, Any]:
+        """The last epoch's record ({} when no epoch ran)."""
         return self.history[-1] if self.history else {}
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
+def setup_distributed(device: str | None) -> tuple[Torchrun, torch.device]:
     """torchrun's environment -> a process group (nccl on GPUs, gloo on CPUs) and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    job = torchrun_env()
     dev = resolve_device(device)
-    if world == 1:
-        return Dist(), dev
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if job is None or job.world == 1:
+        return Torchrun(), dev
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", job.local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))), dev
+    return job, dev
 
 
 def default_workers(local_world: int) -> int:
@@ -257,7 +269,7 @@ def _changed_recipe(saved: dict[str, Any], cfg: FitConfig) -> str:
     return "this run gives other " + ", ".join(diffs) if diffs else ""
 
 
-def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Dist, device: torch.device) -> bool:
+def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Torchrun, device: torch.device) -> bool:
     """Whether this step trains: not when a batch lost every image to --skip-mismatched. Under DDP the
     ranks decide together (one tiny all-reduce a step, only with --skip-mismatched): a rank that
     skipped a step alone would leave the others waiting in the gradient all-reduce."""
@@ -268,23 +280,53 @@ def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Dist, device: torch.device
     return bool(has.item())
 
 
-def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Request], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, spec: InputSpec, device: torch.device,
-                    cfg: FitConfig, precision: str, ddp: Dist, bar: Any, task: Any) -> dict[str, Any]:
-    """One pass over `requests`. The record it returns holds "diverged_at" (a 0-based step) when a loss
-    was not finite or the epoch left weights that are not; the caller must then save nothing."""
+# A non-finite loss is looked for every this many steps, where the progress bar reads the running
+# loss: both wait for the device, so they wait at the same steps.
+CHECK_EVERY = 20
+
+
+class EpochMeter:
+    """One epoch's running sums, kept on the device: reading a loss every step would stall the GPU queue.
+
+    For the same reason a non-finite loss is only marked on the device (the first such step) and read
+    where the host waits for the device anyway: every CHECK_EVERY steps, where the progress bar reads
+    the loss (a single process stops there), and once at the end of the epoch (`_first_bad_step`),
+    before the caller measures or saves anything, so NaN weights never reach a checkpoint.
+    """
+
+    def __init__(self, device: torch.device, world: int = 1):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, soft*n, hard*n, n
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
+        self.world, self.t0 = world, time.perf_counter()
+
+    def add(self, step: int, n: int, loss: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor) -> None:
+        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step)
+        self.sums += torch.stack([loss.detach().double() * n, soft.double() * n, hard.double() * n,
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def diverged(self) -> bool:
+        """Whether a loss of this process was not finite so far (waits for the device)."""
+        return int(self.first_bad) >= 0
+
+    def live(self) -> dict[str, float]:
+        """The progress bar's fields: samples/s of every rank so far, and this rank's mean loss (waits for
+        the device)."""
+        n = float(self.sums[3])
+        return {"rate": n * self.world / max(1e-9, time.perf_counter() - self.t0),
+                "loss": float(self.sums[0]) / max(1.0, n)}
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: EpochMeter,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    spec: InputSpec, device: torch.device, cfg: FitConfig, precision: str,
+                    ddp: Torchrun) -> dict[str, Any]:
+    """One pass over `batches`, summed into `meter`. The record it returns holds "diverged_at" (a 0-based
+    step) when a loss was not finite or the epoch left weights that are not; the caller must then save
+    nothing."""
     model.train()
-    # Sums stay on the device: reading a loss every step would stall the GPU queue. For the same
-    # reason a non-finite loss is only marked on the device (the first such step) and read where
-    # the host waits for the device anyway: at the progress bar's update every 20 steps (a single
-    # process stops there) and once at the end of the epoch (`_first_bad_step`), before the caller
-    # measures or saves anything, so NaN weights never reach a checkpoint.
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, soft*n, hard*n, n
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
-    t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     last = -1
-    for step, batch in enumerate(batches(requests)):
+    for step, batch in enumerate(batches):
         last = step
         pixels = batch["pixels"].to(device, non_blocking=True)
         n = len(pixels)
@@ -298,27 +340,20 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
         with autocast(precision, device):
             out = model(x)
         loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha)
-        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(loss.detach()), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
         scheduler.step()
-        sums += torch.stack([loss.detach().double() * n, soft.double() * n, hard.double() * n,
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
-        if ddp.main and (step % 20 == 0):
-            done = float(sums[3]) * ddp.world
-            bar.update(task, completed=step + 1, rate=done / max(1e-9, time.perf_counter() - t0),
-                       loss=float(sums[0] / max(1.0, float(sums[3]))))
-            if ddp.world == 1 and int(first_bad) >= 0:
-                break  # every further step would train NaN weights (under DDP the ranks stop together, below)
-        elif ddp.main:
-            bar.update(task, completed=step + 1)
+        meter.add(step, n, loss, soft, hard)
+        if ddp.world == 1 and step % CHECK_EVERY == 0 and meter.diverged():
+            break  # every further step would train NaN weights (under DDP the ranks stop together, below)
+    sums = meter.sums
     if ddp.world > 1:
         dist.all_reduce(sums)
-    bad = _first_bad_step(model, first_bad, last, ddp)
-    seconds = time.perf_counter() - t0
+    bad = _first_bad_step(model, meter.first_bad, last, ddp)
+    seconds = time.perf_counter() - meter.t0
     n = float(sums[3])
     record = {"lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0]) / max(1.0, n),
               "train_kd": float(sums[1]) / max(1.0, n), "samples": int(n), "seconds": round(seconds, 3),
@@ -327,13 +362,11 @@ def train_one_epoch(model: nn.Module, batches: Batches, requests: Iterable[Reque
         record["train_ce"] = float(sums[2]) / max(1.0, n)
     if bad is not None:
         record["diverged_at"] = bad
-    if ddp.main:
-        bar.update(task, rate=record["samples_per_s"], loss=record["train_loss"])
     return record
 
 
 @torch.no_grad()
-def _first_bad_step(model: nn.Module, first_bad: torch.Tensor, last: int, ddp: Dist) -> int | None:
+def _first_bad_step(model: nn.Module, first_bad: torch.Tensor, last: int, ddp: Torchrun) -> int | None:
     """The first step (0-based) of this epoch whose loss was not finite, on any rank; else `last` when
     the weights or buffers are not finite all the same (a gradient that overflowed on the last step),
     else None. One host sync (and one small all-reduce under DDP) per epoch."""
@@ -371,40 +404,28 @@ def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Req
     return {"agree": agree / n, "holdout_kd": kd / n, "holdout_n": int(n)} if n else {}
 
 
-def fit(stores: Sequence[str | os.PathLike | LogitStore], out: str | os.PathLike, *, student: str = "lenet",
-        student_kwargs: dict[str, Any] | str | None = None, images: Sequence[str | os.PathLike] | None = None,
-        epochs: int = 10, batch_size: int = 128, lr: float | None = None, optimizer: str = "sgd",
-        momentum: float = 0.9, weight_decay: float | None = None, warmup_epochs: float = 1.0,
-        clip_grad: float = 5.0, temperature: float = 4.0, alpha: float = 0.0, labels: str | None = None,
-        labels_from_folders: bool = False, eval_images: str | os.PathLike | None = None, holdout: float = 0.02,
-        shuffle_blocks: int = 8, cache_images: float | None = None, skip_mismatched: bool = False,
-        input_size: tuple[int, int] | None = None, in_channels: int | None = None, device: str | None = None,
-        precision: str = "auto", num_workers: int | None = None, seed: int = 0, resume: bool = False,
-        overwrite: bool = False, stop_after: int | None = None, teachers: Sequence[str] | None = None,
-        teacher_weights: Sequence[float] | None = None, storage_options: dict[str, Any] | None = None,
-        progress: bool = False) -> FitResult:
+def fit(stores: Sequence[str | os.PathLike | LogitStore], out: str | os.PathLike, *, progress: bool = False,
+        **options: Any) -> FitResult:
     """Distil a student from one or more logit stores into `out`. See `trainer fit --help`.
 
-    `stores` are paths (or stores already opened with logitstore.open_store).
+    `stores` are paths, zip files or URLs, or stores already opened with logitstore.open_store;
+    `options` are the other fields of `FitConfig` (student="lenet", epochs=10, ...); `progress` draws a
+    progress bar.
     """
-    cfg = FitConfig(
-        stores=[str(s.location) if isinstance(s, LogitStore) or hasattr(s, "meta") else os.fspath(s) for s in stores],
-        out=os.fspath(out), student=student, student_kwargs=parse_student_kwargs(student_kwargs),
-        images=[os.fspath(p) for p in images] if images else None, epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        clip_grad=clip_grad, temperature=temperature, alpha=alpha,
-        labels=os.fspath(labels) if labels else None, labels_from_folders=labels_from_folders,
-        eval_images=os.fspath(eval_images) if eval_images else None, holdout=holdout,
-        shuffle_blocks=shuffle_blocks, cache_images=cache_images, skip_mismatched=skip_mismatched,
-        input_size=tuple(input_size) if input_size else None, in_channels=in_channels, device=device,
-        precision=precision, num_workers=num_workers, seed=seed, resume=resume, overwrite=overwrite,
-        stop_after=stop_after, teachers=list(teachers) if teachers else None,
-        teacher_weights=list(teacher_weights) if teacher_weights else None,
-        storage_options=dict(storage_options or {}))
+    stores = list(stores)
+    return run_fit(FitConfig(stores=stores, out=out, **options), progress=progress, stores=stores)
+
+
+def run_fit(cfg: FitConfig, *, progress: bool = False,
+            stores: Sequence[str | os.PathLike | LogitStore] | None = None) -> FitResult:
+    """Run `cfg`: refuse what cannot work, join torchrun's process group when started by torchrun, train.
+
+    `stores`: cfg.stores already open, in the same order (default: they are opened here).
+    """
     cfg.check()
     ddp, dev = setup_distributed(cfg.device)
     try:
-        return _fit(cfg, list(stores), ddp, dev, progress)
+        return _fit(cfg, list(cfg.stores if stores is None else stores), ddp, dev, progress)
     finally:
         if ddp.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -437,7 +458,7 @@ def _diverged(cfg: FitConfig, epoch: int, step: int, steps: int, saved_epoch: in
         f"with `logitstore verify STORE`); {kept}")
 
 
-def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progress: bool) -> FitResult:
+def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, progress: bool) -> FitResult:
     run_dir = Path(cfg.out)
     ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
     # Before anything is read or created: a mistyped --out must never touch the user's files or the inputs.
@@ -517,8 +538,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
             f"{data.n_held_out:,} held out, {len(data.holdout) if data.holdout is not None else 0:,} scored)",
             "student": f"{arch} ({sum(p.numel() for p in model.parameters()):,} parameters)",
             "device": f"{dev} ({precision}), {ddp.world} process(es) x {workers} worker(s)",
-            "decode cache": f"{report.human_bytes(cache.nbytes)} of {report.human_bytes(cache.needed)} needed"}
-    bar = report.progress_bar(progress and ddp.main)
+            "decode cache": f"{human_bytes(cache.nbytes)} of {human_bytes(cache.needed)} needed"}
+    bar = progress_bar(progress and ddp.main, unit="samples")
     with bar:
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch - start_epoch >= cfg.stop_after:
@@ -526,8 +547,13 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Dist, dev: torch.device, progre
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps)
             requests = read_ahead(data.requests(epoch, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
                                                 cfg.shuffle_blocks))
-            record = {"epoch": epoch + 1, **train_one_epoch(train_model, batches, requests, optimizer, scheduler,
-                                                            spec, dev, cfg, precision, ddp, bar, task)}
+            meter = EpochMeter(dev, ddp.world)
+            epoch_batches = batches(requests)
+            if ddp.main:  # only rank 0 draws the bar; the other ranks need not wait for their devices
+                epoch_batches = report.log_every(epoch_batches, bar, task, CHECK_EVERY, meter.live)
+            record = {"epoch": epoch + 1, **train_one_epoch(train_model, epoch_batches, meter, optimizer, scheduler,
+                                                            spec, dev, cfg, precision, ddp)}
+            bar.update(task, rate=record["samples_per_s"], loss=record["train_loss"])
             # Every rank has the same verdicts (reduced in train_one_epoch), so all stop together.
             if "diverged_at" in record:
                 raise _diverged(cfg, epoch + 1, record["diverged_at"], steps, epoch, ckpt_path)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from typing import Mapping, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from logitstore import schema
 
-NO_LABEL = -1
+from .inputs import NO_LABEL
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -73,21 +72,6 @@ def objective(student_logits: torch.Tensor, teacher_logits: Teacher, labels: tor
         return soft, soft.detach(), torch.zeros((), device=soft.device)
     hard = hard_label_loss(student_logits, labels)
     return soft + alpha * hard, soft.detach(), hard.detach()
-
-
-def ensemble_logits(teacher_logits: np.ndarray, weights: np.ndarray, temperature: float) -> np.ndarray:
-    """Logits whose softmax at `temperature` is the weighted mean of the teachers' softmaxes.
-
-    [n, K, C] logits of K teachers -> [n, C] float32: T * log(sum_k w_k softmax(t_k / T)). With
-    these, `distillation_loss` at the same T distils from the ensemble's averaged probabilities
-    (Hinton et al.'s ensemble target) with no change to the loss; the argmax is the ensemble's.
-    """
-    z = teacher_logits.astype(np.float64) / temperature
-    z -= z.max(axis=-1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))            # log softmax per teacher
-    mixed = log_p + np.log(np.asarray(weights, np.float64))[None, :, None]
-    top = mixed.max(axis=1, keepdims=True)
-    return (temperature * (top[:, 0] + np.log(np.exp(mixed - top).sum(axis=1)))).astype(np.float32)
 
 
 def topk_distillation_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,

@@ -1,13 +1,17 @@
-"""What a run tells its user: metrics.jsonl, curves.png, the progress bar and the summary table."""
+"""What a run tells its user: metrics.jsonl, curves.png, the progress bar's advance and the summary table.
+
+The bar itself is logitstore.cli_common.progress_bar, the one both tools draw."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress, TaskID
 from rich.table import Table
+
+T = TypeVar("T")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -55,22 +59,17 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> N
     os.replace(tmp, path)
 
 
-class _Rate(TextColumn):
-    def __init__(self) -> None:
-        super().__init__("")
+def log_every(items: Iterable[T], bar: Progress, task: TaskID, every: int,
+              fields: Callable[[], dict[str, Any]]) -> Iterator[T]:
+    """`items`, advancing `task` of `bar` as each one is consumed (after the caller's work on it).
 
-    def render(self, task: Any) -> Any:
-        from rich.text import Text
-
-        rate = task.fields.get("rate")
-        loss = task.fields.get("loss")
-        text = f"{rate:,.0f} samples/s" if rate else "- samples/s"
-        return Text(text + (f"  loss {loss:.4f}" if loss is not None else ""))
-
-
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+    After the first item and every `every` items after it, the task also shows `fields()` (the rate and
+    loss columns of logitstore.cli_common.progress_bar): reading them may wait for the device, so the
+    caller says how often it can afford that.
+    """
+    for i, item in enumerate(items):
+        yield item
+        bar.update(task, completed=i + 1, **(fields() if i % every == 0 else {}))
 
 
 def _fmt(value: Any, pct: bool = False) -> str:
@@ -91,11 +90,3 @@ def summary_table(records: Sequence[dict[str, Any]], info: dict[str, Any] | None
     if info:
         table.caption = "\n".join(f"{k}: {v}" for k, v in info.items())
     return table
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -1,0 +1,375 @@
+"""A batch before and after its pixels: the rows the main process cuts from a store (`Request`), the
+workers that add their pixels (`ImageSource`, over a shared decode cache), and the one DataLoader of a run.
+
+  main process  `StoreSet.requests` (storeset.py) reads blocks in the epoch's order (order.py), one
+                group ahead of training (`read_ahead`), and cuts them into `Request`s: the logits, and
+                where each image is and which stored view of it to replay.
+  workers       `ImageSource` turns a Request into uint8 pixels: from the decode cache, or from
+                the file (digest-checked, then cached), then the stored crop and flip.
+
+The order is fixed before any worker sees a batch and a DataLoader hands batches back in the
+order its batch_sampler made them, so the samples do not depend on num_workers; and workers
+never open a store, so nothing of zarr's (its event-loop thread, open files) crosses a fork.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from logitstore.corpus import decode_image, describe_failure, sha256_bytes
+from logitstore.rows import concat_rows, take_field, take_rows
+from logitstore.views import EVAL, resize
+
+from .errors import ImageError
+from .inputs import InputSpec
+
+if TYPE_CHECKING:  # annotations only: the store set hands its Requests down to this module, never back
+    from .storeset import StoreSet
+
+# What a Request carries of the teacher: full logits [n, C], or a sparse store's target arrays
+# (schema names -> [n, K], with tail_lse / lse [n] already taken at the training temperature).
+Targets = Union[np.ndarray, dict[str, np.ndarray]]
+
+
+@dataclass
+class Request:
+    """Rows of one batch (or a buffer of rows): everything but the pixels."""
+
+    keys: np.ndarray      # [n] int64: global row number (store offset + row), the decode-cache slot
+    stores: np.ndarray    # [n] int32: which store (and so which image root)
+    ids: np.ndarray       # [n] object str: image path relative to its root
+    digests: np.ndarray   # [n, 32] uint8: sha256 of the file bytes the teacher saw (0 if embedded)
+    params: np.ndarray    # [n, 5] int32: the stored view replayed (top, left, height, width, flip); 0 for eval
+    logits: Targets       # [n, C] the teacher's logits for that view, as stored (float16 | float32);
+                          # a sparse store's target arrays instead (see Targets)
+    labels: np.ndarray    # [n] int64: class index, or NO_LABEL
+    pixels: np.ndarray | None = None  # [n, ch, H, W] uint8: that view, embedded in the store
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, index: np.ndarray | slice) -> "Request":
+        return take_rows(self, index)
+
+    @staticmethod
+    def concat(parts: Sequence["Request"]) -> "Request":
+        return concat_rows(parts)
+
+
+class Failed(NamedTuple):
+    """An error raised where it cannot propagate (a DataLoader worker, the read-ahead thread), handed to
+    the consumer as a result and raised there. A worker's is a fresh exception (message only): it pickles
+    without its traceback, whose frames kept the worker from exiting promptly."""
+
+    error: BaseException
+
+
+# torch has few kernels for unsigned integers (not even a comparison on uint16), so stored class
+# indices and counts become the signed type that holds them before they reach the loss.
+_SIGNED = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64}
+
+
+def targets_tensor(targets: Targets) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A Request's teacher side as tensors (what `trainer.loss.objective` takes)."""
+    if isinstance(targets, dict):
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=_SIGNED.get(v.dtype, v.dtype)))
+                for k, v in targets.items()}
+    return torch.from_numpy(np.ascontiguousarray(targets))
+
+
+def targets_to(targets: torch.Tensor | dict[str, torch.Tensor], device: torch.device
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch's teacher side on the training device."""
+    if isinstance(targets, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+    return targets.to(device, non_blocking=True)
+
+
+# A decode-cache slot's state (one byte a row, shared by every worker).
+EMPTY, CACHED, SKIPPED = 0, 1, 2
+
+
+def _shared_bytes(n: int) -> torch.Tensor:
+    # A shared-memory storage is visible to every DataLoader worker (fork or spawn: torch passes
+    # its handle), and its pages are only allocated when first written, so reserving the whole
+    # layout up front costs nothing until images are decoded into it.
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
+
+
+def default_cache_bytes(local_world: int = 1) -> int:
+    """Half of the memory available now (and of /dev/shm, which backs the cache), split over local ranks."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = avail // 2
+    if os.path.isdir("/dev/shm"):
+        st = os.statvfs("/dev/shm")
+        limit = min(limit, int(st.f_bavail * st.f_frsize * 0.9))
+    return max(0, limit // max(1, local_world))
+
+
+class DecodeCache:
+    """uint8 pixels of the decoded originals, in one shared buffer laid out from the stored sizes.
+
+    Decoded once per run (by whichever worker meets an image first), read by every worker in
+    every later epoch. If the corpus does not fit the budget, the first images (in key order)
+    that do are cached and the rest are decoded each time.
+
+    `shapes` ([k, 3] C, H, W) covers only those first k rows, so the layout costs 20 bytes per
+    cached image, bounded by the budget. The state (EMPTY | CACHED | SKIPPED) is one byte for
+    every row: a skipped image must stay skipped wherever it is, and fit.py unites the ranks'
+    skips row by row.
+    """
+
+    def __init__(self, shapes: np.ndarray, n_rows: int, needed: int):
+        sizes = shapes.astype(np.int64).prod(axis=1)
+        ends = np.cumsum(sizes)
+        self.shapes, self.starts = shapes, ends - sizes
+        self.n_rows, self.n_cacheable, self.needed = n_rows, len(shapes), needed
+        self.nbytes = int(ends[-1]) if len(ends) else 0
+        self.pixels = _shared_bytes(self.nbytes)
+        self.state = _shared_bytes(n_rows).zero_()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The shared tensors travel by handle; a NumPy view would be pickled as a copy.
+        return {k: v for k, v in self.__dict__.items() if k != "_flags"}
+
+    @property
+    def flags(self) -> np.ndarray:
+        # NumPy indexing of one element is ~10x cheaper than a tensor's, and this runs per image.
+        if "_flags" not in self.__dict__:
+            self._flags = self.state.numpy()
+        return self._flags
+
+    def get(self, key: int) -> torch.Tensor | None:
+        if key >= self.n_cacheable or self.flags[key] != CACHED:
+            return None
+        a = int(self.starts[key])
+        c, h, w = self.shapes[key].tolist()
+        return self.pixels[a:a + c * h * w].view(c, h, w)
+
+    def put(self, key: int, img: torch.Tensor) -> None:
+        if key < self.n_cacheable and list(img.shape) == self.shapes[key].tolist():
+            a = int(self.starts[key])
+            self.pixels[a:a + img.numel()].copy_(img.reshape(-1))
+            self.flags[key] = CACHED  # set after the pixels: a reader never sees half an image
+
+    def skip(self, key: int) -> None:
+        self.flags[key] = SKIPPED
+
+    def is_skipped(self, key: int) -> bool:
+        return bool(self.flags[key] == SKIPPED)
+
+    @property
+    def n_skipped(self) -> int:
+        return int((self.flags == SKIPPED).sum())
+
+    @property
+    def n_cached(self) -> int:
+        return int((self.flags == CACHED).sum())
+
+
+class ImageSource(Dataset):
+    """Worker side: a Request in, its pixels (and its logits, labels, keys) out.
+
+    Holds no store, only image roots and the shared cache, so it pickles cheaply to spawned workers.
+    """
+
+    def __init__(self, roots: Sequence[Path | None], locations: Sequence[str], spec: InputSpec, kind: str,
+                 cache: DecodeCache, skip_mismatched: bool = False):
+        self.roots, self.locations = [None if r is None else Path(r) for r in roots], list(locations)
+        self.spec, self.kind, self.cache, self.skip_mismatched = spec, kind, cache, skip_mismatched
+        self._uniform: bool | None = None
+
+    def __len__(self) -> int:
+        return self.cache.n_rows
+
+    def __getitem__(self, index: int) -> Any:
+        raise TypeError("ImageSource is read a batch at a time (it takes Requests)")
+
+    def _original(self, key: int, store: int, image_id: str, digest: np.ndarray) -> torch.Tensor:
+        img = self.cache.get(key)
+        if img is not None:
+            return img
+        path = self.roots[store] / image_id
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read it ({exc.strerror or exc}); it is listed in "
+                             f"{self.locations[store]}. Restore it, or pass --skip-mismatched to leave it out") from None
+        # The digest is checked on the bytes actually decoded, so an image edited after the dump
+        # can never be trained against another image's logits.
+        if sha256_bytes(data) != digest.tobytes():
+            raise ImageError(f"{path}: the file differs from the one the teacher saw (its sha256 does not match "
+                             f"the digest in {self.locations[store]}); restore it, re-run the dump, or pass "
+                             "--skip-mismatched to leave such images out")
+        try:
+            img = decode_image(data, self.spec.pre.mode)
+        except Exception as exc:  # the same bytes decoded for the teacher; failing now means a broken PIL
+            raise ImageError(f"{path}: cannot decode it ({describe_failure(exc)})") from None
+        self.cache.put(key, img)
+        return img
+
+    def _identity_gather(self, keys: np.ndarray) -> torch.Tensor | None:
+        """Fast path for small same-sized images (MNIST, CIFAR) under the eval view at the teacher's own
+        size: the view is the identity, so a batch is one gather from the cache instead of a Python loop
+        over images (which costs as much as a small student's step)."""
+        if self._uniform is None:
+            pre, c = self.spec.pre, self.spec.pre.channels
+            shapes = self.cache.shapes
+            self._uniform = bool(
+                self.kind == EVAL and pre.resize is None and tuple(self.spec.size) == tuple(pre.size)
+                and len(shapes) == self.cache.n_rows and len(shapes)
+                and (shapes == np.array([c, *pre.size], np.int32)).all())
+        if not self._uniform or not (self.cache.flags[keys] == CACHED).all():
+            return None
+        c, (h, w) = self.spec.pre.channels, self.spec.pre.size
+        return self.cache.pixels.view(-1, c, h, w)[torch.from_numpy(keys)]
+
+    def __getitems__(self, req: Request) -> dict[str, Any] | Failed:
+        if req.pixels is not None:  # embedded in the store: the view as the teacher saw it
+            pixels = torch.from_numpy(req.pixels)
+            if tuple(self.spec.size) != tuple(self.spec.pre.size):
+                pixels = resize(pixels, list(self.spec.size))
+            return {"pixels": pixels, "logits": targets_tensor(req.logits),
+                    "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
+        fast = self._identity_gather(req.keys)
+        if fast is not None:
+            return {"pixels": fast, "logits": targets_tensor(req.logits),
+                    "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
+        keep, views = [], []
+        for i in range(len(req)):
+            key = int(req.keys[i])
+            if self.cache.is_skipped(key):
+                continue
+            try:
+                img = self._original(key, int(req.stores[i]), str(req.ids[i]), req.digests[i])
+            except ImageError as exc:
+                if not self.skip_mismatched:
+                    # Returned, not raised: the DataLoader would wrap it in a worker traceback.
+                    return Failed(ImageError(str(exc)))
+                self.cache.skip(key)
+                continue
+            views.append(self.spec.view(img, req.params[i], self.kind))
+            keep.append(i)
+        c, (h, w) = self.spec.pre.channels, self.spec.size
+        pixels = torch.stack(views) if views else torch.zeros(0, c, h, w, dtype=torch.uint8)
+        sel = np.asarray(keep, np.int64)
+        return {"pixels": pixels, "logits": targets_tensor(take_field(req.logits, sel)),
+                "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
+
+
+_DONE = object()
+
+
+def read_ahead(items: Iterable[Any], depth: int = 4) -> Iterator[Any]:
+    """Iterate `items` in a background thread, up to `depth` items ahead.
+
+    Used on `StoreSet.requests`: a group of chunks is then read (zarr decompresses and checksums
+    with the GIL released) while the student trains on the previous batches, instead of the
+    training loop stalling at every group boundary. The order is unchanged.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # re-raised in the consumer, where it has a meaning
+            put(Failed(exc))
+
+    thread = threading.Thread(target=run, name="trainer-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early (an error, a break) releases the thread
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+class _CurrentPass:
+    """The DataLoader's batch_sampler: yields the Requests of whichever pass is running."""
+
+    def __init__(self) -> None:
+        self.requests: Iterable[Request] = ()
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self.requests)
+
+
+class Batches:
+    """One DataLoader for every pass of a run (training epochs and held-out passes), so its worker
+    processes persist and each pass reuses what they decoded into the shared cache."""
+
+    def __init__(self, source: ImageSource, num_workers: int = 0, pin_memory: bool = False):
+        self.source = source
+        self._pass = _CurrentPass()
+        self.loader = DataLoader(source, batch_sampler=self._pass, num_workers=num_workers, collate_fn=_as_is,
+                                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None)
+
+    def __call__(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
+        """The batches of one pass over `requests`: {"pixels", "logits", "labels", "keys"} tensors."""
+        self._pass.requests = requests
+        failed = None
+        for batch in self.loader:
+            if isinstance(batch, Failed):
+                failed = batch
+                break  # raised outside the loop, once the loader's iterator is no longer running
+            yield batch
+        if failed is not None:
+            raise failed.error
+
+
+def make_batches(data: "StoreSet", spec: InputSpec, cache_bytes: int, num_workers: int = 0,
+                 skip_mismatched: bool = False, pin_memory: bool = False) -> Batches:
+    """The pipeline of one run: a decode cache laid out for `data`, and the DataLoader that fills it.
+
+    Stores that embed their pixels decode nothing, so their cache is empty (and nothing is read for it).
+    """
+    if data.embedded:
+        shapes, needed = np.zeros((0, 3), np.int32), 0
+    else:
+        shapes, needed = data.image_shapes(cache_bytes)
+    cache = DecodeCache(shapes, len(data), needed)
+    source = ImageSource(data.roots, [str(s.location) for s in data.stores], spec, data.view_kind, cache,
+                         skip_mismatched)
+    return Batches(source, num_workers, pin_memory)
