@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import logitstore
 from logitstore.corpus import list_corpus
-from logitstore.teacher.job import _collate, _CorpusViews, _forward
+from logitstore.teacher.job import _collate, _CorpusViews, forward
 from logitstore.schema import Preprocess, ViewSpec
 
 PRE = {"size": [28, 28], "mean": [0.1307], "std": [0.3081], "mode": "L"}
@@ -65,7 +65,7 @@ def run_inference(model: nn.Module, images: Path, batch_size: int, workers: int,
     n = 0
     for batch in loader(images, batch_size, workers):
         ok = batch["ok"]
-        logits = _forward(model, ok["pixels"], pre, torch.device("cpu"), None)
+        logits = forward(model, ok["pixels"], pre, torch.device("cpu"), None)
         if out is not None:  # the naive baseline: one file per image
             for image_id, row in zip(ok["ids"], logits.numpy()):
                 dst = out / (image_id + ".npy")

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "dump": "teacher.local", "run_dump": "teacher.local", "DumpConfig": "teacher.job", "DumpSummary": "teacher.job",
     "add_teacher": "teacher.add", "AddTeacherSummary": "teacher.add",
+    "describe_teacher": "teacher.load", "TeacherSummary": "teacher.load",
     "info": "tools.inspect_store", "verify": "tools.inspect_store", "VerifyReport": "tools.inspect_store",
     "merge": "tools.combine", "select": "tools.combine", "MergeReport": "tools.combine",
     "SelectReport": "tools.combine", "copy_store": "tools.transfer", "CopyReport": "tools.transfer",

@@ -28,6 +28,10 @@ TRUST_ENV = "LOGITSTORE_TRUST_MODULES"
 # by name, because the format core never imports the trainer.
 BUILTIN_FACTORIES = {"trainer.students": ("lenet", "cifar_resnet")}
 REGISTRIES = ("torchvision", "timm")
+# "hf:DIR", a Hugging Face save_pretrained directory, is loaded by logitstore.teacher, never built here.
+# Only a user may name one: a directory's config can ask for code to be fetched and run (auto_map), so a
+# name read from a file is refused before anything is read, and a typed one is loaded without remote code.
+HF = "hf"
 # Bounds on what a file may ask a factory to allocate (docs/FORMAT.md, R3 and "Teacher files").
 MAX_CLASSES = 1 << 20
 
@@ -46,7 +50,7 @@ def _split(arch: str) -> tuple[str, str]:
         raise ArchitectureError(f"architecture {str(arch)[:200]!r} must be 'torchvision:NAME', 'timm:NAME' "
                                 "or 'package.module:factory'")
     module_name, attr = arch.split(":")
-    if not _MODULE.fullmatch(module_name) or not (_ATTR.fullmatch(attr) or module_name in REGISTRIES):
+    if not _MODULE.fullmatch(module_name) or not (_ATTR.fullmatch(attr) or module_name in (*REGISTRIES, HF)):
         raise ArchitectureError(f"architecture {arch[:200]!r} is not a valid 'package.module:factory' name "
                                 "(a public name, no leading underscore)")
     return module_name, attr
@@ -83,6 +87,13 @@ def resolve_factory(arch: str, *, typed: bool = False, trust_modules: Iterable[s
     came from a file (`where`), and resolves only in the registries, the built-in students, or a
     module in `trust_modules` / LOGITSTORE_TRUST_MODULES.
     """
+    if isinstance(arch, str) and arch.startswith(HF + ":"):
+        if not typed:
+            raise UntrustedCodeError(
+                f"{where} names {arch[:200]!r}, a Hugging Face model directory: nothing was read or run. A file "
+                "may not name one (its config could ask for remote code); pass it yourself as --teacher hf:DIR")
+        raise ArchitectureError(f"{arch[:200]!r} is a model directory, not a factory: pass it as "
+                                f"--teacher {arch[:200]}")
     module_name, attr = _split(arch)
     if module_name in REGISTRIES:
         return _registry_factory(module_name, attr)

@@ -2,7 +2,8 @@
 checkpoint contract shared by teachers and students, and the zip checks every model file passes.
 
 A checkpoint is read with torch.load(weights_only=True): its pickle may only rebuild tensors and plain
-containers. Files in torch's zip layout (torch.save, TorchScript, torch.export .pt2) must keep their
+containers. A `.safetensors` file (a JSON header and raw tensor bytes) is read with safetensors, never
+through pickle. Files in torch's zip layout (torch.save, TorchScript, torch.export .pt2) must keep their
 tensors uncompressed, as torch writes them: a file whose compressed entries would inflate far beyond
 their size is refused before it is read, so a small file can never take gigabytes of memory.
 """
@@ -58,13 +59,40 @@ def check_zip_entries(path: Path, error: type[Exception] = TeacherError, stored_
                     "(a zip bomb, or not a file torch wrote); refused before reading it")
 
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: 8 bytes of little-endian header length, then the JSON header's '{'."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def load_safetensors(path: Path, error: type[Exception] = TeacherError) -> dict[str, torch.Tensor]:
+    """A .safetensors file -> {name: tensor} on the CPU; a damaged file is one line of `error`."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise error(f"{path}: reading .safetensors needs the safetensors package; "
+                    "pip install 'logitstore[timm]' (or pip install safetensors)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path}: not a readable safetensors file ({first}); the file is damaged or not a weights "
+                    "file") from None
+
+
 def load_weights_only(path: str | os.PathLike, error: type[Exception] = TeacherError) -> Any:
-    """torch.load(weights_only=True) of a file, every failure one line of `error`."""
+    """torch.load(weights_only=True) of a file (or safetensors' own reader), every failure one line of `error`."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise error(f"{p}: no such file; check the path")
     if p.stat().st_size == 0:
         raise error(f"{p}: the file is empty; it was not saved completely, save or copy it again")
+    if is_safetensors(p):
+        return load_safetensors(p, error)
     check_zip_entries(p, error)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)

@@ -66,13 +66,25 @@ TEACHER_HELP = """Teacher, one of:
 (1) a checkpoint FILE saved with torch.save of a dict {arch, arch_kwargs, state_dict, classes?, preprocess?}
 (loaded with weights_only=True; students saved by `trainer fit` are such files);
 (2) a TorchScript FILE (torch.jit.save) or a torch.export program FILE ending in .pt2;
-(3) an architecture name, torchvision:NAME or package.module:factory, together with --weights FILE
-(a state dict). Pickled whole nn.Module files are refused."""
+(3) timm:NAME with --weights FILE or --pretrained (timm's cache), its preprocessing from timm's data config;
+(4) torchvision:NAME with --weights ENUM (IMAGENET1K_V2, DEFAULT, ...; the file from the torch hub cache)
+or --weights FILE, preprocessing and categories from the weights' metadata;
+(5) hf:DIR, a Hugging Face save_pretrained directory (config.json, model.safetensors,
+preprocessor_config.json), never running the directory's own code;
+(6) package.module:factory with --weights FILE (a state dict: torch.save or .safetensors).
+Pickled whole nn.Module files are refused. `logitstore teacher SPEC` shows what a teacher would use."""
+
+
+WEIGHTS_HELP = ("For --teacher NAME: a state-dict FILE (torch.save or .safetensors), or for torchvision:NAME a "
+                "weights name (IMAGENET1K_V2, DEFAULT) read from the torch hub cache.")
+PRETRAINED_HELP = ("timm:NAME: its pretrained weights from this machine's Hugging Face or torch hub cache; "
+                   "torchvision:NAME: --weights DEFAULT. Nothing is downloaded.")
 
 
 @main.command()
 @click.option("--teacher", required=True, help=TEACHER_HELP)
-@click.option("--weights", type=click.Path(dir_okay=False), help="State-dict file for --teacher NAME.")
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@click.option("--pretrained", is_flag=True, help=PRETRAINED_HELP)
 @click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture factory.")
 @click.option("--images", default=None, type=click.Path(),
               help="Folder of images (walked recursively) or a text file listing image paths.")
@@ -181,13 +193,60 @@ def _add_teacher(kw: dict[str, Any], name: str | None) -> None:
     from .teacher.add import add_teacher
 
     s = add_teacher(kw["out"], kw["teacher"], name=name, images=kw["images"], weights=kw["weights"],
-                    arch_kwargs=kw["arch_kwargs"], device=kw["device"], precision=kw["precision"],
+                    pretrained=kw["pretrained"], arch_kwargs=kw["arch_kwargs"], device=kw["device"], precision=kw["precision"],
                     batch_size=kw["batch_size"], num_workers=kw["num_workers"], size=kw["size"],
                     resize=kw["resize"], mean=kw["mean"], std=kw["std"], mode=kw["mode"], classes=kw["classes"],
                     overwrite=kw["overwrite"], storage_options=kw["storage_options"], progress=kw["progress"],
                     trust_modules=kw["trust_modules"])
     click.echo(f"OK: teacher {s.name!r} added to {s.store}: {s.rows:,} rows in {s.seconds:.1f} s "
                f"({s.matched_by_digest:,} images found by digest elsewhere)")
+
+
+@main.command("teacher")
+@click.argument("spec", metavar="TEACHER")
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@click.option("--pretrained", is_flag=True, help=PRETRAINED_HELP)
+@click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture factory.")
+@click.option("--classes", default=None, help="Class names: comma-separated, or a file with one per line.")
+@click.option("--size", default=None, help="Teacher input H,W (overrides the teacher's).")
+@click.option("--resize", default=None, type=_dump_number("resize"), help="Shorter side before the centre crop.")
+@click.option("--mean", default=None, help="Per-channel mean, comma-separated, on the 0-1 scale.")
+@click.option("--std", default=None, help="Per-channel std, comma-separated, on the 0-1 scale.")
+@click.option("--mode", default=None, type=click.Choice(["RGB", "L"]), help="Colour mode the teacher takes.")
+@click.option("--trust-module", "trust_module", multiple=True, metavar="MODULE",
+              help="Trust MODULE as a model factory when a checkpoint names it (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def teacher_command(spec: str, weights: str | None, pretrained: bool, arch_kwargs: str | None, classes: str | None,
+                    size: str | None, resize: int | None, mean: str | None, std: str | None, mode: str | None,
+                    trust_module: tuple[str, ...], as_json: bool) -> None:
+    """What a dump with TEACHER would use: architecture, parameters, classes and preprocessing (no images read).
+
+    TEACHER takes the forms of `logitstore dump --teacher` (see its --help)."""
+    from .teacher.load import describe_teacher
+    from .views import describe
+
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--arch-kwargs") from None
+    s = describe_teacher(spec, weights, pretrained=pretrained, arch_kwargs=kwargs, classes=classes,
+                         overrides={"size": parse_size(size, "--size"), "resize": resize,
+                                    "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "mode": mode},
+                         trust_modules=trust_module)
+    if as_json:
+        click.echo(json.dumps({"teacher": s.info.to_dict(), "parameters": s.parameters,
+                               "num_classes": len(s.classes), "classes": s.classes,
+                               "preprocess": s.preprocess.to_dict()}, indent=2))
+        return
+    t = Table(title=f"teacher {spec}", show_header=False)
+    first = ", ".join(s.classes[:8]) + (" ..." if len(s.classes) > 8 else "")
+    for k, v in [("architecture", f"{s.info.arch} ({s.info.source})"),
+                 ("weights", f"{s.info.file} sha256 {s.info.sha256[:16]}..."),
+                 ("parameters", "unknown" if s.parameters is None else f"{s.parameters:,}"),
+                 ("classes", f"{len(s.classes):,}: {first}"),
+                 ("preprocess", describe(s.preprocess)), ("recorded as", json.dumps(s.preprocess.to_dict()))]:
+        t.add_row(k, v)
+    Console().print(t)
 
 
 @main.command()

@@ -6,16 +6,9 @@ zipped or re-compressed keeps its fingerprints.
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 
-from .schema import TeacherInfo
-
-
-def teacher_fingerprint(info: TeacherInfo) -> str:
-    doc = json.dumps({"arch": info.arch, "sha256": info.sha256, "arch_kwargs": info.arch_kwargs}, sort_keys=True)
-    return "sha256:" + hashlib.sha256(doc.encode("utf-8")).hexdigest()
 
 
 class RowHasher:

@@ -26,6 +26,9 @@ ROOT_KEY = "zarr.json"  # the root group's metadata, with our attributes
 # zarr's LocalStore writes each key to "KEY.<32 hex>.partial" and renames it; a kill can leave one.
 # Such a file is never part of the store: readers and copies skip it, a writer removes it.
 TEMP_KEY = re.compile(r"\.[0-9a-f]{32}\.partial$")
+# A writer holds an exclusive lock on this file inside a local store while it writes (released by the
+# OS when the process ends, however it ends), so two writers never interleave. Not part of the store.
+LOCK_KEY = ".logitstore.lock"
 
 
 def is_url(location: str) -> bool:
@@ -119,8 +122,41 @@ def list_all_keys(store: Store, prefix: str = "") -> list[str]:
 
 
 def list_keys(store: Store) -> list[str]:
-    """The store's keys, without writers' temporary leftovers (TEMP_KEY)."""
-    return [k for k in list_all_keys(store) if not TEMP_KEY.search(k)]
+    """The store's keys, without writers' temporary leftovers (TEMP_KEY) and lock (LOCK_KEY)."""
+    return [k for k in list_all_keys(store) if not TEMP_KEY.search(k) and k != LOCK_KEY]
+
+
+class WriterLock:
+    """An exclusive, non-blocking lock on a local store for one writer (a no-op for URL and zip stores)."""
+
+    def __init__(self, location: str):
+        self.location, self._fd = location, None
+        if is_url(location) or is_zip(location):
+            return
+        import fcntl
+
+        os.makedirs(location, exist_ok=True)
+        fd = os.open(os.path.join(location, LOCK_KEY), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise StoreStateError(f"{location} is being written by {holder}; wait for it to finish (or stop it), "
+                                  "then run this command again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {os.uname().nodename}".encode("ascii", "replace"))
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file, then let go: no file of ours is left in the store between runs."""
+        if self._fd is not None:
+            try:
+                os.unlink(os.path.join(self.location, LOCK_KEY))
+            except OSError:
+                pass  # the folder went away with an overwrite or a removal; the lock goes with the fd
+            os.close(self._fd)
+            self._fd = None
 
 
 def stray_keys(store: Store) -> list[str]:
@@ -137,12 +173,15 @@ def remove_stray_keys(store: Store) -> int:
 
 
 def _local_store_is_ours(path: Path) -> bool:
+    names = {p.name for p in path.iterdir()} - {LOCK_KEY}
+    if not names:
+        return True  # a writer's lock alone: it was stopped before it wrote anything
     root = path / ROOT_KEY
     if not root.is_file():
         return False
     attrs = root_attrs(root.read_bytes())
     # An empty root group alone is a store killed between creating its root and its attributes.
-    return is_logitstore_root(attrs) or (attrs == {} and [p.name for p in path.iterdir()] == [ROOT_KEY])
+    return is_logitstore_root(attrs) or (attrs == {} and names == {ROOT_KEY})
 
 
 def check_store_destination(location: str, storage_options: dict[str, Any] | None = None,
@@ -178,7 +217,11 @@ def key_exists(store: Store, key: str) -> bool:
 
 
 def delete_all(store: Store) -> None:
-    sync(store.clear())
+    """Empty a store of ours, its root metadata last, its writer's lock kept (W1: only after the
+    destination was found to be ours)."""
+    keys = [k for k in list_all_keys(store) if k != LOCK_KEY]
+    for k in sorted(keys, key=lambda k: k == ROOT_KEY):
+        sync(store.delete(k))
 
 
 def retire_root(store: Store) -> None:

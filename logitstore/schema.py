@@ -16,11 +16,13 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # 1.1 added sparse teacher targets (`targets`); 1.2 added the metadata checksum
-# (fingerprints["metadata"]), which a complete 1.2 store must carry. Every new store is 1.2.
+# (fingerprints["metadata"]), which a complete 1.2 store must carry; 1.3 added the registries'
+# preprocessing (interpolation, antialias, crop rule, a [h, w] resize). Every new store is 1.3.
 METADATA_CHECKSUM_SINCE = (1, 2)
+SIZES_CHECKED_SINCE = (1, 3)  # readers refuse impossible image and view sizes (R6) in stores from 1.3 on
 UNSEALED_KEYS = ("created", "versions")  # provenance, outside the checksum
 
 # Bounds a reader enforces before it allocates anything from metadata (docs/FORMAT.md, R3).
@@ -83,7 +85,11 @@ def float16_limit(keep_bits: int | None) -> float:
     return 2.0 ** 15 * (2.0 - 2.0 ** -keep_bits)
 VIEW_KINDS = ("eval", "random_resized_crop")
 MODES = ("RGB", "L")
+# The one resize of 1.0-1.2, still valid: bilinear with antialiasing, centre crop as "center". It
+# carries no `antialias` or `crop` key, so older stores and checkpoints keep their bytes and checksums.
 INTERPOLATION = "bilinear-antialias"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # 1.3, with `antialias` and `crop`
+CROPS = ("center", "center_floor")  # offset round((h - H) / 2), halves to even | floor((h - H) / 2)
 
 
 
@@ -128,22 +134,51 @@ def class_names(v: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the teacher's input (see views.py for the exact steps)."""
+    """How an image becomes the teacher's input (views.py does the exact steps; docs/FORMAT.md, Views).
+
+    `resize`: None (resize straight to `size`), an int (the shorter side to it, aspect kept) or
+    (h, w) (both sides, aspect not kept); then the centre `size` is cropped by the `crop` rule.
+    `interpolation` "bilinear-antialias" is the 1.0-1.2 resize (bilinear, antialiased, crop "center")
+    and has no `antialias` or `crop`; "bilinear", "bicubic" and "nearest" (1.3) always have both.
+    """
 
     size: tuple[int, int]
-    resize: int | None = None
+    resize: int | tuple[int, int] | None = None
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     mode: str = "RGB"
     interpolation: str = INTERPOLATION
+    antialias: bool | None = None   # 1.3 interpolations; default: True except for "nearest"
+    crop: str | None = None         # 1.3 interpolations; default: "center"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resize, list):
+            object.__setattr__(self, "resize", tuple(self.resize))
+        if self.interpolation in INTERPOLATIONS:
+            if self.antialias is None:
+                object.__setattr__(self, "antialias", self.interpolation != "nearest")
+            if self.crop is None:
+                object.__setattr__(self, "crop", "center")
 
     @property
     def channels(self) -> int:
         return 3 if self.mode == "RGB" else 1
 
+    @property
+    def legacy(self) -> bool:
+        """The 1.0-1.2 resize, recorded as "bilinear-antialias"."""
+        return self.interpolation == INTERPOLATION
+
+    @property
+    def crop_rule(self) -> str:
+        return "center" if self.legacy else str(self.crop)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean),
-                "std": list(self.std), "mode": self.mode, "interpolation": self.interpolation}
+        d = {"size": list(self.size), "resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
+             "mean": list(self.mean), "std": list(self.std), "mode": self.mode, "interpolation": self.interpolation}
+        if not self.legacy:
+            d.update(antialias=self.antialias, crop=self.crop)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
@@ -155,24 +190,32 @@ class Preprocess:
                 raise ValueError("size must be [H, W]")
             mode = text(d.get("mode", "RGB"), "preprocess.mode", 8)
             channels = 3 if mode == "RGB" else 1
+            interpolation = text(d.get("interpolation", INTERPOLATION), "preprocess.interpolation", 64)
+            if interpolation == INTERPOLATION and ("antialias" in d or "crop" in d):
+                raise FormatError(f"preprocess interpolation {INTERPOLATION!r} takes no antialias or crop "
+                                  "(it is bilinear, antialiased, centre crop); write interpolation 'bilinear' "
+                                  "to give them (docs/FORMAT.md, R3)")
             pre = cls(size=tuple(whole(x, "preprocess.size", 1, MAX_SIDE) for x in size),
-                      resize=None if d.get("resize") is None else whole(d["resize"], "preprocess.resize", 1, MAX_RESIZE),
+                      resize=_resize_rule(d.get("resize")),
                       mean=numbers(d.get("mean", [0.0] * channels), "preprocess.mean"),
                       std=numbers(d.get("std", [1.0] * channels), "preprocess.std"), mode=mode,
-                      interpolation=text(d.get("interpolation", INTERPOLATION), "preprocess.interpolation", 64))
+                      interpolation=interpolation,
+                      antialias=None if d.get("antialias") is None else flag(d["antialias"], "preprocess.antialias"),
+                      crop=None if d.get("crop") is None else text(d["crop"], "preprocess.crop", 32))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise FormatError(f"preprocess {d!r} is malformed ({exc}); it needs size [H, W], "
-                              "and optionally resize, mean, std, mode") from None
+            raise FormatError(f"preprocess {str(d)[:300]} is malformed ({exc}); it needs size [H, W], "
+                              "and optionally resize, mean, std, mode, interpolation, antialias, crop") from None
         pre.check()
         return pre
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise FormatError(f"preprocess mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if not (1 <= min(self.size) and max(self.size) <= MAX_SIDE) or \
-                (self.resize is not None and not 1 <= self.resize <= MAX_RESIZE):
+        sides = () if self.resize is None else (self.resize,) if isinstance(self.resize, int) else tuple(self.resize)
+        if not (1 <= min(self.size) and max(self.size) <= MAX_SIDE) or len(sides) not in (0, 1, 2) or \
+                not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_RESIZE for r in sides):
             raise FormatError(f"preprocess size {list(self.size)} / resize {self.resize} must be in 1..{MAX_SIDE} "
-                              f"(resize 1..{MAX_RESIZE}) pixels (docs/FORMAT.md, R3)")
+                              f"(resize 1..{MAX_RESIZE}, one side or [h, w]) pixels (docs/FORMAT.md, R3)")
         for name, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, self.channels):
                 raise FormatError(f"preprocess {name} has {len(vals)} values; mode {self.mode} "
@@ -180,9 +223,30 @@ class Preprocess:
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or any(s < 1e-6 for s in self.std):
             raise FormatError(f"preprocess mean {list(self.mean)} / std {list(self.std)} must be finite, "
                               "with every std >= 1e-6 (docs/FORMAT.md, R3)")
-        if self.interpolation != INTERPOLATION:
-            raise FormatError(f"preprocess interpolation {self.interpolation!r} is not understood "
-                              f"(this reader knows {INTERPOLATION!r})")
+        if self.legacy:
+            if self.antialias is not None or self.crop is not None or not isinstance(self.resize, (int, type(None))):
+                raise FormatError(f"preprocess interpolation {INTERPOLATION!r} takes no antialias or crop, and "
+                                  "resize is one side or null (docs/FORMAT.md, R3)")
+            return
+        if self.interpolation not in INTERPOLATIONS:
+            raise FormatError(f"preprocess interpolation {self.interpolation!r} is not understood (this reader "
+                              f"knows {', '.join(map(repr, (*INTERPOLATIONS, INTERPOLATION)))})")
+        if not isinstance(self.antialias, bool) or (self.interpolation == "nearest" and self.antialias):
+            raise FormatError(f"preprocess antialias {self.antialias!r} must be true or false (false with "
+                              "'nearest') (docs/FORMAT.md, R3)")
+        if self.crop not in CROPS:
+            raise FormatError(f"preprocess crop {self.crop!r} is not one of {', '.join(CROPS)} (docs/FORMAT.md, R3)")
+
+
+def _resize_rule(v: Any) -> int | tuple[int, int] | None:
+    """`resize`: null, one side (the shorter) or [h, w]."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise FormatError(f"preprocess resize {str(v)[:40]} must be one side or [h, w] (docs/FORMAT.md, R3)")
+        return tuple(whole(x, "preprocess.resize", 1, MAX_RESIZE) for x in v)  # type: ignore[return-value]
+    return whole(v, "preprocess.resize", 1, MAX_RESIZE)
 
 
 @dataclass(frozen=True)
@@ -225,6 +289,11 @@ class TeacherInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """fingerprints.teacher: which network, by architecture, its arguments and its weights' hash."""
+        doc = json.dumps({"arch": self.arch, "sha256": self.sha256, "arch_kwargs": self.arch_kwargs}, sort_keys=True)
+        return "sha256:" + hashlib.sha256(doc.encode("utf-8")).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TeacherInfo":
@@ -505,6 +574,9 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
                           "key's type (R3)") from None
     if meta.complete and not {"teacher", "corpus", "contents"} <= set(meta.fingerprints):
         raise FormatError("a complete store must carry fingerprints teacher, corpus and contents")
+    if meta.complete and meta.fingerprints["teacher"] != meta.teacher.fingerprint():
+        raise FormatError("fingerprints.teacher does not match the teacher it describes (arch, arch_kwargs, "
+                          "sha256): the metadata was altered (docs/FORMAT.md, R4)")
     if meta.dtype not in LOGIT_DTYPES:
         raise FormatError(f"logits dtype {meta.dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
     if meta.views.count * meta.num_classes > MAX_ROW_LOGITS:
@@ -539,8 +611,8 @@ def compatibility_problem(a: StoreMeta, b: StoreMeta, *, same_teacher: bool = Tr
         only_b = sorted(set(b.classes) - set(a.classes))[:5]
         return f"the classes differ (only in the first: {only_a}; only in the second: {only_b})"
     if a.preprocess != b.preprocess:
-        diff = {k: (v, b.preprocess.to_dict()[k]) for k, v in a.preprocess.to_dict().items()
-                if b.preprocess.to_dict()[k] != v}
+        pa, pb = a.preprocess.to_dict(), b.preprocess.to_dict()
+        diff = {k: (pa.get(k), pb.get(k)) for k in {**pa, **pb} if pa.get(k) != pb.get(k)}
         return f"the preprocessing differs ({diff})"
     if same_teacher and (a.teacher.arch, a.teacher.sha256) != (b.teacher.arch, b.teacher.sha256):
         return (f"the teacher differs ({a.teacher.arch} sha256 {a.teacher.sha256[:12]} vs "

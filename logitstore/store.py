@@ -40,7 +40,9 @@ class LogitStore:
 
     def __init__(self, location: str, group: zarr.Group, meta: StoreMeta, rows: int):
         self.location, self.group, self.meta, self._rows = location, group, meta, rows
-        self.arrays = {name: group[name] for name in row_array_names(meta)}
+        self.arrays = {name: array_of(location, group, name) for name in row_array_names(meta)}
+        # Size checks came with 1.3 (R6); older stores, synthetic golden ones included, read as before.
+        self._sizes_checked = schema.parse_version(meta.format_version) >= schema.SIZES_CHECKED_SINCE
 
     def __len__(self) -> int:
         return self._rows
@@ -93,18 +95,27 @@ class LogitStore:
     def read_array(self, name: str, a: int, b: int) -> np.ndarray:
         """Rows [a, b) of one row array (or `teachers/<name>/logits`) by name; R6 as in `read`."""
         arr = self.arrays.get(name)
-        return self._read_array(name, self.group[name] if arr is None else arr, a, b)
+        return self._read_array(name, array_of(self.location, self.group, name) if arr is None else arr, a, b)
 
     def _read_array(self, name: str, arr: zarr.Array, a: int, b: int) -> np.ndarray:
         try:
             values = arr[a:b]
-        except Exception:
+        except OSError:
+            raise  # the storage failed (a network, a disk): not the store's bytes
+        except Exception as exc:
             bad = self._failing_chunks(arr, a, b)
-            if not bad:
-                raise  # not a corrupted chunk: a bug or an I/O error keeps its own message
+            if not bad:  # the checksums hold, yet the bytes do not decode as this array's: not its chunk
+                raise IntegrityError(f"{self.location}: array '{name}' rows {a}-{b - 1} do not decode "
+                                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}), though their "
+                                     "checksums hold: chunks were moved or the array's metadata changed; restore "
+                                     "the store from its source (docs/FORMAT.md, R6)") from None
         else:
             if arr.dtype.kind == "f" and not np.isfinite(values).all():
                 self._refuse_non_finite(name, values, a, arr.chunks[0])
+            if name in _SIZES and self._sizes_checked and len(values) and not _sizes_ok(name, values):
+                raise IntegrityError(f"{self.location}: array '{name}' rows {a}-{b - 1} hold impossible image or "
+                                     "view sizes (a height or width below 1, a negative offset, a flip not 0 or 1; "
+                                     "docs/FORMAT.md, R6): restore the store from its source")
             return values
         rows = arr.chunks[0]
         where = ", ".join(f"{k} (rows {k * rows}-{(k + 1) * rows - 1}, '{key}')" for k, key in bad[:5])
@@ -151,7 +162,7 @@ class LogitStore:
         if name not in self.teacher_names:
             raise StoreStateError(f"{self.location} has no teacher {name!r}; it has {', '.join(self.teacher_names)}")
         path = f"{schema.TEACHERS}/{name}/{schema.LOGITS}"
-        return self._read_array(path, self.group[path], a, b)
+        return self._read_array(path, array_of(self.location, self.group, path), a, b)
 
     def read_chunk(self, k: int) -> Rows:
         return self.read(*self.chunk_bounds(k))
@@ -169,8 +180,8 @@ class LogitStore:
 
     def failures(self) -> list[tuple[str, str]]:
         if self.meta.complete:
-            ids = self.group[schema.FAILED_IDS][:]
-            reasons = self.group[schema.FAILED_REASONS][:]
+            ids, reasons = (self.read_array(name, 0, array_of(self.location, self.group, name).shape[0])
+                            for name in (schema.FAILED_IDS, schema.FAILED_REASONS))
             return [(str(i), str(r)) for i, r in zip(ids, reasons)]
         progress = self.group.attrs.get(schema.ATTR_PROGRESS) or {}
         return [(str(i), str(r)) for i, r in progress.get("failures", [])]
@@ -195,12 +206,12 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
         pre = meta.preprocess
         tail = (v, pre.channels, *pre.size)
         expected[schema.PIXELS] = (tail, (meta.pixel_chunk_rows, *tail), ("uint8",))
-    names = set(group.array_keys())
+    names = array_names(location, group)
     n = None
     for name, (tail, chunks, dtypes) in expected.items():
         if name not in names:
             raise FormatError(f"{location}: required array '{name}' is missing (docs/FORMAT.md, R5)")
-        arr = group[name]
+        arr = array_of(location, group, name)
         if tuple(arr.shape[1:]) != tail or tuple(arr.chunks) != chunks:
             raise FormatError(f"{location}: array '{name}' has shape {arr.shape} chunks {arr.chunks}; "
                               f"the spec requires [N, {', '.join(map(str, tail))}] chunked {chunks}")
@@ -212,20 +223,54 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
         n = arr.shape[0]
 
 
+_SIZES = (schema.IMAGE_HW, schema.VIEW_PARAMS)
+
+
+def array_names(loc: str, group: zarr.Group) -> set[str]:
+    """The store's top-level arrays; zarr parses each one's metadata to list them (R5 as in `array_of`)."""
+    try:
+        return set(group.array_keys())
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{loc}: an array has metadata zarr cannot read ({' '.join(str(exc).split())[:160]}; "
+                          "docs/FORMAT.md, R5)") from None
+
+
+def array_of(loc: str, group: zarr.Group, name: str) -> zarr.Array:
+    """One array of the store, its metadata parsed by zarr; unreadable metadata is one FormatError (R5)."""
+    try:
+        arr = group[name]
+    except KeyError:
+        raise FormatError(f"{loc}: required array '{name}' is missing (docs/FORMAT.md, R5)") from None
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{loc}: array '{name}' has metadata zarr cannot read ({' '.join(str(exc).split())[:160]}; "
+                          "docs/FORMAT.md, R5)") from None
+    if not isinstance(arr, zarr.Array):
+        raise FormatError(f"{loc}: '{name}' is a group, not an array (docs/FORMAT.md, R5)")
+    return arr
+
+
+def _sizes_ok(name: str, values: np.ndarray) -> bool:
+    """Image sizes are at least 1; a view is a crop at a non-negative offset, at least 1 x 1, flip 0 or 1."""
+    if name == schema.IMAGE_HW:
+        return bool((values >= 1).all())
+    top_left, hw, flip = values[..., :2], values[..., 2:4], values[..., 4]
+    return bool((top_left >= 0).all() and (hw >= 1).all() and np.isin(flip, (0, 1)).all())
+
+
 def _never_fill(meta: StoreMeta) -> list[str]:
     """Row arrays whose chunks can never hold only the fill value: every one of their chunks is stored,
-    so a missing one is a hole (zarr would read it back as zeros). Index and count arrays, view
-    parameters and pixels can be all zeros, so older writers (which skipped fill-value chunks) left
-    some out."""
+    so a missing one is a hole (zarr would read it back as zeros). Class index and count arrays and
+    pixels can be all zeros, so older writers (which skipped fill-value chunks) left some out; a
+    view's height and width are never 0."""
     targets = [n for n, (_, dtype) in meta.target_arrays().items() if np.dtype(dtype).kind == "f"]
     extra = [f"{schema.TEACHERS}/{t.name}/{schema.LOGITS}" for t in meta.extra_teachers]
-    return [*targets, *extra, schema.IDS, schema.DIGESTS, schema.IMAGE_HW]
+    return [*targets, *extra, schema.IDS, schema.DIGESTS, schema.IMAGE_HW, schema.VIEW_PARAMS]
 
 
 def _check_no_holes(loc: str, group: zarr.Group, meta: StoreMeta, rows: int) -> None:
     """R5: every chunk of rows [0, rows) of the arrays that always store theirs is present."""
     for name in _never_fill(meta):
-        arr = group[name]
+        arr = array_of(loc, group, name)
         n_chunks = -(-rows // arr.chunks[0])
         if n_chunks == 0:
             continue
@@ -252,20 +297,17 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
                               "--allow-incomplete to read the rows written so far (docs/FORMAT.md, R2)")
     _validate_arrays(loc, group, meta)
     if meta.complete:
-        rows = group[next(iter(meta.target_arrays()))].shape[0]
-        missing = [n for n in schema.FAILURE_ARRAYS if n not in set(group.array_keys())]
+        rows = array_of(loc, group, next(iter(meta.target_arrays()))).shape[0]
+        missing = [n for n in schema.FAILURE_ARRAYS if n not in array_names(loc, group)]
         if missing:
             raise FormatError(f"{loc}: complete store lacks array(s) {missing} (docs/FORMAT.md, R5)")
         for name in schema.FAILURE_ARRAYS:
-            _require_checksum(loc, name, group[name])
+            _require_checksum(loc, name, array_of(loc, group, name))
         if rows != meta.corpus.n_images:
             raise FormatError(f"{loc}: {rows} rows but the metadata says n_images={meta.corpus.n_images} (docs/FORMAT.md, R5)")
         for t in meta.extra_teachers:
             path = f"{schema.TEACHERS}/{t.name}/{schema.LOGITS}"
-            try:
-                arr = group[path]
-            except KeyError:
-                raise FormatError(f"{loc}: teacher {t.name!r} is listed but array '{path}' is missing") from None
+            arr = array_of(loc, group, path)
             if arr.shape != group[schema.LOGITS].shape or arr.chunks != group[schema.LOGITS].chunks:
                 raise FormatError(f"{loc}: '{path}' must have the shape and chunks of 'logits'")
             if str(arr.dtype) != meta.dtype:

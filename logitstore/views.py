@@ -64,9 +64,39 @@ def _random_resized_crop_box(height: int, width: int, scale: tuple[float, float]
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize(img: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """The one resize of the pipeline: bilinear with antialiasing, on uint8 [..., H, W]."""
-    return F.resize(img, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+# The 1.3 interpolations as torchvision names them. "nearest" is Pillow's nearest neighbour (pixel
+# centres), which torchvision calls NEAREST_EXACT; its plain NEAREST rounds differently.
+_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+          "nearest": InterpolationMode.NEAREST_EXACT}
+
+
+def resize(img: torch.Tensor, size: list[int], pre: Preprocess | None = None) -> torch.Tensor:
+    """The one resize of the pipeline, on uint8 [..., H, W]: to `size` [h, w], or [s] for the shorter
+    side to s (the longer to int(s * long / short)).
+
+    With `pre`, its interpolation and antialias; without, bilinear with antialiasing (the 1.0-1.2 resize,
+    which is also what "bilinear-antialias" means).
+    """
+    if pre is None or pre.legacy:
+        mode, antialias = InterpolationMode.BILINEAR, True
+    else:
+        mode, antialias = _MODES[pre.interpolation], bool(pre.antialias)
+    return F.resize(img, list(size), interpolation=mode, antialias=antialias)
+
+
+def center_crop(img: torch.Tensor, size: list[int], rule: str = "center") -> torch.Tensor:
+    """The centre [H, W] of uint8 [..., h, w]; a side shorter than the crop is first padded with zeros,
+    floor((H - h) / 2) before it. "center": offset round((h - H) / 2), halves to even (torchvision, timm);
+    "center_floor": offset floor((h - H) / 2) (Hugging Face image processors)."""
+    if rule == "center":
+        return F.center_crop(img, list(size))
+    (h, w), (ch, cw) = img.shape[-2:], size
+    if ch > h or cw > w:
+        dh, dw = max(0, ch - h), max(0, cw - w)
+        img = F.pad(img, [dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2], fill=0)
+        h, w = img.shape[-2:]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return img[..., top:top + ch, left:left + cw]
 
 
 def apply_view(img: torch.Tensor, params: np.ndarray, pre: Preprocess, kind: str,
@@ -77,16 +107,31 @@ def apply_view(img: torch.Tensor, params: np.ndarray, pre: Preprocess, kind: str
     """
     size = list(pre.size)
     if kind == EVAL:
-        if pre.resize is not None:
-            img = F.center_crop(resize(img, [pre.resize]), size)
+        if pre.resize is None:
+            img = resize(img, size, pre)
         else:
-            img = resize(img, size)
+            img = resize(img, [pre.resize] if isinstance(pre.resize, int) else list(pre.resize), pre)
+            img = center_crop(img, size, pre.crop_rule)
         if out_size is not None and tuple(out_size) != tuple(size):
-            img = resize(img, list(out_size))
+            img = resize(img, list(out_size), pre)
         return img
     top, left, h, w, flip = (int(x) for x in params)
-    img = resize(img[:, top:top + h, left:left + w], list(out_size or size))
+    img = resize(img[:, top:top + h, left:left + w], list(out_size or size), pre)
     return img.flip(-1) if flip else img
+
+
+def describe(pre: Preprocess) -> str:
+    """One line a person can check against a model card: resize, crop, kernel, colour, normalisation."""
+    kernel = "bilinear, antialias" if pre.legacy else f"{pre.interpolation}{', antialias' if pre.antialias else ''}"
+    h, w = pre.size
+    if pre.resize is None:
+        steps = f"resize to {h}x{w} ({kernel})"
+    else:
+        first = (f"shorter side to {pre.resize}" if isinstance(pre.resize, int)
+                 else f"resize to {pre.resize[0]}x{pre.resize[1]}")
+        steps = f"{first} ({kernel}), centre crop {h}x{w}{' (floor)' if pre.crop_rule == 'center_floor' else ''}"
+    nums = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
+    return f"{steps}; {pre.mode}; mean {nums(pre.mean)}, std {nums(pre.std)} (0-1 scale)"
 
 
 def normalize(batch_u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:

@@ -24,8 +24,8 @@ from .errors import ResumeMismatchError, StoreStateError, WriteError
 from .schema import StoreMeta
 from .rows import Rows
 from .store import LogitStore, row_array_names, row_nbytes
-from .fingerprint import row_fingerprints, teacher_fingerprint
-from .locations import check_store_destination, open_group, remove_stray_keys, retire_root
+from .fingerprint import row_fingerprints
+from .locations import WriterLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
 def chunk_codecs() -> list[Any]:
@@ -144,6 +144,7 @@ class StoreWriter:
     def __init__(self, group: zarr.Group, meta: StoreMeta, progress: Progress, queue_chunks: int = 4,
                  end: int | None = None, segment: bool = False):
         self.group, self.meta, self.progress = group, meta, progress
+        self.lock: WriterLock | None = None  # held by open_writer's writer until close
         self.end = meta.corpus.n_listed if end is None else end
         self.segment = segment
         self._arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}
@@ -167,17 +168,21 @@ class StoreWriter:
         self._queue.put(batch)
 
     def close(self, finalize: bool) -> StoreMeta:
-        """Drain the queue; with `finalize`, write the last partial chunk and mark complete."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
+        """Drain the queue; with `finalize`, write the last partial chunk and mark complete. The lock is
+        released whatever happens."""
         try:
+            self._queue.put(None)
+            self._thread.join()
+            self._raise_if_failed()
             if finalize:
                 self._flush(final=True)
                 return self.meta if self.segment else self._finalize()
             self._commit(self.progress.rows, self.progress.next_source)  # an interruption keeps what is written
         except OSError as exc:
             raise write_failure(str(self.group.store), exc) from None
+        finally:
+            if self.lock is not None:
+                self.lock.release()
         return self.meta
 
     def _raise_if_failed(self) -> None:
@@ -272,7 +277,7 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
     # Reading every chunk back both fingerprints the contents and proves each chunk decodes
     # (checksums included) before the store is called complete.
     rows = row_fingerprints(LogitStore(str(group.store), group, meta, n))
-    meta = replace(meta, fingerprints={"teacher": teacher_fingerprint(meta.teacher), **rows}).sealed()
+    meta = replace(meta, fingerprints={"teacher": meta.teacher.fingerprint(), **rows}).sealed()
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     if schema.ATTR_PROGRESS in group.attrs:
         del group.attrs[schema.ATTR_PROGRESS]
@@ -318,16 +323,23 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
     `span` = (lo, hi): the store receives only listing positions [lo, hi) (one segment of a
     distributed dump; see logitstore/distributed.py) and is left for assembly when closed.
     """
+    check_store_destination(path, storage_options, protected)
+    lock = WriterLock(path)
     try:
-        return _open_writer(path, meta, overwrite, storage_options, span, protected)
+        writer = _open_writer(path, meta, overwrite, storage_options, span)
     except OSError as exc:
+        lock.release()
         raise write_failure(path, exc) from None
+    except BaseException:
+        lock.release()
+        raise
+    writer.lock = lock
+    return writer
 
 
 def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: dict[str, Any] | None,
-                 span: tuple[int, int] | None, protected: Sequence[str]) -> StoreWriter:
+                 span: tuple[int, int] | None) -> StoreWriter:
     lo, hi = span or (0, meta.corpus.n_listed)
-    check_store_destination(path, storage_options, protected)
     group = open_group(path, mode="a", storage_options=storage_options)
     remove_stray_keys(group.store)  # an interrupted run's temporary files
     existing = group.attrs.get(schema.ATTR_ROOT)
@@ -343,7 +355,8 @@ def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: d
             create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)
     retire_root(group.store)
-    group = open_group(path, mode="w", storage_options=storage_options)
+    delete_all(group.store)
+    group = open_group(path, mode="a", storage_options=storage_options)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     create_arrays(group, meta, hi - lo)
     progress = Progress(0, lo)

@@ -268,3 +268,25 @@ def test_corpora_that_bite_never_hang(tmp_path, corpus, teacher_ckpt):
     st = logitstore.open_store(tmp_path / "l.zarr")
     assert listed.returncode == 0 and len(st) == 1
     assert st.failures()[0][0].endswith("pipe.png") and "not a regular file" in st.failures()[0][1]
+
+
+def test_two_writers_never_share_a_store(tmp_path, corpus):
+    from conftest import save_teacher
+
+    slow = save_teacher(tmp_path / "slow.pt", arch="nets:slow_cnn", seconds=0.3)
+    out = tmp_path / "s.zarr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    first = subprocess.Popen([sys.executable, "-m", "logitstore", "dump", "--teacher", str(slow), "--images",
+                              str(corpus), "--out", str(out), "--quiet", "--num-workers", "0", "--batch-size", "8"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "zarr.json").exists():
+        time.sleep(0.05)
+    second = invoke("logitstore", "dump", "--teacher", str(slow), "--images", str(corpus), "--out", str(out),
+                    "--quiet", "--num-workers", "0", "--batch-size", "8", "--overwrite")
+    assert_one_line_error(second, "is being written by process")
+    assert first.wait(timeout=300) == 0, first.stderr
+    assert len(logitstore.open_store(out)) == 120
+    again = invoke("logitstore", "dump", "--teacher", str(slow), "--images", str(corpus), "--out", str(out),
+                   "--quiet", "--num-workers", "0", "--batch-size", "8")
+    assert again.returncode == 0 and "nothing to do" in again.stdout  # the lock went with its writer

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_fixtures import one_torch_thread  # noqa: F401  (fixture)
 from logitstore.sparse import (REFERENCE_TEMPERATURES, encode_sample, encode_topk, index_dtype,
                                topk_kl_bound, topk_probabilities, topk_reconstruction_kl)
 from trainer.loss import distillation_loss, sampled_distillation_loss, topk_distillation_loss
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 
 def teacher_like(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

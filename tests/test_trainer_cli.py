@@ -14,7 +14,9 @@ from PIL import Image
 import logitstore
 from trainer.cli import main
 
-from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
+from conftest import World
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 
 def run(*args: str):

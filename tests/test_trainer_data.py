@@ -18,7 +18,9 @@ from trainer.inputs import NO_LABEL, make_input_spec
 from trainer.order import Segment, batches_per_epoch, epoch_share
 from trainer.storeset import open_stores
 
-from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
+from conftest import World
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 
 def _keys(batches, requests):

@@ -1,6 +1,8 @@
 """Two processes (torchrun, gloo on CPU) train one student, each reading its own share of the rows."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -14,7 +16,9 @@ from PIL import Image
 from trainer.order import epoch_share
 from trainer.storeset import open_stores
 
-from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
+from conftest import World
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 
 def test_torchrun_two_cpu_processes_train_with_ddp(world: World, tmp_path: Path):

@@ -15,7 +15,9 @@ import logitstore
 import trainer
 from trainer.students import build_student
 
-from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
+from conftest import World
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 FAST = dict(student="lenet", batch_size=32, warmup_epochs=0.2, num_workers=0)
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_fixtures import one_torch_thread  # noqa: F401  (fixture)
 from trainer.inputs import NO_LABEL
 from trainer.loss import distillation_loss, hard_label_loss, objective
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 
 def reference_kd(student: np.ndarray, teacher: np.ndarray, T: float) -> float:

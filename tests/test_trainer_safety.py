@@ -17,8 +17,9 @@ from trainer.cli import main
 from trainer.errors import ConfigError
 from trainer.fit import LIMITS
 
-from conftest import assert_one_line_error, run_cli
-from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
+from conftest import World, assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 
 def fit_cli(world: World, out: str | Path, *flags: str):

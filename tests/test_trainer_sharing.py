@@ -17,8 +17,7 @@ from trainer.errors import ConfigError, ImageError, StoreMismatchError
 from trainer.inputs import make_input_spec
 from trainer.storeset import ensemble_logits, open_stores
 
-from conftest import flip_byte, save_teacher
-from trainer_fixtures import World, world  # noqa: F401  (fixture)
+from conftest import World, flip_byte, save_teacher
 
 FAST = dict(student="lenet", epochs=1, batch_size=64, num_workers=0, holdout=0.05, seed=3)
 

@@ -16,7 +16,9 @@ from trainer.errors import ConfigError, StoreMismatchError
 from trainer.loss import distillation_loss, soft_target_loss, teacher_top1
 from trainer.storeset import open_stores
 
-from trainer_fixtures import World, one_torch_thread, world  # noqa: F401  (fixtures)
+from conftest import World
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster
 
 FAST = dict(student="lenet", batch_size=32, warmup_epochs=0.2, num_workers=0)
 

@@ -115,6 +115,27 @@ def test_registries_and_builtin_students_need_no_trust(tmp_path):
         build_model("torchvision:os")
 
 
+def test_a_file_cannot_name_a_hugging_face_directory(tmp_path, corpus, labeled, monkeypatch):
+    """hf:DIR is a registry a user types; a directory's config may ask for remote code (auto_map), so a
+    checkpoint that names one is refused on the name, before the directory is read or anything imported."""
+    monkeypatch.delenv("LOGITSTORE_TRUST_MODULES")
+    canary = tmp_path / "PWNED"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text('{"model_type": "vit", "auto_map": {"AutoModelForImageClassification": '
+                                      '"evil_model.EvilModel"}}')
+    (evil / "evil_model.py").write_text(f"open({str(canary)!r}, 'w').close()\n")
+    ckpt = hostile_checkpoint(tmp_path / "t.pt", f"hf:{evil}", {"trust_remote_code": True})
+    for proc in (invoke("logitstore", "dump", "--teacher", str(ckpt), "--images", str(corpus), "--out",
+                        str(tmp_path / "o.zarr"), "--quiet", "--num-workers", "0"),
+                 invoke("logitstore", "teacher", str(ckpt)),
+                 invoke("trainer", "eval", "--checkpoint", str(ckpt), "--images", str(labeled))):
+        assert_one_line_error(proc, "Hugging Face model directory", "nothing was read or run")
+    with pytest.raises(UntrustedCodeError):
+        build_model(f"hf:{evil}", {}, trust_modules=["hf", "evil_model"])
+    assert not canary.exists() and not (tmp_path / "o.zarr").exists()
+
+
 def test_a_trusted_factory_must_return_a_network(tmp_path, corpus):
     ckpt = hostile_checkpoint(tmp_path / "t.pt", "nets:not_a_network", {})
     proc = invoke("logitstore", "dump", "--teacher", str(ckpt), "--images", str(corpus), "--out",

@@ -247,7 +247,7 @@ class ImageSource(Dataset):
         if req.pixels is not None:  # embedded in the store: the view as the teacher saw it
             pixels = torch.from_numpy(req.pixels)
             if tuple(self.spec.size) != tuple(self.spec.pre.size):
-                pixels = resize(pixels, list(self.spec.size))
+                pixels = resize(pixels, list(self.spec.size), self.spec.pre)
             return {"pixels": pixels, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
         fast = self._identity_gather(req.keys)

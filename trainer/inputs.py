@@ -50,7 +50,9 @@ class InputSpec:
         if tuple(self.size) != tuple(self.pre.size):
             d["size"] = list(self.size)
             if self.pre.resize is not None:  # keep the teacher's crop fraction at the new size
-                d["resize"] = int(round(self.pre.resize * self.size[0] / self.pre.size[0]))
+                scale = [new / old for new, old in zip(self.size, self.pre.size)]
+                d["resize"] = (int(round(self.pre.resize * scale[0])) if isinstance(self.pre.resize, int)
+                               else [int(round(r * f)) for r, f in zip(self.pre.resize, scale)])
         if self.channels != self.pre.channels:
             d["mode"] = "RGB"
         return d

@@ -87,12 +87,15 @@ def _resolve_paths(store: LogitStore, images: str | None) -> tuple[list[Path], i
 
 def _default_name(teacher: str) -> str:
     stem = Path(teacher).stem if ":" not in teacher else teacher.split(":", 1)[1]
+    if teacher.startswith("hf:"):  # a directory: its own name
+        stem = Path(stem).expanduser().resolve().name
     return re.sub(r"[^A-Za-z0-9_.-]", "-", stem)[:64] or "teacher2"
 
 
 def add_teacher(store_path: str, teacher: str, *, name: str | None = None, images: str | None = None,
-                weights: str | None = None, arch_kwargs: dict[str, Any] | None = None, device: str | None = None,
-                precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
+                weights: str | None = None, pretrained: bool = False, arch_kwargs: dict[str, Any] | None = None,
+                device: str | None = None, precision: str = "auto", batch_size: int = 64,
+                num_workers: int | None = None,
                 size: tuple[int, int] | None = None, resize: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, mode: str | None = None,
                 classes: str | Sequence[str] | None = None, overwrite: bool = False,
@@ -114,7 +117,7 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     precision = resolve_precision(precision, dev)
     t, pre, width = prepare_teacher(teacher, weights, arch_kwargs,
                                     {"size": size, "resize": resize, "mean": mean, "std": std, "mode": mode},
-                                    trust_modules)
+                                    trust_modules, pretrained)
     model = to_device(t.model, dev)
     names = read_classes(classes) or t.classes or [str(i) for i in range(width)]
     if tuple(names) != meta.classes:

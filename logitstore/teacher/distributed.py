@@ -30,7 +30,7 @@ from .. import schema
 from ..cli_common import progress_bar
 from ..device import Torchrun
 from ..errors import DumpInterrupted, LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
-from ..locations import check_store_destination, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
+from ..locations import check_store_destination, delete_all, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
 from ..schema import StoreMeta
 from ..rows import Rows
 from ..store import LogitStore, open_store, row_array_names
@@ -154,7 +154,8 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
         raise OptionError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
                               f"{meta.batch_size}")
     retire_root(group.store)
-    group = open_group(out, mode="w", storage_options=so)
+    delete_all(group.store)
+    group = open_group(out, mode="a", storage_options=so)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS}
     group.attrs[schema.ATTR_PROGRESS] = p

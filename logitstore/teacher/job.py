@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__, limits, schema
 from ..corpus import Corpus, describe_failure, list_corpus, read_and_decode
 from ..device import resolve_device, resolve_precision
-from ..errors import LogitRangeError, LogitStoreError, OptionError, TeacherError
+from ..errors import LogitRangeError, LogitStoreError, OptionError
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
-from .load import prepare_teacher, read_classes, to_device
+from .load import class_names, prepare_teacher, to_device
 
 # --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
 # default, where importance weights are then exactly 1 (lowest variance). Colder proposals make the
@@ -46,6 +46,7 @@ class DumpConfig:
     images: str
     out: str
     weights: str | None = None
+    pretrained: bool = False
     arch_kwargs: dict[str, Any] | None = None
     trust_modules: Sequence[str] = ()
     views: int = 1
@@ -304,11 +305,8 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
 
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
-                                     "mode": cfg.mode}, cfg.trust_modules)
-    names = read_classes(cfg.classes) or t.classes or [str(i) for i in range(width)]
-    if len(names) != width:
-        raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
-                           "were given; pass --classes with exactly one name per output")
+                                     "mode": cfg.mode}, cfg.trust_modules, cfg.pretrained)
+    names = class_names(t, cfg.classes, width)
     if cfg.views * width > schema.MAX_ROW_LOGITS:
         raise OptionError(f"--views {cfg.views} x {width} classes exceeds {schema.MAX_ROW_LOGITS} logits per image "
                           "(docs/FORMAT.md, R3); store fewer views, or --topk")

@@ -1,15 +1,16 @@
 """Load a teacher safely and get it ready: state-dict checkpoints, TorchScript, torch.export programs,
-factories; its preprocessing, class names and output width.
+factories, and the registries' models (registries.py: timm, torchvision weights, Hugging Face
+directories); its preprocessing, class names and output width.
 
-No arbitrary code runs on load: checkpoints go through torch.load(weights_only=True), and
-architectures are named ("torchvision:NAME" or "package.module:factory"), never unpickled.
+No arbitrary code runs on load: checkpoints go through torch.load(weights_only=True) or safetensors,
+and architectures are named ("torchvision:NAME" or "package.module:factory"), never unpickled.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,12 +25,16 @@ from ..schema import Preprocess, TeacherInfo
 IMAGENET_PREPROCESS = {"size": [224, 224], "resize": 256, "mean": [0.485, 0.456, 0.406],
                        "std": [0.229, 0.224, 0.225], "mode": "RGB"}
 
+REGISTRY_PREFIXES = ("timm", "torchvision", "hf")
+
+
 @dataclass
 class Teacher:
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     info: TeacherInfo
-    classes: list[str] | None          # from the checkpoint, if it names them
-    preprocess: dict[str, Any] | None  # from the checkpoint, if it records it
+    classes: list[str] | None          # from the checkpoint or the registry, if it names them
+    preprocess: dict[str, Any] | None  # from the checkpoint or the registry, if it records it
+    note: str | None = field(default=None)  # why a registry's preprocessing could not be taken over
 
 
 def file_sha256(path: str | Path) -> str:
@@ -57,15 +62,23 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
 
 
 def load_teacher(teacher: str, weights: str | None = None, arch_kwargs: dict[str, Any] | None = None,
-                 trust_modules: Sequence[str] = ()) -> Teacher:
+                 trust_modules: Sequence[str] = (), pretrained: bool = False) -> Teacher:
     """Load any accepted teacher form. See `logitstore dump --help` for the list.
 
     An architecture named inside a checkpoint is resolved under the trust rule (logitstore/arch.py):
     registries, built-in students and `trust_modules` only. One typed as `teacher` is trusted.
     """
     path = Path(teacher).expanduser()
+    prefix = teacher.split(":", 1)[0] if ":" in teacher else None
+    if prefix in REGISTRY_PREFIXES and not path.exists():
+        from . import registries
+
+        load = {"timm": registries.load_timm, "torchvision": registries.load_torchvision, "hf": registries.load_hf}
+        return load[prefix](teacher.split(":", 1)[1], weights, pretrained, arch_kwargs)
+    if pretrained:
+        raise TeacherError(f"--pretrained applies to timm:NAME and torchvision:NAME teachers, not {teacher}")
     if weights is not None or (not path.exists() and ":" in teacher):
-        return _load_factory(teacher, weights, arch_kwargs)
+        return load_factory(teacher, weights, arch_kwargs)
     if not path.is_file():
         raise TeacherError(f"{teacher}: no such teacher file; pass a checkpoint, TorchScript or .pt2 "
                            "file, or 'torchvision:NAME --weights FILE'")
@@ -120,9 +133,11 @@ def _file_preprocess(ckpt: dict[str, Any], where: str) -> dict[str, Any] | None:
     return pre
 
 
-def _load_factory(arch: str, weights: str | None, arch_kwargs: dict[str, Any] | None) -> Teacher:
+def load_factory(arch: str, weights: str | None, arch_kwargs: dict[str, Any] | None) -> Teacher:
+    """An architecture the user typed, with --weights FILE: a state dict (torch.save or .safetensors), or a
+    whole checkpoint whose classes and preprocessing then come along."""
     if weights is None:
-        raise TeacherError(f"--teacher {arch} needs --weights FILE (a state dict saved with torch.save)")
+        raise TeacherError(f"--teacher {arch} needs --weights FILE (a state dict: torch.save or .safetensors)")
     wpath = Path(weights).expanduser()
     if not wpath.is_file():
         raise TeacherError(f"{weights}: no such weights file; check --weights")
@@ -148,7 +163,8 @@ def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preproces
         base = dict(IMAGENET_PREPROCESS)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if "size" not in base:
-        raise TeacherError(f"{teacher.info.file}: no preprocessing recorded with this teacher; "
+        why = f" (cannot take over {teacher.note})" if teacher.note else ""
+        raise TeacherError(f"{teacher.info.file}: no preprocessing recorded with this teacher{why}; "
                            "give at least --size H,W (and --mean, --std, --mode, --resize as trained)")
     mode = base.get("mode", "RGB")
     if "mean" not in base and "std" not in base:
@@ -179,9 +195,10 @@ def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Prepro
 
 
 def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, Any] | None,
-                    overrides: dict[str, Any], trust_modules: Sequence[str] = ()) -> tuple[Teacher, Preprocess, int]:
+                    overrides: dict[str, Any], trust_modules: Sequence[str] = (),
+                    pretrained: bool = False) -> tuple[Teacher, Preprocess, int]:
     """Load a teacher in eval mode, settle its preprocessing (flags over checkpoint), learn its width."""
-    t = load_teacher(teacher, weights, arch_kwargs, trust_modules)
+    t = load_teacher(teacher, weights, arch_kwargs, trust_modules, pretrained)
     o = overrides
     pre = resolve_preprocess(t, {"size": list(o["size"]) if o.get("size") else None, "resize": o.get("resize"),
                                  "mean": list(o["mean"]) if o.get("mean") else None,
@@ -192,6 +209,34 @@ def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, An
         except (NotImplementedError, RuntimeError):  # torch.export modules may refuse .eval()
             pass
     return t, pre, probe_num_classes(t.model, pre, t.info.file)  # probed on the CPU, before moving
+
+
+def class_names(t: Teacher, given: str | Sequence[str] | None, width: int) -> list[str]:
+    """--classes, else the teacher's own names, else "0".."C-1"; exactly one name per output."""
+    names = read_classes(given) or t.classes or [str(i) for i in range(width)]
+    if len(names) != width:
+        raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
+                           "were given; pass --classes with exactly one name per output")
+    return names
+
+
+@dataclass
+class TeacherSummary:
+    """What a dump with this teacher would use (`logitstore teacher`), before any image is read."""
+
+    info: TeacherInfo
+    parameters: int | None  # None for a TorchScript or torch.export program that does not say
+    classes: list[str]
+    preprocess: Preprocess
+
+
+def describe_teacher(teacher: str, weights: str | None = None, *, pretrained: bool = False,
+                     arch_kwargs: dict[str, Any] | None = None, classes: str | Sequence[str] | None = None,
+                     overrides: dict[str, Any] | None = None, trust_modules: Sequence[str] = ()) -> TeacherSummary:
+    """Load a teacher as `logitstore dump` would and say what it would use: no corpus, no store."""
+    t, pre, width = prepare_teacher(teacher, weights, arch_kwargs, overrides or {}, trust_modules, pretrained)
+    params = sum(p.numel() for p in t.model.parameters()) if isinstance(t.model, nn.Module) else None
+    return TeacherSummary(t.info, params, class_names(t, classes, width), pre)
 
 
 def to_device(model: Any, dev: torch.device) -> Any:

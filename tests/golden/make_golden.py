@@ -3,7 +3,8 @@
 Run it only when releasing a new format version (then add, never replace, a golden store).
 The rows are synthetic and fixed, so the bytes depend only on the format and the codecs.
 One store per kind of teacher target and version: full logits (1.0), top-K and sampled classes (1.1),
-and all three again with the metadata checksum (1.2). The writer rebuilds the current version's
+all three again with the metadata checksum (1.2), and with a registry teacher's preprocessing (1.3:
+bicubic, antialias, a [h, w] resize, the floor centre crop). The writer rebuilds the current version's
 stores byte for byte; the older ones are kept to prove they still read.
 """
 from __future__ import annotations
@@ -24,16 +25,23 @@ HERE = Path(__file__).resolve().parent
 _FULL, _TOPK = schema.TargetSpec(), schema.TargetSpec(schema.TARGET_TOPK, 2, (1.0, 2.0, 4.0, 8.0))
 _SAMPLE = schema.TargetSpec(schema.TARGET_SAMPLE, 4, (1.0, 4.0), 4.0)
 TARGETS = {"v1.0": _FULL, "v1.1-topk": _TOPK, "v1.1-sample": _SAMPLE,
-           "v1.2": _FULL, "v1.2-topk": _TOPK, "v1.2-sample": _SAMPLE}
+           "v1.2": _FULL, "v1.2-topk": _TOPK, "v1.2-sample": _SAMPLE,
+           "v1.3": _FULL, "v1.3-topk": _TOPK, "v1.3-sample": _SAMPLE}
 # The stores this writer writes today (the current version's).
 KINDS = {name: t for name, t in TARGETS.items() if name.split("-")[0] == f"v{schema.FORMAT_VERSION}"}
+
+
+def golden_preprocess(name: str) -> schema.Preprocess:
+    if name.split("-")[0] in ("v1.0", "v1.1", "v1.2"):
+        return schema.Preprocess((8, 8), None, (0.5,), (0.25,), "L")  # "bilinear-antialias"
+    return schema.Preprocess((8, 8), (10, 9), (0.5,), (0.25,), "L", "bicubic", True, "center_floor")
 
 
 def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
     targets = TARGETS[name]
     return schema.StoreMeta(
-        format_version=schema.version_for(targets), complete=False, classes=("cat", "dog", "bird"),
-        preprocess=schema.Preprocess((8, 8), None, (0.5,), (0.25,), "L"),
+        format_version=name[1:].split("-")[0], complete=False, classes=("cat", "dog", "bird"),
+        preprocess=golden_preprocess(name),
         views=schema.ViewSpec(2, "random_resized_crop", (0.5, 1.0), (0.75, 4 / 3), 0.5),
         teacher=schema.TeacherInfo("pkg.mod:net", "checkpoint", "teacher.pt", "ab" * 32, {"width": 4}),
         corpus=schema.CorpusInfo("/data/corpus", "directory", "cd" * 32, 11),
@@ -51,6 +59,8 @@ def golden_rows(name: str = "v1.0") -> list[Rows]:
     hw = np.tile(np.array([[12, 10]], np.int32), (n, 1))
     params = rng.integers(0, 8, size=(n, 2, 5)).astype(np.int32)
     params[..., 4] %= 2
+    if schema.parse_version(name[1:].split("-")[0]) >= schema.SIZES_CHECKED_SINCE:
+        params[..., 2:4] = np.maximum(params[..., 2:4], 1)  # readers refuse a view of no pixels (R6)
     targets = encode_targets(golden_meta(name), torch.from_numpy(logits.astype(np.float32)), ids)
     full = Rows(np.array(ids, dtype=object), None if targets else logits, digests, hw, params, None, targets,
                 source=source)
