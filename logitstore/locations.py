@@ -126,37 +126,51 @@ def list_keys(store: Store) -> list[str]:
     return [k for k in list_all_keys(store) if not TEMP_KEY.search(k) and k != LOCK_KEY]
 
 
-class WriterLock:
-    """An exclusive, non-blocking lock on a local store for one writer (a no-op for URL and zip stores)."""
+class StoreLock:
+    """A non-blocking lock on a local store, held for as long as a command writes it (`exclusive`) or
+    a long reader (a fit) reads it (shared): a writer never meets another writer or a running fit, and
+    a fit never starts on a store being written. The OS drops it when the process ends, however it
+    ends. A no-op for URL and zip stores, and for a store folder nobody can write."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, exclusive: bool):
         self.location, self._fd = location, None
-        if is_url(location) or is_zip(location):
+        if is_url(location) or is_zip(location) or not (exclusive or os.path.isdir(location)):
             return
         import fcntl
 
-        os.makedirs(location, exist_ok=True)
-        fd = os.open(os.path.join(location, LOCK_KEY), os.O_RDWR | os.O_CREAT, 0o644)
+        if exclusive:
+            os.makedirs(location, exist_ok=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(os.path.join(location, LOCK_KEY), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            if exclusive:
+                raise
+            return  # a read-only store: nobody can write it either
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process (a running fit)"
             os.close(fd)
-            raise StoreStateError(f"{location} is being written by {holder}; wait for it to finish (or stop it), "
-                                  "then run this command again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {os.uname().nodename}".encode("ascii", "replace"))
+            raise StoreStateError(f"{location} is in use by {holder}; wait for it to finish (or stop it), then run "
+                                  "this command again") from None
+        if exclusive:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {os.uname().nodename}".encode("ascii", "replace"))
         self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock file, then let go: no file of ours is left in the store between runs."""
-        if self._fd is not None:
-            try:
-                os.unlink(os.path.join(self.location, LOCK_KEY))
-            except OSError:
-                pass  # the folder went away with an overwrite or a removal; the lock goes with the fd
-            os.close(self._fd)
-            self._fd = None
+        """Let go; the last holder out removes the lock file, so none is left in the store between runs."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not while another reader holds it
+            os.unlink(os.path.join(self.location, LOCK_KEY))
+        except OSError:
+            pass  # shared with another reader, or the folder went away with an overwrite
+        os.close(self._fd)
+        self._fd = None
 
 
 def stray_keys(store: Store) -> list[str]:

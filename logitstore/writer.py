@@ -25,7 +25,7 @@ from .schema import StoreMeta
 from .rows import Rows
 from .store import LogitStore, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints
-from .locations import WriterLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
+from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
 def chunk_codecs() -> list[Any]:
@@ -144,7 +144,7 @@ class StoreWriter:
     def __init__(self, group: zarr.Group, meta: StoreMeta, progress: Progress, queue_chunks: int = 4,
                  end: int | None = None, segment: bool = False):
         self.group, self.meta, self.progress = group, meta, progress
-        self.lock: WriterLock | None = None  # held by open_writer's writer until close
+        self.lock: StoreLock | None = None  # held by open_writer's writer until close
         self.end = meta.corpus.n_listed if end is None else end
         self.segment = segment
         self._arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}
@@ -324,7 +324,7 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
     distributed dump; see logitstore/distributed.py) and is left for assembly when closed.
     """
     check_store_destination(path, storage_options, protected)
-    lock = WriterLock(path)
+    lock = StoreLock(path, exclusive=True)
     try:
         writer = _open_writer(path, meta, overwrite, storage_options, span)
     except OSError as exc:

@@ -284,9 +284,32 @@ def test_two_writers_never_share_a_store(tmp_path, corpus):
         time.sleep(0.05)
     second = invoke("logitstore", "dump", "--teacher", str(slow), "--images", str(corpus), "--out", str(out),
                     "--quiet", "--num-workers", "0", "--batch-size", "8", "--overwrite")
-    assert_one_line_error(second, "is being written by process")
+    assert_one_line_error(second, "is in use by process")
     assert first.wait(timeout=300) == 0, first.stderr
     assert len(logitstore.open_store(out)) == 120
     again = invoke("logitstore", "dump", "--teacher", str(slow), "--images", str(corpus), "--out", str(out),
                    "--quiet", "--num-workers", "0", "--batch-size", "8")
     assert again.returncode == 0 and "nothing to do" in again.stdout  # the lock went with its writer
+
+
+def test_a_store_a_fit_is_reading_is_not_replaced_under_it(tmp_path, world):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(world.store, store)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    fit = subprocess.Popen([sys.executable, "-m", "trainer", "fit", "--store", str(store), "--out", str(tmp_path / "run"),
+                            "--epochs", "40", "--num-workers", "0", "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        before = snapshot(store)
+        refused = invoke("logitstore", "dump", "--teacher", str(world.teacher), "--images", str(world.corpus),
+                         "--out", str(store), "--overwrite", "--quiet", "--num-workers", "0")
+        assert_one_line_error(refused, "in use by")
+        assert snapshot(store) == before
+    finally:
+        fit.kill()
+        fit.wait()

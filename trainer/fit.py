@@ -23,6 +23,7 @@ from logitstore.cli_common import human_bytes, progress_bar
 from logitstore.destination import check_local_destination
 from logitstore.device import TRAIN_PRECISIONS, Torchrun, autocast, resolve_device, resolve_precision, torchrun_env
 from logitstore.limits import Limit
+from logitstore.locations import StoreLock
 from logitstore.store import LogitStore
 
 from . import report
@@ -423,12 +424,18 @@ def run_fit(cfg: FitConfig, *, progress: bool = False,
     `stores`: cfg.stores already open, in the same order (default: they are opened here).
     """
     cfg.check()
-    ddp, dev = setup_distributed(cfg.device)
+    # Held for the whole run: a dump or copy cannot replace a store this fit is reading (W1, R2).
+    locks = [StoreLock(os.fspath(s), exclusive=False) for s in cfg.stores if isinstance(s, (str, os.PathLike))]
     try:
-        return _fit(cfg, list(cfg.stores if stores is None else stores), ddp, dev, progress)
+        ddp, dev = setup_distributed(cfg.device)
+        try:
+            return _fit(cfg, list(cfg.stores if stores is None else stores), ddp, dev, progress)
+        finally:
+            if ddp.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
     finally:
-        if ddp.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        for lock in locks:
+            lock.release()
 
 
 def is_run_dir(path: Path) -> bool:

@@ -29,12 +29,12 @@ from zarr.core.sync import sync
 from .. import schema
 from ..cli_common import progress_bar
 from ..device import Torchrun
-from ..errors import DumpInterrupted, LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
+from ..errors import LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
 from ..locations import check_store_destination, delete_all, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
 from ..schema import StoreMeta
 from ..rows import Rows
 from ..store import LogitStore, open_store, row_array_names
-from .job import DumpJob, make_summary
+from .job import DumpJob, make_summary, run_into
 from ..writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
 
 # Segments per process when the segment size is not given: enough that processes finish close
@@ -178,16 +178,7 @@ def _dump_segments(job: Any, out: str, ctx: Torchrun, rows: int, so: dict[str, A
             start = writer.progress.next_source
             resumed += writer.progress.rows
             bar.advance(task, min(hi, (start // job.batch_size) * job.batch_size) - lo)
-            try:
-                job.run(writer, start, hi, bar, task, on_batch)
-            except KeyboardInterrupt:
-                writer.close(finalize=False)
-                raise DumpInterrupted(f"interrupted: the finished chunks are saved in {out}; run the same "
-                                      "command again to resume") from None
-            except BaseException:
-                writer.close(finalize=False)
-                raise
-            writer.close(finalize=True)
+            run_into(job, writer, start, hi, bar, task, on_batch, saved=f"the finished chunks are saved in {out}")
     return resumed
 
 

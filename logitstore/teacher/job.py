@@ -360,3 +360,19 @@ def forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
         else:
             out = model(x)
     return out.float().cpu().view(b, v, -1)
+
+
+def run_into(job: DumpJob, writer: StoreWriter, start: int, stop: int, bar: Any, task: Any,
+             on_batch: Callable[[int], None] | None, saved: str) -> StoreMeta:
+    """Run `job` over listing positions [start, stop) into `writer`, then close it: finalized when every
+    batch went in; otherwise committed as far as it got (`saved` says where, for Ctrl-C's message)."""
+    try:
+        job.run(writer, start, stop, bar, task, on_batch)
+    except KeyboardInterrupt:
+        writer.close(finalize=False)
+        raise DumpInterrupted(f"interrupted: {saved.format(rows=writer.progress.rows)}; run the same command "
+                              "again to resume") from None
+    except BaseException:
+        writer.close(finalize=False)
+        raise
+    return writer.close(finalize=True)

@@ -6,11 +6,11 @@ from typing import Any
 
 from ..cli_common import progress_bar
 from ..device import Torchrun, torchrun_env
-from ..errors import DumpInterrupted, OptionError
+from ..errors import OptionError
 from ..locations import stored_bytes
 from ..writer import already_complete, open_writer
 from . import distributed
-from .job import DumpConfig, DumpSummary, make_summary, prepare_dump
+from .job import DumpConfig, DumpSummary, make_summary, prepare_dump, run_into
 
 
 def dump(teacher: str, images: str, out: str, **options: Any) -> DumpSummary:
@@ -44,17 +44,9 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     n_listed = len(job.corpus.ids)
     t0 = time.perf_counter()
     bar = progress_bar(cfg.progress)
-    try:
-        with bar:
-            task = bar.add_task("dump", total=n_listed, completed=(start // job.batch_size) * job.batch_size)
-            job.run(writer, start, n_listed, bar, task, cfg.on_batch)
-    except KeyboardInterrupt:
-        writer.close(finalize=False)
-        raise DumpInterrupted(f"interrupted: {writer.progress.rows} images are saved in {cfg.out}; run the same "
-                              "command again to resume") from None
-    except BaseException:
-        writer.close(finalize=False)
-        raise
-    meta = writer.close(finalize=True)
+    with bar:
+        task = bar.add_task("dump", total=n_listed, completed=(start // job.batch_size) * job.batch_size)
+        meta = run_into(job, writer, start, n_listed, bar, task, cfg.on_batch,
+                        saved=f"{{rows}} images are saved in {cfg.out}")
     return make_summary(job, cfg.out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(writer.group.store),
                         [(f[0], f[1]) for f in writer.progress.failures])
