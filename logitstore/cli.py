@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import limits
-from .cli_common import human_bytes, number, one_line_errors, parse_size, storage_option_flag
+from .cli_common import emit_json, human_bytes, json_flag, number, one_line_errors, parse_size, storage_option_flag
 from .errors import DumpInterrupted, LogitStoreError
 from .locations import parse_storage_options
 from .teacher.job import DUMP_LIMITS
@@ -136,11 +136,12 @@ PRETRAINED_HELP = ("timm:NAME: its pretrained weights from this machine's Huggin
                    "LOGITSTORE_TRUST_MODULES=a,b). A checkpoint may otherwise name only torchvision:NAME, "
                    "timm:NAME or a built-in student; an architecture you type in --teacher is trusted.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_flag
 @storage_option_flag
 @click.option("--segment-rows", default=None, type=_dump_number("segment_rows"),
               help="Under torchrun: listing positions per unit of work, a multiple of --batch-size "
                    "[default: about 8 segments per process, at most 64 chunks each].")
-def dump(**kw: Any) -> None:
+def dump(as_json: bool, **kw: Any) -> None:
     """Run a teacher over an image corpus and store its raw logits (resumes an interrupted run).
 
     Under torchrun (`torchrun --nproc-per-node K -m logitstore dump ...`) the K processes share the
@@ -153,7 +154,8 @@ def dump(**kw: Any) -> None:
         kw["arch_kwargs"] = json.loads(kw["arch_kwargs"]) if kw["arch_kwargs"] else None
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON ({exc})", param_hint="--arch-kwargs") from None
-    kw.update(storage_options=parse_storage_options(kw.pop("storage_option")), progress=not kw.pop("quiet"),
+    kw.update(storage_options=parse_storage_options(kw.pop("storage_option")),
+              progress=not (kw.pop("quiet") or as_json),
               trust_modules=kw.pop("trust_module"), size=parse_size(kw["size"], "--size"),
               mean=_floats(kw["mean"], "--mean"), std=_floats(kw["std"], "--std"),
               crop_scale=_floats(kw["crop_scale"], "--crop-scale", 2),
@@ -161,12 +163,15 @@ def dump(**kw: Any) -> None:
               temperatures=_floats(kw["temperatures"], "--temperatures"))
     add, name = kw.pop("add_teacher"), kw.pop("teacher_name")
     if add:
-        _add_teacher(kw, name)
+        _add_teacher(kw, name, as_json)
         return
     if kw["images"] is None:
         raise click.UsageError("Missing option '--images' (a folder of images or a listing file).")
     summary = run_dump(DumpConfig(**kw))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
+        return
+    if as_json:
+        emit_json(summary, images_per_s=summary.images_per_s)
         return
     if summary.nothing_to_do:
         click.echo(f"OK: {summary.out} is already complete with this recipe ({summary.n_images:,} images); "
@@ -189,7 +194,7 @@ def dump(**kw: Any) -> None:
         click.echo(f"  ... and {summary.n_failed - 10} more (see `logitstore info {summary.out}`)", err=True)
 
 
-def _add_teacher(kw: dict[str, Any], name: str | None) -> None:
+def _add_teacher(kw: dict[str, Any], name: str | None, as_json: bool) -> None:
     from .teacher.add import add_teacher
 
     s = add_teacher(kw["out"], kw["teacher"], name=name, images=kw["images"], weights=kw["weights"],
@@ -198,6 +203,9 @@ def _add_teacher(kw: dict[str, Any], name: str | None) -> None:
                     resize=kw["resize"], mean=kw["mean"], std=kw["std"], mode=kw["mode"], classes=kw["classes"],
                     overwrite=kw["overwrite"], storage_options=kw["storage_options"], progress=kw["progress"],
                     trust_modules=kw["trust_modules"])
+    if as_json:
+        emit_json(s)
+        return
     click.echo(f"OK: teacher {s.name!r} added to {s.store}: {s.rows:,} rows in {s.seconds:.1f} s "
                f"({s.matched_by_digest:,} images found by digest elsewhere)")
 
@@ -301,7 +309,9 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
               help="Also check every image's bytes against its stored digest (corpus root).")
 @click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
 @storage_option_flag
-def verify(store: str, images: str | None, allow_incomplete: bool, storage_option: tuple[str, ...]) -> None:
+@json_flag
+def verify(store: str, images: str | None, allow_incomplete: bool, storage_option: tuple[str, ...],
+           as_json: bool) -> None:
     """Check a store: complete, every chunk's checksum, finite logits, and (with --images) digests."""
     from .tools.inspect_store import verify as run_verify
     from .store import open_store
@@ -309,6 +319,9 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
     rep = run_verify(open_store(store, allow_incomplete=allow_incomplete,
                                 storage_options=parse_storage_options(storage_option)), images,
                      allow_incomplete=allow_incomplete)
+    if as_json:
+        emit_json(rep, ok=rep.ok)
+        sys.exit(0 if rep.ok else 1)
     for p in rep.problems:
         click.echo(f"  problem: {p}", err=True)
     for n in rep.notes:
@@ -330,14 +343,15 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
 @click.option("--dst-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for DST; repeatable.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for both; repeatable.")
+@json_flag
 def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_option: tuple[str, ...],
-         storage_option: tuple[str, ...]) -> None:
+         storage_option: tuple[str, ...], as_json: bool) -> None:
     """Copy a complete store between locations (directory, s3://..., file://..., .zip), resumably.
 
     Every chunk's checksum is verified as it arrives; the completion marker is written last, so an
     interrupted copy is re-run with the same command and skips what already arrived.
     """
-    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option])
+    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option], as_json)
 
 
 @main.command()
@@ -345,14 +359,15 @@ def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_o
 @click.argument("out", metavar="OUT.zarr.zip")
 @click.option("--overwrite", is_flag=True)
 @storage_option_flag
-def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...]) -> None:
+@json_flag
+def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...], as_json: bool) -> None:
     """Write a store into one zip file (read directly, without unpacking, by every command)."""
     if not out.endswith(".zip"):
         raise click.BadParameter(f"{out!r} must end in .zip", param_hint="OUT")
-    _transfer(store, out, overwrite, list(storage_option), [])
+    _transfer(store, out, overwrite, list(storage_option), [], as_json)
 
 
-def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str]) -> None:
+def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str], as_json: bool) -> None:
     from rich.progress import Progress
 
     from .tools.transfer import copy_store
@@ -362,6 +377,9 @@ def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts
         rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
                  dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
                  on_key=lambda n: bar.advance(task, n))
+    if as_json:
+        emit_json(rep)
+        return
     click.echo(f"OK: {src} -> {dst}: {rep.copied} objects copied ({human_bytes(rep.bytes_copied)}), "
                f"{rep.skipped} already there, every chunk checksum verified")
 
@@ -373,13 +391,17 @@ def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts
 @click.option("--dedupe", is_flag=True, help="Drop images whose digest was already seen.")
 @click.option("--overwrite", is_flag=True)
 @storage_option_flag
+@json_flag
 def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, overwrite: bool,
-          storage_option: tuple[str, ...]) -> None:
+          storage_option: tuple[str, ...], as_json: bool) -> None:
     """Merge stores of several corpora dumped by the same teacher (same classes, preprocessing, views)."""
     from .tools.combine import merge as run_merge
 
     rep = run_merge(list(stores), out, prefixes=prefix.split(",") if prefix else None, dedupe=dedupe,
                     overwrite=overwrite, storage_options=parse_storage_options(storage_option))
+    if as_json:
+        emit_json(rep)
+        return
     for s in rep.sources:
         click.echo(f"  {s['prefix']}/: {s['rows']:,} rows from {s['store']}")
     click.echo(f"OK: {out}: {rep.rows:,} rows ({rep.dropped_duplicates:,} duplicates dropped)")
@@ -396,15 +418,19 @@ def merge(stores: tuple[str, ...], out: str, prefix: str | None, dedupe: bool, o
               help="Temperature of the softmax these criteria are measured on.")
 @click.option("--overwrite", is_flag=True)
 @storage_option_flag
+@json_flag
 def select(store: str, out: str, min_confidence: float | None, max_entropy: float | None,
            per_class: int | None, limit: int | None, temperature: float, overwrite: bool,
-           storage_option: tuple[str, ...]) -> None:
+           storage_option: tuple[str, ...], as_json: bool) -> None:
     """Build a transfer set chosen by the teacher (confidence, entropy, class balance, size)."""
     from .tools.combine import select as run_select
 
     rep = run_select(store, out, min_confidence=min_confidence, max_entropy=max_entropy, per_class=per_class,
                      limit=limit, temperature=temperature, overwrite=overwrite,
                      storage_options=parse_storage_options(storage_option))
+    if as_json:
+        emit_json(rep)
+        return
     t = Table(title=f"{out}: {rep.rows_out:,} of {rep.rows_in:,} rows", show_header=True)
     t.add_column("predicted class")
     t.add_column("rows", justify="right")

@@ -1,6 +1,8 @@
 """What both command lines share: user errors as one line, flag types, byte counts, progress bars."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any, Callable
 
 import click
@@ -81,6 +83,18 @@ def storage_option_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
                         help="fsspec option for URL stores (e.g. endpoint_url=http://127.0.0.1:9000); "
                              "repeatable.")(fn)
+
+
+def json_flag(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--json: the command's result as JSON on stdout, the same facts as its table (no progress bar)."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as JSON on stdout (the same facts as the table; no progress bar).")(fn)
+
+
+def emit_json(result: Any, **extra: Any) -> None:
+    """A result (a dataclass or a dict) as indented JSON on stdout; `extra` adds derived keys."""
+    doc = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+    click.echo(json.dumps({**doc, **extra}, indent=2, default=str))
 
 
 def human_bytes(n: float) -> str:

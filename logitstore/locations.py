@@ -5,12 +5,13 @@ offers the few raw-key operations that copying a store byte for byte needs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import zarr
 from zarr.abc.store import Store
@@ -93,17 +94,24 @@ def open_raw_store(location: str | os.PathLike, mode: str = "r",
         raise _missing_backend(loc, exc) from None
 
 
+@contextlib.contextmanager
+def known_zarr_warnings_silenced() -> Iterator[None]:
+    """zarr warns about what the spec allows: numcodecs' BitRound on --keep-bits stores, at every open,
+    and, when a group's members are listed, files that are no zarr node (a distributed dump's
+    _segments/, a writer's lock)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+        warnings.filterwarnings("ignore", message=r"Object at (_segments|\.logitstore\.lock) is not recognized")
+        yield
+
+
 def open_group(location: str | os.PathLike, mode: str = "r",
                storage_options: dict[str, Any] | None = None) -> zarr.Group:
     """Open the root group; mode 'r' (read-only), 'a' (create or update) or 'w' (replace)."""
     loc = os.fspath(location)
     store = open_raw_store(loc, "r" if mode == "r" else "w", storage_options)
     try:
-        with warnings.catch_warnings():
-            # Known and specified: numcodecs' BitRound on --keep-bits stores (zarr warns at every open)
-            # and a distributed dump's _segments/ folder, which is no zarr node.
-            warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
-            warnings.filterwarnings("ignore", message="Object at _segments is not recognized")
+        with known_zarr_warnings_silenced():
             return zarr.open_group(store, mode=mode, zarr_format=3)
     except FileNotFoundError:
         raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)") from None

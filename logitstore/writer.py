@@ -23,7 +23,7 @@ from .destination import OURS
 from .errors import ResumeMismatchError, StoreStateError, WriteError
 from .schema import StoreMeta
 from .rows import Rows
-from .store import LogitStore, row_array_names, row_nbytes
+from .store import LogitStore, array_names, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
@@ -351,7 +351,7 @@ def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: d
             raise StoreStateError(f"{path} is an unfinished distributed dump; finish it with the same command "
                                   "under torchrun (any number of processes), or pass --overwrite to start over")
         progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", lo)), list(p.get("failures", [])))
-        if progress.rows == 0 and not set(row_array_names(meta)) <= set(group.array_keys()):
+        if progress.rows == 0 and not set(row_array_names(meta)) <= array_names(path, group):
             create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)
     retire_root(group.store)

@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from logitstore.cli_common import number, one_line_errors, parse_size, storage_option_flag
+from logitstore.cli_common import emit_json, json_flag, number, one_line_errors, parse_size, storage_option_flag
 from logitstore.errors import LogitStoreError
 from logitstore.locations import parse_storage_options
 
@@ -121,7 +121,8 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
               help="Comma-separated weight per --teachers entry, each > 0 [default: equal].")
 @storage_option_flag
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
-def fit(**kw: Any) -> None:
+@json_flag
+def fit(as_json: bool, **kw: Any) -> None:
     """Distil a student from logit stores: `trainer fit --store cache.zarr --student lenet --out runs/a`."""
     from .fit import FitConfig, run_fit
     from .report import summary_table
@@ -133,7 +134,10 @@ def fit(**kw: Any) -> None:
     kw["teachers"] = kw["teachers"].split(",") if kw["teachers"] else None
     kw["teacher_weights"] = _weights(kw["teacher_weights"])
     kw["storage_options"] = parse_storage_options(kw.pop("storage_option"))
-    result = run_fit(FitConfig(**kw), progress=not quiet)
+    result = run_fit(FitConfig(**kw), progress=not (quiet or as_json))
+    if as_json:
+        emit_json(result)
+        return
     if result.history and not quiet:
         Console().print(summary_table(result.history, result.info))
         click.echo(f"checkpoint: {result.checkpoint}")
