@@ -66,9 +66,10 @@ def _registry_factory(module_name: str, attr: str) -> Callable[..., nn.Module]:
     if module_name == "torchvision":
         import torchvision
 
-        if attr not in torchvision.models.list_models():
-            raise ArchitectureError(f"architecture 'torchvision:{attr}': torchvision has no model {attr!r} "
-                                    "(see torchvision.models.list_models())")
+        if attr not in torchvision.models.list_models(module=torchvision.models):
+            # classifiers only: detection and video builders fetch backbone weights by default
+            raise ArchitectureError(f"architecture 'torchvision:{attr}': torchvision has no classification model "
+                                    f"{attr!r} (see torchvision.models.list_models(module=torchvision.models))")
         return lambda **kw: torchvision.models.get_model(attr, weights=None, **kw)
     try:
         import timm
@@ -118,13 +119,25 @@ def resolve_factory(arch: str, *, typed: bool = False, trust_modules: Iterable[s
     return factory
 
 
+# Keyword arguments that make a builder read or fetch a file of its own choosing (timm's
+# checkpoint_path and pretrained_cfg_overlay file, torchvision's weights enums, hub caches): weights
+# come only through the tools' own loaders, so arch_kwargs may name none of them.
+_LOADING_KWARGS = re.compile(r"pretrained.*|.*checkpoint_path|.*weights.*|cache_dir|.*_path|.*_file|.*_?url|"
+                             r"hub.*|download.*|local_files_only|trust_remote_code|revision", re.IGNORECASE)
+
+
 def check_arch_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
-    """A file's arch_kwargs: a dict of named values, asking for no more classes than MAX_CLASSES."""
+    """arch_kwargs: a dict of named values that loads nothing (no path, weights or download keyword)
+    and asks for no more classes than MAX_CLASSES."""
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
         raise ArchitectureError(f"{where}: arch_kwargs must be a dict of keyword arguments, "
                                 f"not {type(kwargs).__name__}")
+    loading = sorted(k for k in kwargs if _LOADING_KWARGS.fullmatch(k))
+    if loading:
+        raise UntrustedCodeError(f"{where}: arch_kwargs {loading} would make the builder load or fetch files "
+                                 "of its own; weights come only through --weights / --pretrained")
     n = kwargs.get("num_classes")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CLASSES):
         raise ArchitectureError(f"{where}: arch_kwargs num_classes={str(n)[:40]} must be an integer in "
@@ -138,7 +151,7 @@ def call_factory(factory: Callable[..., Any], arch: str, kwargs: dict[str, Any])
         model = factory(**kwargs)
     except TypeError as exc:
         raise ArchitectureError(f"architecture {arch!r} does not accept arch_kwargs {kwargs}: {exc}") from None
-    except (ValueError, RuntimeError, AssertionError, KeyError) as exc:
+    except (ValueError, RuntimeError, AssertionError, KeyError, OSError) as exc:
         raise ArchitectureError(f"architecture {arch!r} cannot be built with {kwargs}: "
                                 f"{' '.join(str(exc).split())[:200]}") from None
     if not isinstance(model, nn.Module):
@@ -152,9 +165,8 @@ def build_model(arch: str, arch_kwargs: dict[str, Any] | None = None, *, typed: 
 
     Names from files are resolved under the trust rule (see `resolve_factory`).
     """
-    kwargs = check_arch_kwargs(arch_kwargs, where)
-    factory = resolve_factory(arch, typed=typed, trust_modules=trust_modules, where=where)
-    return call_factory(factory, arch, kwargs)
+    factory = resolve_factory(arch, typed=typed, trust_modules=trust_modules, where=where)  # the name first
+    return call_factory(factory, arch, check_arch_kwargs(arch_kwargs, where))
 
 
 def accepts_kwargs(factory: Callable[..., Any], *names: str) -> dict[str, bool]:

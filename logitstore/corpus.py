@@ -73,31 +73,32 @@ def list_corpus(source: str | os.PathLike) -> Corpus:
 
 
 def _walk_images(root: Path) -> list[Path]:
-    """Regular image files under `root`, following directory links once each: a link cycle is walked
-    once, and FIFOs, sockets and devices named like images are left out (reading one would block)."""
-    found, seen, stack = [], set(), [root]
-    while stack:
-        folder = stack.pop()
+    """Image files under `root` in name order, following directory links as `os.walk(followlinks=True)`
+    did, except into a folder that is already on the current path (a link cycle is walked once). FIFOs,
+    sockets and devices named like images are left out (reading one would block); a dangling link named
+    like an image is kept, so that it is recorded as a failure."""
+    found: list[Path] = []
+
+    def walk(folder: Path, ancestors: frozenset) -> None:
         try:
             st = folder.stat()
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
-            continue  # an unreadable folder holds nothing we can dump
-        folders = []
+            return  # an unreadable folder holds nothing we can dump
+        here = ancestors | {(st.st_dev, st.st_ino)}
         for e in entries:
             if e.name.startswith("."):
                 continue
             try:
                 if e.is_dir():
-                    folders.append(Path(e.path))
-                elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                    inner = os.stat(e.path)
+                    if (inner.st_dev, inner.st_ino) not in here:
+                        walk(Path(e.path), here)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS) and (e.is_file() or not os.path.exists(e.path)):
                     found.append(Path(e.path))
             except OSError:
-                continue  # a dangling or looping link
-        stack.extend(reversed(folders))  # depth first, in name order: the same walk on every run
+                continue  # a link that loops on itself
+    walk(root, frozenset())
     return found
 
 

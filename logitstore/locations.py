@@ -27,8 +27,8 @@ ROOT_KEY = "zarr.json"  # the root group's metadata, with our attributes
 # zarr's LocalStore writes each key to "KEY.<32 hex>.partial" and renames it; a kill can leave one.
 # Such a file is never part of the store: readers and copies skip it, a writer removes it.
 TEMP_KEY = re.compile(r"\.[0-9a-f]{32}\.partial$")
-# A writer holds an exclusive lock on this file inside a local store while it writes (released by the
-# OS when the process ends, however it ends), so two writers never interleave. Not part of the store.
+# Writers hold an exclusive lock on this file inside a local store, a fit a shared one (see StoreLock);
+# not part of the store.
 LOCK_KEY = ".logitstore.lock"
 
 
@@ -135,39 +135,57 @@ def list_keys(store: Store) -> list[str]:
 
 
 class StoreLock:
-    """A non-blocking lock on a local store, held for as long as a command writes it (`exclusive`) or
-    a long reader (a fit) reads it (shared): a writer never meets another writer or a running fit, and
-    a fit never starts on a store being written. The OS drops it when the process ends, however it
-    ends. A no-op for URL and zip stores, and for a store folder nobody can write."""
+    """A non-blocking lock on a local store, held for as long as a command writes it (`exclusive`: a
+    single-process dump, copy, merge, select, add-teacher) or a long reader reads it (shared: a fit):
+    a writer never meets another writer or a running fit, and a fit never starts on a store being
+    written. The OS drops it when the process ends, however it ends. A no-op for URL and zip stores,
+    and for a store folder nobody can write; a distributed dump's many processes take none on the
+    root (each holds its segments')."""
 
     def __init__(self, location: str, exclusive: bool):
         self.location, self._fd = location, None
         if is_url(location) or is_zip(location) or not (exclusive or os.path.isdir(location)):
             return
+        path = os.path.join(location, LOCK_KEY)
+        for _ in range(3):  # a lock on a file its last holder unlinked meanwhile is no lock: again
+            try:
+                if exclusive:
+                    os.makedirs(location, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                if exclusive:
+                    raise
+                return  # a read-only store: nobody can write it either
+            try:
+                self._acquire(fd, exclusive)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    self._fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise StoreStateError(f"{location}: could not lock the store (its lock file kept changing); run this "
+                              "command again")
+
+    def _acquire(self, fd: int, exclusive: bool) -> None:
         import fcntl
 
-        if exclusive:
-            os.makedirs(location, exist_ok=True)
-        try:
-            fd = os.open(os.path.join(location, LOCK_KEY), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            if exclusive:
-                raise
-            return  # a read-only store: nobody can write it either
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process (a running fit)"
-            os.close(fd)
-            raise StoreStateError(f"{location} is in use by {holder}; wait for it to finish (or stop it), then run "
-                                  "this command again") from None
+            raise StoreStateError(f"{self.location} is in use by {holder}; wait for it to finish (or stop it), "
+                                  "then run this command again") from None
         if exclusive:
             os.ftruncate(fd, 0)
             os.write(fd, f"process {os.getpid()} on {os.uname().nodename}".encode("ascii", "replace"))
-        self._fd = fd
 
     def release(self) -> None:
-        """Let go; the last holder out removes the lock file, so none is left in the store between runs."""
+        """Let go; the last holder out removes the lock file, so none is left in the store between runs
+        (a process that opened it meanwhile sees the unlink and takes a fresh one)."""
         if self._fd is None:
             return
         import fcntl
@@ -194,6 +212,15 @@ def remove_stray_keys(store: Store) -> int:
     return len(keys)
 
 
+def _has_any_key(store: Store) -> bool:
+    async def first() -> bool:
+        async for _ in store.list():
+            return True
+        return False
+
+    return bool(sync(first()))
+
+
 def _local_store_is_ours(path: Path) -> bool:
     names = {p.name for p in path.iterdir()} - {LOCK_KEY}
     if not names:
@@ -211,14 +238,13 @@ def check_store_destination(location: str, storage_options: dict[str, Any] | Non
     """ABSENT, EMPTY or OURS for a store a command wants to write; refuses anything else in one line
     (docs/FORMAT.md, W1): a tool writes or replaces only a store of its own."""
     if is_url(location):
-        keys = list_all_keys(open_raw_store(location, "w", storage_options))
-        if not keys:
-            return ABSENT
-        store = open_raw_store(location, "r", storage_options)
+        store = open_raw_store(location, "w", storage_options)
         if is_logitstore_root(root_attrs(get_bytes(store, ROOT_KEY))):
             return OURS
-        raise DestinationError(f"{flag} {location} holds {len(keys)} objects that are not a logitstore store; "
-                               "nothing was changed there; choose another prefix")
+        if not _has_any_key(store):  # one listing page at most, not the whole prefix
+            return ABSENT
+        raise DestinationError(f"{flag} {location} holds objects that are not a logitstore store; nothing was "
+                               "changed there; choose another prefix")
     if is_zip(location):
         raise DestinationError(f"{flag} {location}: a zip store is written once with `logitstore pack`")
     return check_local_destination(location, is_ours=_local_store_is_ours, what="logitstore store",

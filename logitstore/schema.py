@@ -391,25 +391,11 @@ class StoreMeta:
                 "extra_teachers": [t.to_dict() for t in self.extra_teachers],
                 **({"targets": self.targets.to_dict()} if self.sparse else {})}
 
-    def metadata_checksum(self) -> str:
-        """sha256 of the canonical JSON of what the root attribute says the rows mean (all of it but
-        this checksum, `created` and `versions`).
-
-        Computed on the metadata as a reader parses it, so the values that were written (an int
-        mean, a tuple) hash the same as the values that are read back (a float, a list).
-        """
-        doc = meta_from_attrs({ATTR_ROOT: json.loads(json.dumps(self.to_dict()))}, check_seal=False).to_dict()
-        doc["fingerprints"] = {k: v for k, v in doc["fingerprints"].items() if k != "metadata"}
-        for provenance in UNSEALED_KEYS:  # when and with what it ran: equal dumps stay equal
-            doc.pop(provenance)
-        canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-        return "sha256:" + hashlib.sha256(canon.encode("ascii")).hexdigest()
-
     def sealed(self) -> "StoreMeta":
         """This complete store's metadata with its checksum (fingerprints["metadata"]) recorded."""
         fps = {k: v for k, v in self.fingerprints.items() if k != "metadata"}
-        unsealed = dataclasses.replace(self, fingerprints=fps)
-        return dataclasses.replace(self, fingerprints={**fps, "metadata": unsealed.metadata_checksum()})
+        written = json.loads(json.dumps(dataclasses.replace(self, fingerprints=fps).to_dict()))  # as stored
+        return dataclasses.replace(self, fingerprints={**fps, "metadata": metadata_checksum(written)})
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What must be equal for a dump to resume into this store (everything that changes bytes)."""
@@ -468,7 +454,8 @@ class TargetSpec:
 
 
 def version_for(targets: TargetSpec) -> str:
-    """The format version a writer records (every kind of target: the metadata checksum is 1.2)."""
+    """The format version a writer records: the current one for every kind of target (the metadata
+    checksum came with 1.2, the full preprocessing with 1.3)."""
     return FORMAT_VERSION
 
 
@@ -531,6 +518,19 @@ def check_version(version: Any) -> None:
                           f"{FORMAT_VERSION}; use a logitstore release that reads format {major}.x (docs/FORMAT.md, R1)")
 
 
+def metadata_checksum(raw: dict[str, Any]) -> str:
+    """fingerprints.metadata: SHA-256 of the root attribute's JSON as stored (keys sorted, compact, ASCII),
+    without this checksum and the provenance keys. Over the stored JSON, unknown keys included, so a
+    newer minor's additions are covered and an older reader computes the same value (R1, R4)."""
+    doc = {k: v for k, v in raw.items() if k not in UNSEALED_KEYS}
+    doc["fingerprints"] = {k: v for k, v in (raw.get("fingerprints") or {}).items() if k != "metadata"}
+    try:
+        canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except ValueError:
+        raise FormatError("the root attribute holds NaN or inf (docs/FORMAT.md, R3)") from None
+    return "sha256:" + hashlib.sha256(canon.encode("ascii")).hexdigest()
+
+
 def _string_map(v: Any, name: str) -> dict[str, str]:
     if not isinstance(v, dict) or len(v) > 64 or not all(isinstance(k, str) and isinstance(x, str)
                                                          and len(x) <= MAX_TEXT for k, x in v.items()):
@@ -558,7 +558,7 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
             preprocess=Preprocess.from_dict(d["preprocess"]), views=ViewSpec.from_dict(d["views"]),
             teacher=TeacherInfo.from_dict(d["teacher"]), corpus=CorpusInfo.from_dict(d["corpus"]),
             dtype=text(d["dtype"], "dtype", 16), precision=text(d["precision"], "precision", 16),
-            seed=whole(d["seed"], "seed", 0, (1 << 63) - 1),
+            seed=whole(d["seed"], "seed", -(1 << 63), (1 << 63) - 1),  # 1.0-1.1 writers took negative seeds
             chunk_rows=whole(d["chunk_rows"], "chunk_rows", 1, MAX_CHUNK_ROWS),
             batch_size=whole(d["batch_size"], "batch_size", 1, MAX_CHUNK_ROWS),
             created=text(d["created"], "created", 64), versions=_string_map(d["versions"], "versions"),
@@ -591,7 +591,7 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
         if recorded is None:
             raise FormatError("a complete store of format 1.2 must carry its metadata checksum "
                               "(fingerprints.metadata; docs/FORMAT.md, R4)")
-        if recorded != meta.metadata_checksum():
+        if recorded != metadata_checksum(d):
             raise FormatError("the store's metadata was changed after it was written: its checksum "
                               "(fingerprints.metadata) no longer matches (docs/FORMAT.md, R4); restore the "
                               "store's zarr.json from its source")

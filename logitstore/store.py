@@ -162,7 +162,9 @@ class LogitStore:
         if name not in self.teacher_names:
             raise StoreStateError(f"{self.location} has no teacher {name!r}; it has {', '.join(self.teacher_names)}")
         path = f"{schema.TEACHERS}/{name}/{schema.LOGITS}"
-        return self._read_array(path, array_of(self.location, self.group, path), a, b)
+        if path not in self.arrays:  # opened once: on an object store each open is a request
+            self.arrays[path] = array_of(self.location, self.group, path)
+        return self._read_array(path, self.arrays[path], a, b)
 
     def read_chunk(self, k: int) -> Rows:
         return self.read(*self.chunk_bounds(k))

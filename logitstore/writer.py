@@ -324,7 +324,10 @@ def open_writer(path: str, meta: StoreMeta, overwrite: bool = False,
     distributed dump; see logitstore/distributed.py) and is left for assembly when closed.
     """
     check_store_destination(path, storage_options, protected)
-    lock = StoreLock(path, exclusive=True)
+    try:
+        lock = StoreLock(path, exclusive=True)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
     try:
         writer = _open_writer(path, meta, overwrite, storage_options, span)
     except OSError as exc:

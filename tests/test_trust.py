@@ -111,7 +111,7 @@ def test_registries_and_builtin_students_need_no_trust(tmp_path):
     assert isinstance(lenet, torch.nn.Module) and resnet.fc.out_features == 3
     with pytest.raises(UntrustedCodeError):  # a built-in module's other callables are not factories
         build_model("trainer.students:parse_student_kwargs", {"text": "{}"})
-    with pytest.raises(ArchitectureError, match="no model"):
+    with pytest.raises(ArchitectureError, match="no classification model"):
         build_model("torchvision:os")
 
 
@@ -221,3 +221,15 @@ def test_a_student_of_a_user_module_teaches_the_next_round_once_trusted(tmp_path
     assert invoke("logitstore", "dump", "--teacher", str(ckpt), "--images", str(corpus), "--out", str(out),
                   "--trust-module", "nets", "--num-workers", "0", "--quiet").returncode == 0
     assert logitstore.open_store(out).meta.teacher.arch == "nets:tiny_cnn"
+
+
+def test_a_file_cannot_make_a_registry_builder_load_files_of_its_choosing(tmp_path):
+    import timm  # noqa: F401  (installed with the test extra)
+
+    with pytest.raises(UntrustedCodeError, match="checkpoint_path"):
+        build_model("timm:resnet18", {"checkpoint_path": str(tmp_path / "evil.pth"), "num_classes": 3})
+    with pytest.raises(UntrustedCodeError, match="weights_backbone"):
+        build_model("torchvision:resnet18", {"weights_backbone": "DEFAULT"})
+    with pytest.raises(ArchitectureError, match="classification"):  # detectors fetch backbone weights
+        build_model("torchvision:fasterrcnn_resnet50_fpn", {})
+    assert build_model("timm:resnet18", {"num_classes": 3, "drop_path_rate": 0.1}).num_classes == 3

@@ -425,8 +425,11 @@ def run_fit(cfg: FitConfig, *, progress: bool = False,
     """
     cfg.check()
     # Held for the whole run: a dump or copy cannot replace a store this fit is reading (W1, R2).
-    locks = [StoreLock(os.fspath(s), exclusive=False) for s in cfg.stores if isinstance(s, (str, os.PathLike))]
+    locks: list[StoreLock] = []
     try:
+        for s in cfg.stores:
+            if isinstance(s, (str, os.PathLike)):
+                locks.append(StoreLock(os.fspath(s), exclusive=False))
         ddp, dev = setup_distributed(cfg.device)
         try:
             return _fit(cfg, list(cfg.stores if stores is None else stores), ddp, dev, progress)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import schema
 from ..corpus import decode_image, list_corpus, sha256_bytes
 from ..errors import CorpusError, IntegrityError, StoreStateError, TeacherError
-from ..locations import open_group
+from ..locations import StoreLock, open_group
 from ..device import resolve_device, resolve_precision
 from ..cli_common import progress_bar
 from .job import check_logits, forward
@@ -127,43 +127,48 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
         raise TeacherError(f"{t.info.file} cannot join {store_path}: {what}; an ensemble needs the same class list")
 
     paths, moved = _resolve_paths(store, images)
-    rows_all = store.read(0, len(store), pixels=False)
-    ds = _Replay(paths, rows_all.digests, rows_all.view_params, pre, meta.views.kind)
+    n = len(store)
+    ids, digests, params = (store.read_array(a, 0, n) for a in (schema.IDS, schema.DIGESTS, schema.VIEW_PARAMS))
+    ds = _Replay(paths, digests, params, pre, meta.views.kind)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
                         prefetch_factor=4 if workers else None)
-    group = open_group(store_path, mode="a", storage_options=storage_options)
-    if name in meta.teacher_names:  # overwrite: unlist first, so a half-written array is never listed
-        meta = replace(meta, extra_teachers=tuple(e for e in meta.extra_teachers if e.name != name))
-        group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()
-    arr = group.create_array(f"{schema.TEACHERS}/{name}/{schema.LOGITS}", shape=store.logits.shape,
-                             chunks=store.logits.chunks, dtype=meta.dtype, fill_value=0,
-                             filters=logits_filters(meta.keep_bits), compressors=chunk_codecs(), overwrite=True)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else None)
-    np_dtype = np.dtype(meta.dtype)
-    digest = hashlib.sha256()
-    buffer: list[np.ndarray] = []
-    written = seen = 0
-    t0 = time.perf_counter()
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"teacher {name}", total=len(store))
-        for pixels in loader:
-            logits = forward(model, pixels, pre, dev, autocast)
-            check_logits(logits.reshape(len(logits), -1), meta.dtype, list(rows_all.ids[seen:seen + len(logits)]),
-                          meta.keep_bits)
-            seen += len(logits)
-            buffer.append(logits.numpy().astype(np_dtype))
-            # Whole chunks only, as the dump writer does.
-            while buffer and (seen - written >= meta.chunk_rows or seen == len(store)):
-                block = np.concatenate(buffer)
-                n = min(meta.chunk_rows, len(block))
-                arr[written:written + n] = block[:n]
-                digest.update(np.ascontiguousarray(block[:n], dtype=np_dtype.newbyteorder("<")).tobytes())
-                written += n
-                buffer = [block[n:]] if n < len(block) else []
-            bar.advance(task, len(logits))
-    extra = ExtraTeacher(name, t.info, pre, precision, "sha256:" + digest.hexdigest())
-    meta = replace(meta, extra_teachers=(*meta.extra_teachers, extra))
-    group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()  # listing the teacher is the last write
+    lock = StoreLock(store_path, exclusive=True)  # no other writer, and no fit reading it, meanwhile
+    try:
+        group = open_group(store_path, mode="a", storage_options=storage_options)
+        if name in meta.teacher_names:  # overwrite: unlist first, so a half-written array is never listed
+            meta = replace(meta, extra_teachers=tuple(e for e in meta.extra_teachers if e.name != name))
+            group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()
+        arr = group.create_array(f"{schema.TEACHERS}/{name}/{schema.LOGITS}", shape=store.logits.shape,
+                                 chunks=store.logits.chunks, dtype=meta.dtype, fill_value=0,
+                                 filters=logits_filters(meta.keep_bits), compressors=chunk_codecs(), overwrite=True)
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                    if precision in ("bf16", "fp16") else None)
+        np_dtype = np.dtype(meta.dtype)
+        digest = hashlib.sha256()
+        buffer: list[np.ndarray] = []
+        written = seen = 0
+        t0 = time.perf_counter()
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"teacher {name}", total=len(store))
+            for pixels in loader:
+                logits = forward(model, pixels, pre, dev, autocast)
+                check_logits(logits.reshape(len(logits), -1), meta.dtype, list(ids[seen:seen + len(logits)]),
+                              meta.keep_bits)
+                seen += len(logits)
+                buffer.append(logits.numpy().astype(np_dtype))
+                # Whole chunks only, as the dump writer does.
+                while buffer and (seen - written >= meta.chunk_rows or seen == len(store)):
+                    block = np.concatenate(buffer)
+                    n = min(meta.chunk_rows, len(block))
+                    arr[written:written + n] = block[:n]
+                    digest.update(np.ascontiguousarray(block[:n], dtype=np_dtype.newbyteorder("<")).tobytes())
+                    written += n
+                    buffer = [block[n:]] if n < len(block) else []
+                bar.advance(task, len(logits))
+        extra = ExtraTeacher(name, t.info, pre, precision, "sha256:" + digest.hexdigest())
+        meta = replace(meta, extra_teachers=(*meta.extra_teachers, extra))
+        group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()  # listing the teacher is the last write
+    finally:
+        lock.release()
     return AddTeacherSummary(store_path, name, written, moved, time.perf_counter() - t0)

@@ -18,9 +18,10 @@ from zarr.core.sync import sync
 from .. import schema
 from ..destination import OURS, is_logitstore_root, root_attrs
 from ..errors import DestinationError, FormatError, IntegrityError, StoreStateError
-from ..locations import (ROOT_KEY, check_store_destination, crc32c_ok, delete_all, get_bytes, is_url, is_zip, key_exists,
+from ..locations import (ROOT_KEY, StoreLock, check_store_destination, crc32c_ok, delete_all, get_bytes, is_url, is_zip, key_exists,
                         list_keys, open_raw_store, remove_stray_keys, retire_root, set_bytes)
 from ..store import open_store
+from ..writer import write_failure
 
 
 @dataclass
@@ -61,10 +62,23 @@ def copy_store(src: str, dst: str, *, src_options: dict[str, Any] | None = None,
     keys = [k for k in list_keys(sstore) if k != ROOT_KEY]
     root = get_bytes(sstore, ROOT_KEY)
     report = CopyReport(src, dst, keys=len(keys) + 1)
-    if is_zip(dst):
-        _write_zip(sstore, keys, root, dst, src, overwrite, report, on_key)
-        return report
-    state = check_store_destination(dst, dst_options, [src], flag="DST")
+    try:
+        if is_zip(dst):
+            _write_zip(sstore, keys, root, dst, src, overwrite, report, on_key)
+            return report
+        state = check_store_destination(dst, dst_options, [src], flag="DST")
+        lock = StoreLock(dst, exclusive=True)
+        try:
+            return _copy_into(sstore, keys, root, contents, src, dst, dst_options, state, overwrite, report, on_key)
+        finally:
+            lock.release()
+    except OSError as exc:  # the destination refused a write: one line, and the same command resumes
+        raise write_failure(dst, exc) from None
+
+
+def _copy_into(sstore: Any, keys: list[str], root: bytes, contents: str, src: str, dst: str,
+               dst_options: dict[str, Any] | None, state: str, overwrite: bool, report: CopyReport,
+               on_key: Callable[[int], None] | None) -> CopyReport:
     dstore = open_raw_store(dst, "w", dst_options)
     if state == OURS:
         remove_stray_keys(dstore)  # an interrupted copy's temporary files
@@ -100,6 +114,9 @@ def copy_store(src: str, dst: str, *, src_options: dict[str, Any] | None = None,
 def _copy_key(sstore: Any, dstore: Any, key: str, src: str, report: CopyReport,
               on_key: Callable[[int], None] | None) -> None:
     data = get_bytes(sstore, key)
+    if data is None:
+        raise IntegrityError(f"{src}: key '{key}' vanished while it was being copied; the source is changing: "
+                             "copy it again once it is not")
     check_chunk(key, data, src)
     set_bytes(dstore, key, data)
     report.copied += 1
@@ -142,6 +159,9 @@ def _write_zip(sstore: Any, keys: list[str], root: bytes, dst: str, src: str, ov
             return
         if not overwrite:
             raise StoreStateError(f"{dst} holds another packed store; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise DestinationError(f"OUT {dst}: no folder {parent}; create it first or choose another path")
     tmp = dst + ".partial"
     if os.path.exists(tmp):
         os.remove(tmp)
