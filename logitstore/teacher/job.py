@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__, limits, schema
 from ..corpus import Corpus, describe_failure, list_corpus, read_and_decode
 from ..device import resolve_device, resolve_precision
-from ..errors import LogitRangeError, LogitStoreError, OptionError
+from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
