@@ -26,7 +26,7 @@ TRUST_ENV = "LOGITSTORE_TRUST_MODULES"
 # The built-in students (trainer/students.py, `BUILTIN`): a student checkpoint written by
 # `trainer fit` names one of them and must teach the next round without any flag. Spelled out here,
 # by name, because the format core never imports the trainer.
-BUILTIN_FACTORIES = {"trainer.students": ("lenet", "cifar_resnet")}
+BUILTIN_FACTORIES = {"trainer.students": ("lenet", "cifar_resnet", "tiny_deit")}
 REGISTRIES = ("torchvision", "timm")
 # "hf:DIR", a Hugging Face save_pretrained directory, is loaded by logitstore.teacher, never built here.
 # Only a user may name one: a directory's config can ask for code to be fetched and run (auto_map), so a

@@ -10,8 +10,8 @@
 Where a batch comes from: storeset.py (the stores, read in the order of order.py), batches.py (the
 rows and their pixels); where the loss is computed: loss.py; the loop: fit.py.
 """
-from .errors import (CheckpointError, ClassMismatchError, ConfigError, DivergedError, ImageError, RunDirError,
-                     StoreMismatchError, StudentError, TrainerError)
+from .errors import (CheckpointError, ClassMismatchError, CompileError, ConfigError, DivergedError, ImageError,
+                     RunDirError, StoreMismatchError, StudentError, TrainerError)
 from .evaluate import EvalResult, evaluate
 from .fit import FitConfig, FitResult, fit, run_fit
 
@@ -19,4 +19,4 @@ __version__ = "0.1.0"
 
 __all__ = ["fit", "run_fit", "FitConfig", "FitResult", "evaluate", "EvalResult", "TrainerError", "ConfigError",
            "StudentError", "StoreMismatchError", "ImageError", "ClassMismatchError", "RunDirError",
-           "CheckpointError", "DivergedError"]
+           "CheckpointError", "DivergedError", "CompileError"]

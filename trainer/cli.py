@@ -44,8 +44,10 @@ def main() -> None:
 
 TRUST_HELP = ("Trust a module named inside checkpoint files as a model factory (repeatable; also "
               "LOGITSTORE_TRUST_MODULES=a,b). An architecture you type yourself is trusted by that act.")
-STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:NAME (e.g. torchvision:resnet18), "
-                "or package.module:factory (called with num_classes and in_channels where it takes them).")
+STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet, tiny_deit), torchvision:NAME (e.g. "
+                "torchvision:resnet18), timm:NAME (e.g. timm:resnet18; built with in_chans = the store's channels), "
+                "or package.module:factory (called with num_classes and in_channels where it takes them). A student "
+                "returning (class, distillation) logits in training, like DeiT, trains both heads (--distill).")
 
 
 @main.command()
@@ -56,18 +58,30 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
               help="Where the corpus is now [default: the root recorded in the store]; once per --store.")
 @click.option("--student", default="lenet", show_default=True, help=STUDENT_HELP)
 @click.option("--student-kwargs", default=None, help="JSON object of extra keyword arguments for the student factory.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--student-weights", default=None, type=click.Path(dir_okay=False),
+              help="Start from these weights: a .safetensors file, a torch state dict or a checkpoint (read without "
+                   "running code). A classifier head sized for other classes is re-initialised (noted).")
+@click.option("--ema", default=None, type=_number("ema"),
+              help="Keep an exponential moving average of the weights with this decay (e.g. 0.999): it is measured "
+                   "and saved as the checkpoint's state_dict (the raw weights are kept for --resume) [default: off].")
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the student (compiled before the first step: a failure stops the run in one line).")
+@click.option("--distill", default="soft", show_default=True, type=click.Choice(["soft", "hard"]),
+              help="soft: T^2 KL to the teacher's softmax at -T; hard: cross-entropy to the teacher's top-1 class "
+                   "(per view). A two-head (DeiT) student: 1/2 distillation head + 1/2 class head, where the class "
+                   "head learns the labels where images have one, else the same target.")
+@click.option("--out", "--output-dir", "out", required=True, type=click.Path(file_okay=False),
               help="Run directory: checkpoint.pt (latest epoch), metrics.jsonl, curves.png.")
 @click.option("--epochs", default=10, show_default=True, type=_number("epochs"),
               help="Passes over the stores' training rows.")
-@click.option("--batch-size", default=128, show_default=True, type=_number("batch_size"),
+@click.option("--batch-size", "-b", default=128, show_default=True, type=_number("batch_size"),
               help="Images per step, per process.")
 @click.option("--lr", default=None, type=_number("lr"), help="Peak learning rate [default: 0.1 sgd, 0.001 adamw].")
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]),
               help="SGD with Nesterov momentum, or AdamW.")
 @click.option("--momentum", default=0.9, show_default=True, type=_number("momentum"),
               help="SGD (Nesterov) momentum, in [0, 1).")
-@click.option("--weight-decay", default=None, type=_number("weight_decay"),
+@click.option("--weight-decay", "--wd", "weight_decay", default=None, type=_number("weight_decay"),
               help="On weights, not biases or norms [default: 5e-4 sgd, 0.05 adamw].")
 @click.option("--warmup-epochs", default=1.0, show_default=True, type=_number("warmup_epochs"),
               help="Linear warmup, then a cosine decay to 0 over the remaining epochs (stepped every batch).")
@@ -106,7 +120,7 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet), torchvision:
 @click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast (and channels_last) on GPU, fp32 on CPU.")
-@click.option("--num-workers", default=None, type=_number("num_workers"),
+@click.option("--num-workers", "-j", default=None, type=_number("num_workers"),
               help="Image decoding processes per training process [default: cores - 1, at most 8].")
 @click.option("--seed", default=0, show_default=True, type=_number("seed"),
               help="Seeds the student's initialisation, the chunk order, the shuffles and the view choice.")
@@ -148,12 +162,12 @@ def fit(as_json: bool, **kw: Any) -> None:
               help="A student checkpoint (RUN_DIR/checkpoint.pt), or any checkpoint in that format.")
 @click.option("--images", required=True, type=click.Path(),
               help="Labeled folder: one sub-folder per class, named after the checkpoint's classes.")
-@click.option("--batch-size", default=256, show_default=True, type=_number("batch_size"),
+@click.option("--batch-size", "-b", default=256, show_default=True, type=_number("batch_size"),
               help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="cuda when present, else cpu.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast on GPU, fp32 on CPU.")
-@click.option("--num-workers", default=0, show_default=True, type=_number("num_workers"),
+@click.option("--num-workers", "-j", default=0, show_default=True, type=_number("num_workers"),
               help="Image decoding processes.")
 @click.option("--trust-module", "trust_modules", multiple=True, metavar="NAME", help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

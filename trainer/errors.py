@@ -36,3 +36,7 @@ class CheckpointError(TrainerError):
 
 class DivergedError(TrainerError):
     """A training step whose loss (or the weights it left) is not finite; the last good checkpoint is kept."""
+
+
+class CompileError(TrainerError):
+    """--compile on a student or platform that torch.compile cannot compile (no C compiler, unsupported op)."""

@@ -31,10 +31,13 @@ from .batches import SKIPPED, Batches, Request, default_cache_bytes, make_batche
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
 from .inputs import InputSpec, make_input_spec
-from .loss import objective, soft_target_loss, teacher_top1
+from .compile import compile_student
+from .ema import ModelEMA
+from .loss import DISTILL_MODES, objective, soft_target_loss, teacher_top1
 from .order import batches_per_epoch
 from .storeset import open_stores
-from .students import build_student, natural_in_channels, parse_student_kwargs, resolve_student
+from .students import (build_student, load_student_weights, natural_in_channels, parse_student_kwargs,
+                       resolve_student, training_heads)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -59,6 +62,7 @@ LIMITS: dict[str, Limit] = {
     "num_workers": Limit(int, 0),
     "seed": Limit(int, 0, 2 ** 32 - 1),                # what every RNG we seed (torch, numpy) accepts
     "stop_after": Limit(int, 1),
+    "ema": Limit(float, 0, 1, lo_open=True, hi_open=True),  # the decay of --ema
 }
 
 
@@ -105,6 +109,10 @@ class FitConfig:
     teachers: list[str] | None = None          # ensemble of a store's teachers; None: the primary
     teacher_weights: list[float] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL stores
+    student_weights: str | None = None         # initial weights: .safetensors, a state dict or a checkpoint
+    ema: float | None = None                   # decay of an exponential moving average of the weights; None: off
+    compile: bool = False                      # torch.compile the student
+    distill: str = "soft"                      # "soft": T^2 KL to the teacher's softmax; "hard": CE to its top-1
 
     def __post_init__(self) -> None:
         self.stores = [str(s.location) if isinstance(s, LogitStore) or hasattr(s, "meta") else os.fspath(s)
@@ -118,11 +126,14 @@ class FitConfig:
         self.teachers = list(self.teachers) if self.teachers else None
         self.teacher_weights = list(self.teacher_weights) if self.teacher_weights else None
         self.storage_options = dict(self.storage_options or {})
+        self.student_weights = os.fspath(self.student_weights) if self.student_weights else None
 
     def check(self) -> None:
         """Refuse, in one line, what cannot work: the same values the CLI's flag types refuse."""
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.distill not in DISTILL_MODES:
+            raise ConfigError(f"--distill {self.distill!r} is not one of {', '.join(DISTILL_MODES)}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, limit in LIMITS.items():
             value = getattr(self, name)
@@ -244,7 +255,7 @@ def _same_stores(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:
 # the loss would no longer match what the checkpoint was trained with).
 RECIPE = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "clip_grad",
           "temperature", "alpha", "labels_from_folders", "holdout", "shuffle_blocks", "seed", "teachers",
-          "teacher_weights")
+          "teacher_weights", "ema", "distill")
 
 
 def _recipe(args: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +331,7 @@ class EpochMeter:
 def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: EpochMeter,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     spec: InputSpec, device: torch.device, cfg: FitConfig, precision: str,
-                    ddp: Torchrun) -> dict[str, Any]:
+                    ddp: Torchrun, ema: ModelEMA | None = None) -> dict[str, Any]:
     """One pass over `batches`, summed into `meter`. The record it returns holds "diverged_at" (a 0-based
     step) when a loss was not finite or the epoch left weights that are not; the caller must then save
     nothing."""
@@ -340,13 +351,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: 
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast(precision, device):
             out = model(x)
-        loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha)
+        loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha, cfg.distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         meter.add(step, n, loss, soft, hard)
         if ddp.world == 1 and step % CHECK_EVERY == 0 and meter.diverged():
             break  # every further step would train NaN weights (under DDP the ranks stop together, below)
@@ -489,8 +502,6 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     if cfg.alpha > 0 and data.n_labeled == 0:
         raise ConfigError("--alpha needs hard labels, and none of the store's images has one; pass --labels FILE "
                           "or --labels-from-folders (or --alpha 0)")
-    if cfg.alpha == 0 and (cfg.labels or cfg.labels_from_folders):
-        raise ConfigError("labels were given but --alpha is 0, so they would be ignored; pass --alpha A")
     rows_per_rank = data.rows_per_rank(ddp.world)
     if rows_per_rank == 0:
         raise ConfigError(f"{data.n_train} training images cannot be shared by {ddp.world} processes")
@@ -499,9 +510,20 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     folder = labeled_folder(cfg.eval_images, data.classes) if cfg.eval_images else None
     torch.manual_seed(cfg.seed)
     model, arch_kwargs = build_student(arch, len(data.classes), spec.channels, spec.size, cfg.student_kwargs)
+    # A DeiT-style student (two heads in training) trains its class head on the labels itself (loss.py).
+    two_heads = training_heads(model, arch, spec.channels, spec.size) == 2
+    if two_heads and cfg.alpha > 0:
+        raise ConfigError(f"--alpha: {arch} trains two heads, and its class head takes the labels with weight 1/2 "
+                          "(DeiT's loss, see `trainer fit --help`); drop --alpha, keep --labels")
+    if not two_heads and cfg.alpha == 0 and (cfg.labels or cfg.labels_from_folders):
+        raise ConfigError("labels were given but --alpha is 0, so they would be ignored; pass --alpha A")
+    weights_note = None
+    if cfg.student_weights and not cfg.resume:  # a resumed run takes its weights from its checkpoint
+        weights_note = load_student_weights(model, cfg.student_weights, len(data.classes))
     model = model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    ema = ModelEMA(model, cfg.ema) if cfg.ema else None
 
     # --- optimisation, and where a resumed run picks up ---------------------------------------
     optimizer = make_optimizer(model, cfg)
@@ -521,7 +543,10 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
         if changed:
             raise RunDirError(f"--resume: {changed} than the run in {run_dir}; resume with the run's own flags, "
                               "or start a new run with another --out")
-        model.load_state_dict(ckpt["state_dict"])
+        # With --ema the checkpoint's state_dict is the average (what users take away); the raw weights train on.
+        model.load_state_dict(ckpt["raw_state_dict"] if ema is not None else ckpt["state_dict"])
+        if ema is not None:
+            ema.load(ckpt["state_dict"], ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -536,6 +561,9 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
         report.write_metrics(metrics_path, history)
     train_model = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
         if ddp.world > 1 else model
+    if cfg.compile:
+        example = torch.zeros(min(cfg.batch_size, rows_per_rank), spec.channels, *spec.size, device=dev)
+        train_model = compile_student(train_model, example, precision)
 
     # --- the pipeline: one DataLoader, whose workers fill one shared decode cache ---------------
     budget = default_cache_bytes(ddp.local_world) if cfg.cache_images is None else int(cfg.cache_images * 2 ** 30)
@@ -549,6 +577,10 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
             "student": f"{arch} ({sum(p.numel() for p in model.parameters()):,} parameters)",
             "device": f"{dev} ({precision}), {ddp.world} process(es) x {workers} worker(s)",
             "decode cache": f"{human_bytes(cache.nbytes)} of {human_bytes(cache.needed)} needed"}
+    if weights_note:
+        info["student weights"] = weights_note
+    if ema is not None:
+        info["ema"] = f"decay {cfg.ema:g}: held-out metrics and checkpoint state_dict are the average's"
     bar = progress_bar(progress and ddp.main, unit="samples")
     with bar:
         for epoch in range(start_epoch, cfg.epochs):
@@ -562,7 +594,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
             if ddp.main:  # only rank 0 draws the bar; the other ranks need not wait for their devices
                 epoch_batches = report.log_every(epoch_batches, bar, task, CHECK_EVERY, meter.live)
             record = {"epoch": epoch + 1, **train_one_epoch(train_model, epoch_batches, meter, optimizer, scheduler,
-                                                            spec, dev, cfg, precision, ddp)}
+                                                            spec, dev, cfg, precision, ddp, ema)}
             bar.update(task, rate=record["samples_per_s"], loss=record["train_loss"])
             # Every rank has the same verdicts (reduced in train_one_epoch), so all stop together.
             if "diverged_at" in record:
@@ -580,12 +612,14 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
                     "corpus the store was dumped from (`logitstore verify STORE --images DIR` names the "
                     "differences)" if cfg.skip_mismatched else f"epoch {epoch + 1} trained on no images")
             if ddp.main:
-                record.update(teacher_agreement(model, batches, held_out, spec, dev, cfg.temperature, precision))
+                kept = model if ema is None else ema.module  # the model users take away is measured
+                record.update(teacher_agreement(kept, batches, held_out, spec, dev, cfg.temperature, precision))
                 if folder is not None:
-                    res = evaluate_model(model, folder, spec, dev, cfg.batch_size, workers, precision)
+                    res = evaluate_model(kept, folder, spec, dev, cfg.batch_size, workers, precision)
                     record.update({"eval_top1": res.top1, "eval_top5": res.top5, "eval_n": res.n})
                 save_checkpoint(ckpt_path, {
-                    "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": model.state_dict(),
+                    "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": kept.state_dict(),
+                    **({} if ema is None else {"raw_state_dict": model.state_dict(), "ema": ema.state_dict()}),
                     "classes": list(data.classes), "preprocess": spec.student_preprocess(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch + 1, "args": _shareable_args(cfg), "stores": data.fingerprints(),

@@ -64,10 +64,66 @@ def teacher_top1(teacher: Teacher) -> torch.Tensor:
     return teacher[schema.SAMPLE_INDICES].long().gather(-1, z.argmax(-1, keepdim=True))[:, 0]
 
 
-def objective(student_logits: torch.Tensor, teacher_logits: Teacher, labels: torch.Tensor | None,
-              temperature: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, soft, hard): soft-target loss plus alpha times the hard-label loss where labels exist."""
-    soft = soft_target_loss(student_logits, teacher_logits, temperature)
+DISTILL_MODES = ("soft", "hard")
+
+
+def hard_distillation_loss(student_logits: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    """Cross-entropy against the teacher's top-1 class (DeiT's "hard distillation"), mean over the batch.
+
+    No temperature: the target is a class, not a distribution. float32, like the soft loss."""
+    return F.cross_entropy(student_logits.float(), teacher_top1(teacher))
+
+
+def distill_loss(student_logits: torch.Tensor, teacher: Teacher, temperature: float, distill: str) -> torch.Tensor:
+    """The distillation term of --distill: "soft" (`soft_target_loss` at `temperature`) or "hard"."""
+    if distill == "hard":
+        return hard_distillation_loss(student_logits, teacher)
+    return soft_target_loss(student_logits, teacher, temperature)
+
+
+def _teacher_rows(teacher: Teacher, rows: torch.Tensor) -> Teacher:
+    """The teacher's targets for a subset of the batch (every target array is batch-first)."""
+    if isinstance(teacher, torch.Tensor):
+        return teacher[rows]
+    return {k: v[rows] for k, v in teacher.items()}
+
+
+def two_head_objective(cls_logits: torch.Tensor, dist_logits: torch.Tensor, teacher: Teacher,
+                       labels: torch.Tensor | None, temperature: float, distill: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, distillation head's loss, class head's loss) of a DeiT-style student (Touvron et al. 2021).
+
+        total = 1/2 L_cls + 1/2 L_dist
+        L_dist = D(dist_logits, teacher)                      D: --distill soft (T^2 KL) or hard (CE to top-1)
+        L_cls  = (sum over labeled rows of CE(cls_logits, label) + n_unlabeled * D(cls rows without a label))
+                 / batch size
+
+    so the class head learns the labels where images have one and the teacher's target elsewhere (every
+    row when no labels were given). At eval time the student answers the average of its two heads.
+    """
+    dist_term = distill_loss(dist_logits, teacher, temperature, distill)
+    has = labels != NO_LABEL if labels is not None else torch.zeros(len(cls_logits), dtype=torch.bool,
+                                                                     device=cls_logits.device)
+    n, n_lab = len(cls_logits), int(has.sum())
+    cls_term = cls_logits.float().sum() * 0.0  # keeps the graph when a part is empty (DDP backprops every step)
+    if n_lab:
+        cls_term = cls_term + F.cross_entropy(cls_logits.float()[has], labels[has], reduction="sum") / n
+    if n_lab < n:
+        rest = ~has
+        cls_term = cls_term + distill_loss(cls_logits[rest], _teacher_rows(teacher, rest), temperature,
+                                           distill) * ((n - n_lab) / n)
+    return 0.5 * cls_term + 0.5 * dist_term, dist_term.detach(), cls_term.detach()
+
+
+def objective(student_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], teacher_logits: Teacher,
+              labels: torch.Tensor | None, temperature: float, alpha: float, distill: str = "soft"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, soft, hard): the distillation loss (--distill soft or hard) plus alpha times the hard-label
+    loss where labels exist. A student that returns two heads (class, distillation) in training is
+    trained by `two_head_objective` instead (alpha unused: its class head takes the labels)."""
+    if isinstance(student_logits, (tuple, list)):
+        return two_head_objective(student_logits[0], student_logits[1], teacher_logits, labels, temperature, distill)
+    soft = distill_loss(student_logits, teacher_logits, temperature, distill)
     if alpha == 0 or labels is None:
         return soft, soft.detach(), torch.zeros((), device=soft.device)
     hard = hard_label_loss(student_logits, labels)
