@@ -543,6 +543,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
         if changed:
             raise RunDirError(f"--resume: {changed} than the run in {run_dir}; resume with the run's own flags, "
                               "or start a new run with another --out")
+        if ema is not None and "raw_state_dict" not in ckpt:
+            raise RunDirError(f"--resume --ema: {ckpt_path} was trained without --ema; resume it without --ema")
         # With --ema the checkpoint's state_dict is the average (what users take away); the raw weights train on.
         model.load_state_dict(ckpt["raw_state_dict"] if ema is not None else ckpt["state_dict"])
         if ema is not None:

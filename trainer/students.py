@@ -194,7 +194,8 @@ def training_heads(model: nn.Module, arch: str, in_channels: int, input_size: tu
     model.train()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            out = model(torch.zeros(2, in_channels, *input_size, device=next(model.parameters()).device))
+            device = next(iter(model.parameters()), torch.empty(0)).device
+            out = model(torch.zeros(2, in_channels, *input_size, device=device))
     finally:
         model.load_state_dict(buffers)
         model.train(was_training)
