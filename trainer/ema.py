@@ -26,8 +26,7 @@ class ModelEMA:
     """The average of `model`'s weights, kept in a copy of it (`module`, always in eval mode).
 
     `update()` folds in `model`'s weights as they are now; call it after each optimizer step. `model` is
-    the bare student (not a DDP or compiled wrapper): its tensors are updated in place, so the ones held
-    here stay its own.
+    the bare student (not a DDP or compiled wrapper), already on its device.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -35,13 +34,15 @@ class ModelEMA:
             raise ValueError(f"EMA decay {decay} must be in (0, 1)")
         self.decay, self.updates = float(decay), 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._source = model
+        # Listed once: the optimizer and load_state_dict update these tensors in place, so they stay current.
+        self._avg = [p.detach() for p in self.module.parameters()]
+        self._cur = [p.detach() for p in model.parameters()]
+        self._buffers = list(zip(self.module.buffers(), model.buffers()))
 
     @torch.no_grad()
     def update(self) -> None:
-        ema_step([p.detach() for p in self.module.parameters()], [p.detach() for p in self._source.parameters()],
-                 self.decay)
-        for avg, cur in zip(self.module.buffers(), self._source.buffers()):
+        ema_step(self._avg, self._cur, self.decay)
+        for avg, cur in self._buffers:
             avg.copy_(cur)
         self.updates += 1
 

@@ -565,6 +565,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
         if ddp.world > 1 else model
     if cfg.compile:
         example = torch.zeros(min(cfg.batch_size, rows_per_rank), spec.channels, *spec.size, device=dev)
+        if dev.type == "cuda":  # the layout the loop feeds (a compiled graph is specialised to its strides)
+            example = example.contiguous(memory_format=torch.channels_last)
         train_model = compile_student(train_model, example, precision)
 
     # --- the pipeline: one DataLoader, whose workers fill one shared decode cache ---------------
