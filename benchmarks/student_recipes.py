@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--student", choices=sorted(STUDENTS), default="lenet")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.workdir = args.workdir / f"{args.images}"  # a corpus and its store per size: never a stale store
     args.workdir.mkdir(parents=True, exist_ok=True)
     corpus, teacher, store = args.workdir / "corpus", args.workdir / "teacher.pt", args.workdir / "store.zarr"
     make_corpus(args.mnist, args.images, corpus)
