@@ -343,15 +343,17 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
 @click.option("--dst-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for DST; repeatable.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for both; repeatable.")
+@click.option("--jobs", "-j", default=16, show_default=True, type=_count(1, 1024),
+              help="Keys in flight at once (object storage is latency-bound; 1 copies one key at a time).")
 @json_flag
 def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_option: tuple[str, ...],
-         storage_option: tuple[str, ...], as_json: bool) -> None:
+         storage_option: tuple[str, ...], jobs: int, as_json: bool) -> None:
     """Copy a complete store between locations (directory, s3://..., file://..., .zip), resumably.
 
     Every chunk's checksum is verified as it arrives; the completion marker is written last, so an
     interrupted copy is re-run with the same command and skips what already arrived.
     """
-    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option], as_json)
+    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option], as_json, jobs)
 
 
 @main.command()
@@ -367,16 +369,26 @@ def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...],
     _transfer(store, out, overwrite, list(storage_option), [], as_json)
 
 
-def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str], as_json: bool) -> None:
-    from rich.progress import Progress
+def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str], as_json: bool,
+              jobs: int | None = None) -> None:
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
 
-    from .tools.transfer import copy_store
+    from .tools.transfer import DEFAULT_JOBS, copy_store
 
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"copy -> {dst}", total=None)
-        rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
-                 dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
-                 on_key=lambda n: bar.advance(task, n))
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
+            task = bar.add_task(f"copy -> {dst}", total=None)
+            rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
+                             dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
+                             on_start=lambda total: bar.update(task, total=total),
+                             on_key=lambda n: bar.advance(task, n), jobs=jobs or DEFAULT_JOBS)
+    except KeyboardInterrupt:
+        click.echo(f"logitstore: copy to {dst} interrupted; it does not look complete; run the same command "
+                   "again to finish it", err=True)
+        sys.exit(130)
     if as_json:
         emit_json(rep)
         return
