@@ -473,5 +473,29 @@ def show(store: str, images: str | None, out: str, per_class: int, max_classes: 
 
 
 
+@main.command("card")
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--images", default=None, type=click.Path(),
+              help="Corpus root for the contact sheet [default: the root recorded in the store, else the store's "
+                   "embedded pixels].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@storage_option_flag
+@json_flag
+def card(store: str, out: str, images: str | None, overwrite: bool, storage_option: tuple[str, ...],
+         as_json: bool) -> None:
+    """A self-contained HTML page describing a store (teacher, corpus, counts, plots, contact sheet)
+    to publish beside a shared cache."""
+    from .tools.card import write_card
+
+    rep = write_card(store, out, images=images, overwrite=overwrite,
+                     storage_options=parse_storage_options(storage_option))
+    if as_json:
+        emit_json(rep)
+        return
+    click.echo(f"wrote {rep.out}: {rep.images:,} images, {len(rep.plots)} plots, contact sheet from "
+               f"{rep.contact_sheet} ({human_bytes(rep.bytes)})")
+
+
 if __name__ == "__main__":
     main()
