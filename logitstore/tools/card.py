@@ -78,6 +78,8 @@ def _bars(labels: list[str], values: list[float], title: str, xlabel: str, fmt: 
     for y, v in zip(ys, values):
         ax.text(v + 0.01 * top, y, fmt.format(v), va="center", fontsize=7)
     ax.set_xlim(0, top * 1.15 or 1)
+    if fmt == "{:,}":
+        ax.xaxis.get_major_locator().set_params(integer=True)  # image counts
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel, fontsize=9)
     return _png(fig)
