@@ -152,8 +152,11 @@ def write_card(store: LogitStore | str, out: str | os.PathLike, *, images: str |
                   _bars([c for c, _ in hist], [n for _, n in hist], f"teacher's top-1 per class{more}", "images")))
     plots.append(("confidence", "confidence histogram",
                   _histogram(d["confidence_histogram"], "confidence (top-1 probability, first view)", "probability")))
+    unknown = " (unknown: the store keeps sampled classes)" if d["images"] and not sum(d["entropy_histogram"]["counts"]) \
+        else ""
     plots.append(("entropy", "entropy histogram",
-                  _histogram(d["entropy_histogram"], "entropy of the teacher's prediction (first view)", "nats")))
+                  _histogram(d["entropy_histogram"], f"entropy of the teacher's prediction (first view){unknown}",
+                             "nats")))
     if d["teacher_agreement"]:
         plots.append(("teacher_agreement", "agreement of each added teacher with the primary",
                       _bars([a["name"] for a in d["teacher_agreement"]],

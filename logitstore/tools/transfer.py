@@ -128,9 +128,10 @@ def _copy_into(sstore: Any, keys: list[str], sizes: dict[str, int], root: bytes,
         # Each key is written whole (atomic rename / object PUT), so one there with the source's size
         # arrived; one listing answers for all of them instead of a request per key.
         there_sizes = sync(_sizes(dstore, keys, listed_only=True))
-        todo = [k for k in keys if there_sizes.get(k) != sizes[k]]
+        arrived = {k for k in keys if k in there_sizes and there_sizes[k] == sizes.get(k)}
+        todo = [k for k in keys if k not in arrived]
         for k in keys:
-            if there_sizes.get(k) == sizes[k]:
+            if k in arrived:
                 report.skipped += 1
                 if on_key:
                     on_key(sizes[k])
