@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from ..errors import DestinationError
 from ..store import LogitStore, open_store
 from .inspect_store import info as store_info
-from .show import contact_sheet
+from .show import contact_sheet, literal
 
 MAX_BARS = 40  # classes drawn in the top-1 plot; a 1000-class teacher gets its most predicted ones
 
@@ -50,11 +50,6 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _mpl_text(text: str) -> str:
-    """A store's string as matplotlib text: literal, never mathtext ($...$ would be parsed)."""
-    return str(text).replace("$", r"\$")
-
-
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -72,7 +67,7 @@ def _bars(labels: list[str], values: list[float], title: str, xlabel: str, fmt: 
     ax = fig.add_subplot()
     ys = list(range(len(labels)))
     ax.barh(ys, values, color="#4c72b0", height=0.7)
-    ax.set_yticks(ys, [_mpl_text(lab if len(lab) <= 48 else lab[:47] + "…") for lab in labels], fontsize=8)
+    ax.set_yticks(ys, [literal(lab if len(lab) <= 48 else lab[:47] + "…") for lab in labels], fontsize=8)
     ax.invert_yaxis()
     top = max(values) if values else 1
     for y, v in zip(ys, values):

@@ -71,6 +71,12 @@ def _teacher_views(store: LogitStore, root: Path, wanted: list[int]) -> dict[int
     return out
 
 
+def literal(text: str) -> str:
+    """A store's string as matplotlib text: shown as is, never parsed as mathtext ("$...$" from an
+    untrusted class name would be, and can make drawing fail)."""
+    return str(text).replace("$", r"\$")
+
+
 def _embedded_views(store: LogitStore, wanted: list[int]) -> dict[int, np.ndarray]:
     """The first view of each wanted row from the pixels the store embeds (the teacher's exact input)."""
     out: dict[int, np.ndarray] = {}
@@ -130,7 +136,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     for r, c in enumerate(drawn):
         label_ax = fig.add_subplot(grid[r, 0])
         label_ax.axis("off")
-        label_ax.text(0.95, 0.5, f"{classes[c]}\n{counts[c]:,} ({100 * counts[c] / n:.1f}%)",
+        label_ax.text(0.95, 0.5, f"{literal(classes[c])}\n{counts[c]:,} ({100 * counts[c] / n:.1f}%)",
                       ha="right", va="center", fontsize=9, transform=label_ax.transAxes)
         for j in range(per_class):
             ax = fig.add_subplot(grid[r, 1 + j])
@@ -155,7 +161,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     for y, f in zip(ys, frac):
         hist_ax.text(f, y, f" {100 * f:.1f}%", va="center", fontsize=7)
     hist_ax.set_ylim(n_rows - 0.5, -0.5)
-    hist_ax.set_yticks(ys, [classes[int(c)] for c in drawn], fontsize=8)
+    hist_ax.set_yticks(ys, [literal(classes[int(c)]) for c in drawn], fontsize=8)
     hist_ax.yaxis.tick_right()
     hist_ax.set_xlim(0, max(1 / len(classes), float(frac.max()) if n_rows else 0) * 1.25)
     hist_ax.axvline(1 / len(classes), color="grey", lw=0.8, ls="--", label="uniform")
