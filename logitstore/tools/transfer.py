@@ -237,7 +237,7 @@ def run_bounded(items: Iterable[str], work: Callable[[str], Awaitable[Any]], don
                     item, result, exc = results.get(timeout=0.2)
                     break
                 except queue.Empty:
-                    if fut.done():
+                    if fut.done() and results.empty():  # done means every result was put: none is coming
                         fut.result()  # the feeder itself failed: raise that
                         raise RuntimeError("the copy's workers stopped without a result")
             if exc is not None:
