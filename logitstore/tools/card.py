@@ -147,8 +147,8 @@ def write_card(store: LogitStore | str, out: str | os.PathLike, *, images: str |
                   _bars([c for c, _ in hist], [n for _, n in hist], f"teacher's top-1 per class{more}", "images")))
     plots.append(("confidence", "confidence histogram",
                   _histogram(d["confidence_histogram"], "confidence (top-1 probability, first view)", "probability")))
-    unknown = " (unknown: the store keeps sampled classes)" if d["images"] and not sum(d["entropy_histogram"]["counts"]) \
-        else ""
+    entropy_known = sum(d["entropy_histogram"]["counts"]) or not d["images"]
+    unknown = "" if entropy_known else " (unknown: the store keeps sampled classes)"
     plots.append(("entropy", "entropy histogram",
                   _histogram(d["entropy_histogram"], f"entropy of the teacher's prediction (first view){unknown}",
                              "nats")))
@@ -215,12 +215,12 @@ def _render(d: dict[str, Any], plots: list[tuple[str, str, str]], sheet: str | N
                     ("failed", _num(c.get("n_failed")), "corpus.n_failed")])
     classes = "".join(f"<tr><td class='mono'>{_e(name)}</td><td class='n' data-key='class_histogram.{_e(k)}'>"
                       f"{_num(n)}</td></tr>" for k, (name, n) in enumerate(d["class_histogram"].items()))
+    ch, eh = d["confidence_histogram"], d["entropy_histogram"]
     hist_rows = "".join(
         f"<tr><td class='n'>{a:.3f} - {b:.3f}</td><td class='n' data-key='confidence_histogram.{k}'>{_num(n1)}</td>"
         f"<td class='n'>{e:.3f} - {f:.3f}</td><td class='n' data-key='entropy_histogram.{k}'>{_num(n2)}</td></tr>"
-        for k, (a, b, n1, e, f, n2) in enumerate(zip(
-            d["confidence_histogram"]["edges"], d["confidence_histogram"]["edges"][1:], d["confidence_histogram"]["counts"],
-            d["entropy_histogram"]["edges"], d["entropy_histogram"]["edges"][1:], d["entropy_histogram"]["counts"])))
+        for k, (a, b, n1, e, f, n2) in enumerate(zip(ch["edges"], ch["edges"][1:], ch["counts"],
+                                                     eh["edges"], eh["edges"][1:], eh["counts"])))
     reasons = "".join(f"<tr><td class='mono'>{_e(r)}</td><td class='n' data-key='failures_by_reason.{k}'>{_num(n)}"
                       f"</td></tr>" for k, (r, n) in enumerate(d["failures_by_reason"].items()))
     failures = "".join(f"<li><span class='mono'>{_e(f['id'])}</span>: {_e(f['reason'])}</li>" for f in d["failures"])
