@@ -343,15 +343,17 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
 @click.option("--dst-option", multiple=True, metavar="KEY=VALUE", help="fsspec option for DST; repeatable.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for both; repeatable.")
+@click.option("--jobs", "-j", default=16, show_default=True, type=_count(1, 1024),
+              help="Keys in flight at once (object storage is latency-bound; 1 copies one key at a time).")
 @json_flag
 def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_option: tuple[str, ...],
-         storage_option: tuple[str, ...], as_json: bool) -> None:
+         storage_option: tuple[str, ...], jobs: int, as_json: bool) -> None:
     """Copy a complete store between locations (directory, s3://..., file://..., .zip), resumably.
 
     Every chunk's checksum is verified as it arrives; the completion marker is written last, so an
     interrupted copy is re-run with the same command and skips what already arrived.
     """
-    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option], as_json)
+    _transfer(src, dst, overwrite, [*storage_option, *src_option], [*storage_option, *dst_option], as_json, jobs)
 
 
 @main.command()
@@ -367,16 +369,26 @@ def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...],
     _transfer(store, out, overwrite, list(storage_option), [], as_json)
 
 
-def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str], as_json: bool) -> None:
-    from rich.progress import Progress
+def _transfer(src: str, dst: str, overwrite: bool, src_opts: list[str], dst_opts: list[str], as_json: bool,
+              jobs: int | None = None) -> None:
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
 
-    from .tools.transfer import copy_store
+    from .tools.transfer import DEFAULT_JOBS, copy_store
 
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"copy -> {dst}", total=None)
-        rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
-                 dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
-                 on_key=lambda n: bar.advance(task, n))
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
+            task = bar.add_task(f"copy -> {dst}", total=None)
+            rep = copy_store(src, dst, src_options=parse_storage_options(src_opts),
+                             dst_options=parse_storage_options(dst_opts), overwrite=overwrite,
+                             on_start=lambda total: bar.update(task, total=total),
+                             on_key=lambda n: bar.advance(task, n), jobs=jobs or DEFAULT_JOBS)
+    except KeyboardInterrupt:
+        click.echo(f"logitstore: copy to {dst} interrupted; it does not look complete; run the same command "
+                   "again to finish it", err=True)
+        sys.exit(130)
     if as_json:
         emit_json(rep)
         return
@@ -459,6 +471,30 @@ def show(store: str, images: str | None, out: str, per_class: int, max_classes: 
     click.echo(f"wrote {summary.out}: {summary.images:,} images; most predicted: "
                + ", ".join(f"{k} {100 * v / n:.1f}%" for k, v in top))
 
+
+
+@main.command("card")
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--images", default=None, type=click.Path(),
+              help="Corpus root for the contact sheet [default: the root recorded in the store, else the store's "
+                   "embedded pixels].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@storage_option_flag
+@json_flag
+def card(store: str, out: str, images: str | None, overwrite: bool, storage_option: tuple[str, ...],
+         as_json: bool) -> None:
+    """A self-contained HTML page describing a store (teacher, corpus, counts, plots, contact sheet)
+    to publish beside a shared cache."""
+    from .tools.card import write_card
+
+    rep = write_card(store, out, images=images, overwrite=overwrite,
+                     storage_options=parse_storage_options(storage_option))
+    if as_json:
+        emit_json(rep)
+        return
+    click.echo(f"wrote {rep.out}: {rep.images:,} images, {len(rep.plots)} plots, contact sheet from "
+               f"{rep.contact_sheet} ({human_bytes(rep.bytes)})")
 
 
 if __name__ == "__main__":

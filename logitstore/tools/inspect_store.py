@@ -58,24 +58,34 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
     """Metadata, counts, sizes and a summary of the teacher's predictions (first view of every image)."""
     m = store.meta
     conf, ent, hist = [], [], Counter()
-    for _, rows in store.iter_chunks():
+    agree = Counter()  # extra teacher -> images whose first-view argmax is the primary's top-1
+    for k, rows in store.iter_chunks():
         c, e, a = predictions(rows, m)
         conf.append(c)
         ent.append(e)
         hist.update(a.tolist())
+        for t in m.extra_teachers:
+            other = store.teacher_logits(t.name, *store.chunk_bounds(k))[:, 0].argmax(axis=1)
+            agree[t.name] += int((other == a).sum())
     conf_all = np.concatenate(conf) if conf else np.zeros(0)
     ent_all = np.concatenate(ent) if ent else np.zeros(0)
     sizes = store_bytes(store)
     raw_logits = len(store) * m.views.count * m.num_classes * np.dtype(m.dtype).itemsize
     stored_logits = sum(sizes.get(name, 0) for name in m.target_arrays())  # sparse: against full logits
     n = max(1, len(store))
+    failures = store.failures()
+
+    def histogram(a: np.ndarray, hi: float) -> dict[str, list]:
+        a = a[np.isfinite(a)]
+        counts, edges = np.histogram(np.clip(a, 0.0, hi), bins=20, range=(0.0, hi))
+        return {"edges": [float(x) for x in edges], "counts": [int(x) for x in counts]}
 
     def pct(a: np.ndarray, q: float) -> float:
         return float(np.percentile(a, q)) if a.size else float("nan")
 
     return {
         "location": store.location, "format_version": m.format_version, "complete": m.complete,
-        "images": len(store), "listed": m.corpus.n_listed, "failed": len(store.failures()),
+        "images": len(store), "listed": m.corpus.n_listed, "failed": len(failures),
         "views": m.views.to_dict(), "num_classes": m.num_classes, "classes": list(m.classes),
         "dtype": m.dtype, "precision": m.precision, "seed": m.seed, "chunk_rows": m.chunk_rows,
         "teacher": m.teacher.to_dict(), "preprocess": m.preprocess.to_dict(), "corpus": m.corpus.to_dict(),
@@ -92,7 +102,11 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
                          "median": pct(ent_all, 50), "max_possible": float(np.log(m.num_classes))},
         "top_classes": [{"class": m.classes[k], "count": v, "fraction": v / n} for k, v in hist.most_common(top)],
         "class_histogram": {m.classes[k]: int(hist.get(k, 0)) for k in range(m.num_classes)},
-        "failures": [{"id": i, "reason": r} for i, r in store.failures()[:20]],
+        "failures": [{"id": i, "reason": r} for i, r in failures[:20]],
+        "confidence_histogram": histogram(conf_all, 1.0),
+        "entropy_histogram": histogram(ent_all, float(np.log(m.num_classes))),
+        "teacher_agreement": [{"name": t.name, "agreement": agree[t.name] / n} for t in m.extra_teachers],
+        "failures_by_reason": dict(Counter(r for _, r in failures)),
     }
 
 

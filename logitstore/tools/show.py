@@ -71,6 +71,27 @@ def _teacher_views(store: LogitStore, root: Path, wanted: list[int]) -> dict[int
     return out
 
 
+def literal(text: str) -> str:
+    """A store's string as matplotlib text: shown as is, never parsed as mathtext ("$...$" from an
+    untrusted class name would be, and can make drawing fail)."""
+    return str(text).replace("$", r"\$")
+
+
+def _embedded_views(store: LogitStore, wanted: list[int]) -> dict[int, np.ndarray]:
+    """The first view of each wanted row from the pixels the store embeds (the teacher's exact input)."""
+    out: dict[int, np.ndarray] = {}
+    by_chunk: dict[int, list[int]] = {}
+    for r in sorted(wanted):
+        by_chunk.setdefault(r // store.chunk_rows, []).append(r)
+    for k, rows_in_chunk in by_chunk.items():
+        first, _ = store.chunk_bounds(k)
+        pixels = store.read_chunk(k).pixels
+        for r in rows_in_chunk:
+            arr = pixels[r - first, 0].transpose(1, 2, 0)
+            out[r] = arr[:, :, 0] if arr.shape[2] == 1 else arr
+    return out
+
+
 def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.PathLike | None,
                   out_png: str | os.PathLike, per_class: int = 8, seed: int = 0, max_classes: int = 20,
                   title: str | None = None) -> SheetSummary:
@@ -80,6 +101,8 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
 
     `images_root` defaults to the corpus root recorded in the store. Each drawn image is checked
     against its stored digest, so a sheet never shows pictures the logits were not computed on.
+    Without `images_root`, a store that embeds its pixels is drawn from them when the recorded
+    corpus is not here.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
 
@@ -88,7 +111,8 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     if not isinstance(store, LogitStore):
         store = open_store(store)
     root = Path(images_root if images_root is not None else store.meta.corpus.root).expanduser()
-    if not root.is_dir():
+    embedded = images_root is None and not root.is_dir() and store.meta.embedded_pixels
+    if not root.is_dir() and not embedded:
         raise CorpusError(f"{root}: no such folder; pass --images, the corpus root the store was dumped from")
     classes = store.classes
     pred, conf = _top1(store)
@@ -99,7 +123,8 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
              else np.arange(len(classes)))
     rng = np.random.default_rng(seed)
     picks = {int(c): rng.permutation(np.nonzero(pred == c)[0])[:per_class] for c in drawn}
-    views = _teacher_views(store, root, [int(r) for p in picks.values() for r in p])
+    wanted = [int(r) for p in picks.values() for r in p]
+    views = _embedded_views(store, wanted) if embedded else _teacher_views(store, root, wanted)
 
     cell = 0.9
     n_rows = len(drawn)
@@ -111,7 +136,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     for r, c in enumerate(drawn):
         label_ax = fig.add_subplot(grid[r, 0])
         label_ax.axis("off")
-        label_ax.text(0.95, 0.5, f"{classes[c]}\n{counts[c]:,} ({100 * counts[c] / n:.1f}%)",
+        label_ax.text(0.95, 0.5, f"{literal(classes[c])}\n{counts[c]:,} ({100 * counts[c] / n:.1f}%)",
                       ha="right", va="center", fontsize=9, transform=label_ax.transAxes)
         for j in range(per_class):
             ax = fig.add_subplot(grid[r, 1 + j])
@@ -136,7 +161,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     for y, f in zip(ys, frac):
         hist_ax.text(f, y, f" {100 * f:.1f}%", va="center", fontsize=7)
     hist_ax.set_ylim(n_rows - 0.5, -0.5)
-    hist_ax.set_yticks(ys, [classes[int(c)] for c in drawn], fontsize=8)
+    hist_ax.set_yticks(ys, [literal(classes[int(c)]) for c in drawn], fontsize=8)
     hist_ax.yaxis.tick_right()
     hist_ax.set_xlim(0, max(1 / len(classes), float(frac.max()) if n_rows else 0) * 1.25)
     hist_ax.axvline(1 / len(classes), color="grey", lw=0.8, ls="--", label="uniform")
