@@ -8,7 +8,6 @@ trimmed to N.
 """
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,8 @@ from .schema import StoreMeta
 from .rows import Rows
 from .store import LogitStore, array_names, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints
-from .records import Statistics, Written, chunk_records, contents_fingerprint, corpus_entries, failures_by_reason, record_names
+from .records import (Statistics, Written, chunk_records, contents_fingerprint, corpus_entries, corpus_hash_of,
+                      failures_by_reason, record_names)
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
@@ -268,11 +268,7 @@ class StoreWriter:
         if done:
             self._records[:done] = self._record_array[:done]
         self._stats = Statistics.from_dict(self.progress.statistics, self.meta.num_classes)
-        self._corpus = hashlib.sha256()
-        for a in range(0, n, 1 << 16):  # only the ids and digests of committed rows: a few % of their bytes
-            b = min(n, a + (1 << 16))
-            ids, digests = self.group[schema.IDS][a:b], self.group[schema.DIGESTS][a:b]
-            self._corpus.update(corpus_entries(Rows(ids, None, digests, None, None)))  # type: ignore[arg-type]
+        self._corpus = corpus_hash_of(self.group, n)
         self._accountant = ThreadPoolExecutor(1, thread_name_prefix="logitstore-records")
 
     def _account(self, rows: Rows) -> np.ndarray:
