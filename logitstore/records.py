@@ -19,6 +19,7 @@ import numpy as np
 from . import schema
 from .rows import Rows
 from .schema import StoreMeta
+from .sparse import topk_probabilities
 
 
 # -- records ---------------------------------------------------------------------------------------
@@ -61,13 +62,40 @@ def corpus_entries(rows: Rows) -> bytes:
 
 
 # -- statistics ------------------------------------------------------------------------------------
+def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top-1 probability, entropy in nats, top-1 class) of each row's first view.
+
+    Full logits: at T = 1. Top-K: exact top-1 and probability at the lowest stored temperature;
+    the entropy counts the tail as one class (a lower bound). Sampled: the drawn class with the
+    largest logit (the top-1 whenever it was drawn) with its exact probability; entropy unknown (NaN).
+    """
+    t = meta.targets
+    if t.kind == schema.TARGET_TOPK:
+        log_p, log_tail = topk_probabilities(rows.targets[schema.TOPK_VALUES][:, 0],
+                                             rows.targets[schema.TAIL_LSE][:, 0, 0], t.temperatures[0])
+        p = np.exp(np.concatenate([log_p, log_tail[:, None]], axis=1))
+        ent = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+        return p[:, 0], ent, rows.targets[schema.TOPK_INDICES][:, 0, 0].astype(np.int64)
+    if t.kind == schema.TARGET_SAMPLE:
+        z = np.where(rows.targets[schema.SAMPLE_COUNTS][:, 0] > 0,
+                     rows.targets[schema.SAMPLE_LOGITS][:, 0].astype(np.float64), -np.inf)
+        j = z.argmax(axis=1)
+        conf = np.exp(z[np.arange(len(z)), j] / t.temperatures[0] - rows.targets[schema.LSE][:, 0, 0])
+        top = rows.targets[schema.SAMPLE_INDICES][:, 0][np.arange(len(z)), j].astype(np.int64)
+        return conf, np.full(len(z), np.nan), top
+    z = rows.logits[:, 0, :].astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    ent = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+    return p.max(axis=1), ent, p.argmax(axis=1)
+
+
 def first_view_predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(top-1 probability, entropy in nats, top-1 class) of each row's first view, as
     tools/inspect_store.predictions defines them; full logits in float32 (a third of float64's time:
     this runs on every chunk a writer writes), from logsumexp so no probability is formed."""
     if meta.sparse:
-        from .tools.inspect_store import predictions
-
         return predictions(rows, meta)
     z = rows.logits[:, 0, :].astype(np.float32)
     top = z.argmax(axis=1)

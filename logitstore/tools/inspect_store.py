@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,41 +15,11 @@ from .. import schema
 from ..corpus import sha256_bytes
 from ..errors import IntegrityError, OptionError
 from ..fingerprint import RowHasher
+from ..records import predictions  # noqa: F401  (re-exported: where it was)
 from ..records import array_bytes, bin_of, coarse, contents_fingerprint, failures_by_reason, percentile, record_names
 from ..locations import stored_bytes, stray_keys
 from ..schema import StoreMeta
-from ..sparse import topk_probabilities
-from ..rows import Rows
 from ..store import LogitStore
-
-
-def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(top-1 probability, entropy in nats, top-1 class) of each row's first view.
-
-    Full logits: at T = 1. Top-K: exact top-1 and probability at the lowest stored temperature;
-    the entropy counts the tail as one class (a lower bound). Sampled: the drawn class with the
-    largest logit (the top-1 whenever it was drawn) with its exact probability; entropy unknown (NaN).
-    """
-    t = meta.targets
-    if t.kind == schema.TARGET_TOPK:
-        log_p, log_tail = topk_probabilities(rows.targets[schema.TOPK_VALUES][:, 0],
-                                             rows.targets[schema.TAIL_LSE][:, 0, 0], t.temperatures[0])
-        p = np.exp(np.concatenate([log_p, log_tail[:, None]], axis=1))
-        ent = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
-        return p[:, 0], ent, rows.targets[schema.TOPK_INDICES][:, 0, 0].astype(np.int64)
-    if t.kind == schema.TARGET_SAMPLE:
-        z = np.where(rows.targets[schema.SAMPLE_COUNTS][:, 0] > 0,
-                     rows.targets[schema.SAMPLE_LOGITS][:, 0].astype(np.float64), -np.inf)
-        j = z.argmax(axis=1)
-        conf = np.exp(z[np.arange(len(z)), j] / t.temperatures[0] - rows.targets[schema.LSE][:, 0, 0])
-        top = rows.targets[schema.SAMPLE_INDICES][:, 0][np.arange(len(z)), j].astype(np.int64)
-        return conf, np.full(len(z), np.nan), top
-    z = rows.logits[:, 0, :].astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    ent = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
-    return p.max(axis=1), ent, p.argmax(axis=1)
 
 
 def store_bytes(store: LogitStore) -> dict[str, int]:
@@ -231,8 +200,8 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
     m, loc = store.meta, store.location
     names = record_names(m)
     k_all = store.n_chunks
-    records = store.group[schema.CHUNK_SHA256]
     try:
+        records = store.group[schema.CHUNK_SHA256]
         recs = records[:k_all] if records.shape[0] >= k_all else None
     except Exception as exc:
         rep.problems.append(f"{loc}: array '{schema.CHUNK_SHA256}' cannot be read ({exc})")
