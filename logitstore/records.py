@@ -23,11 +23,14 @@ from .sparse import topk_probabilities
 
 
 # -- records ---------------------------------------------------------------------------------------
-def array_bytes(name: str, values: np.ndarray) -> bytes:
-    """The bytes a record hashes: ids as UTF-8 each followed by 0x00, any other array little-endian, C order."""
+def array_bytes(name: str, values: np.ndarray) -> bytes | memoryview:
+    """The bytes a record hashes: ids as UTF-8 each followed by 0x00, any other array little-endian, C order
+    (a view of the array's own memory when it is that already: hashing needs no copy)."""
     if name == schema.IDS:
         return b"".join(str(i).encode("utf-8") + b"\0" for i in values)
-    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+    if values.size == 0:
+        return b""
+    return memoryview(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))).cast("B")
 
 
 def row_values(rows: Rows, name: str) -> np.ndarray:
@@ -91,19 +94,30 @@ def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np
     return p.max(axis=1), ent, p.argmax(axis=1)
 
 
+# Rows of logits converted at a time: 128 x 1000 float32 (0.5 MB, twice) stay in the L2 cache; measured
+# at 5.9 ms of CPU per 2048 x 1000 chunk against 13.6 ms for the whole chunk at once (float64: ~30 ms).
+STAT_BLOCK_ROWS = 128
+
+
 def first_view_predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(top-1 probability, entropy in nats, top-1 class) of each row's first view, as
-    tools/inspect_store.predictions defines them; full logits in float32 (a third of float64's time:
-    this runs on every chunk a writer writes), from logsumexp so no probability is formed."""
+    """(top-1 probability, entropy in nats, top-1 class) of each row's first view, as `predictions`
+    defines them; full logits in float32 from the logsumexp (this runs on every chunk a writer writes):
+    confidence 1 / S and entropy log S - sum(e (z - max)) / S, with e = exp(z - max), S = sum(e)."""
     if meta.sparse:
         return predictions(rows, meta)
-    z = rows.logits[:, 0, :].astype(np.float32)
-    top = z.argmax(axis=1)
-    m = z.max(axis=1, keepdims=True)
-    np.subtract(z, m, out=z)
-    e = np.exp(z)
-    s = e.sum(axis=1, dtype=np.float64)
-    dot = np.einsum("ij,ij->i", e, z).astype(np.float64)
+    z = rows.logits[:, 0, :]
+    n, c = z.shape
+    top, s, dot = np.empty(n, np.int64), np.empty(n), np.empty(n)
+    x, e = np.empty((STAT_BLOCK_ROWS, c), np.float32), np.empty((STAT_BLOCK_ROWS, c), np.float32)
+    for a in range(0, n, STAT_BLOCK_ROWS):
+        b = min(n, a + STAT_BLOCK_ROWS)
+        xb, eb = x[:b - a], e[:b - a]
+        np.copyto(xb, z[a:b], casting="same_kind")
+        top[a:b] = t = xb.argmax(axis=1)
+        np.subtract(xb, xb[np.arange(b - a), t][:, None], out=xb)
+        np.exp(xb, out=eb)
+        s[a:b] = eb.sum(axis=1, dtype=np.float64)
+        dot[a:b] = np.einsum("ij,ij->i", eb, xb)
     return 1.0 / s, np.log(s) - dot / s, top
 
 
