@@ -556,7 +556,7 @@ def statistics_from(v: Any, num_classes: int) -> dict[str, Any]:
         raise FormatError("statistics must be an object (docs/FORMAT.md, R3)")
     try:
         out = {"rows": whole(v["rows"], "statistics.rows", 0, 1 << 62),
-               "top1_counts": counts(v["top1_counts"], num_classes, "top1_counts"),
+               "top1_counts": counts(v["top1_counts"], None, "top1_counts"),  # C: checked where used
                "confidence_counts": counts(v["confidence_counts"], STAT_BINS, "confidence_counts"),
                "entropy_counts": counts(v["entropy_counts"], STAT_BINS, "entropy_counts"),
                "confidence_sum_1e9": whole(v["confidence_sum_1e9"], "statistics.confidence_sum_1e9", 0, 1 << 63),
@@ -568,6 +568,9 @@ def statistics_from(v: Any, num_classes: int) -> dict[str, Any]:
                "teacher_agreement": [{"name": text(a["name"], "statistics.teacher_agreement", 64),
                                       "agree": whole(a["agree"], "statistics.teacher_agreement", 0, 1 << 62)}
                                      for a in list(v.get("teacher_agreement") or [])]}
+        if v.get("stored_bytes") is not None:
+            out["stored_bytes"] = {text(k, "statistics.stored_bytes", 256): whole(b, "statistics.stored_bytes", 0, 1 << 62)
+                                   for k, b in dict(v["stored_bytes"]).items()}
     except KeyError as exc:
         raise FormatError(f"statistics lacks {exc} (docs/FORMAT.md, R3)") from None
     except (TypeError, ValueError, AttributeError) as exc:

@@ -28,6 +28,7 @@ from .store import LogitStore, array_names, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints
 from .records import (Statistics, Written, chunk_records, contents_fingerprint, corpus_entries, corpus_hash_of,
                       failures_by_reason, record_names)
+from .locations import stored_bytes
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
@@ -335,7 +336,9 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
             rec.resize((k, *rec.shape[1:]))
         stats = replace(written.statistics, failures_by_reason=failures_by_reason(failures))
         rows = {"corpus": written.corpus, "contents": contents_fingerprint(written.records[:k])}
-        meta = replace(meta, statistics=stats.to_dict())
+        # Stored bytes per row array, listed once here so `info` lists nothing (copies keep chunk bytes).
+        meta = replace(meta, statistics={**stats.to_dict(), "stored_bytes": {
+            name: stored_bytes(group.store, name) for name in row_array_names(meta)}})
     else:
         # Reading every chunk back both fingerprints the contents and proves each chunk decodes
         # (checksums included) before the store is called complete.

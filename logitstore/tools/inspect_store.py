@@ -38,9 +38,11 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
         p = store.group.attrs.get(schema.ATTR_PROGRESS) or {}
         if p.get(schema.STATISTICS) and int(p.get("rows", -1)) == len(store):
             kept = {**p[schema.STATISTICS], "failures_by_reason": failures_by_reason(p.get("failures", []))}
-    summary = _summary_from_statistics(kept, m) if kept is not None else _summary_by_reading(store)
+    usable = kept is not None and len(kept["top1_counts"]) == m.num_classes
+    summary = _summary_from_statistics(kept, m) if usable else _summary_by_reading(store)
     failures = store.failures()
-    sizes = store_bytes(store)
+    sizes = (kept or {}).get("stored_bytes") if usable else None
+    sizes = sizes if sizes and set(sizes) == set(store.arrays) else store_bytes(store)
     raw_logits = len(store) * m.views.count * m.num_classes * np.dtype(m.dtype).itemsize
     stored_logits = sum(sizes.get(name, 0) for name in m.target_arrays())  # sparse: against full logits
     n = max(1, len(store))
