@@ -20,7 +20,8 @@ FORMAT_MINOR = 4
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # 1.1 added sparse teacher targets (`targets`); 1.2 added the metadata checksum
 # (fingerprints["metadata"]), which a complete 1.2 store must carry; 1.3 added the registries'
-# preprocessing (interpolation, antialias, crop rule, a [h, w] resize). Every new store is 1.3.
+# preprocessing (interpolation, antialias, crop rule, a [h, w] resize); 1.4 chunk records and stored
+# statistics (RECORDS_SINCE below). Every new store is 1.4.
 METADATA_CHECKSUM_SINCE = (1, 2)
 SIZES_CHECKED_SINCE = (1, 3)  # readers refuse impossible image and view sizes (R6) in stores from 1.3 on
 UNSEALED_KEYS = ("created", "versions")  # provenance, outside the checksum

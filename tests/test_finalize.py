@@ -16,7 +16,7 @@ import logitstore
 from logitstore import schema
 from logitstore.tools.inspect_store import info, sample_chunks, verify
 
-from conftest import REPO, TESTS, flip_byte, invoke, run_cli
+from conftest import REPO, TESTS, flip_byte, invoke
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
 
@@ -211,8 +211,10 @@ def test_a_chunk_rewritten_with_a_valid_checksum_still_differs_from_its_record(t
 
 def test_copies_merges_and_selections_keep_valid_records(tmp_path, reference):
     c, z = tmp_path / "c.zarr", tmp_path / "p.zarr.zip"
-    run_cli("logitstore", "copy", str(reference), str(c))
-    run_cli("logitstore", "pack", str(reference), str(z))
+    from logitstore.tools.transfer import copy_store
+
+    copy_store(str(reference), str(c))
+    copy_store(str(reference), str(z))  # pack: a .zip destination
     for s in (c, z):
         rep = verify(logitstore.open_store(s))
         assert rep.ok and rep.chunks_checked == 16, rep.problems
@@ -235,8 +237,9 @@ def test_an_added_teacher_gets_records_and_its_agreement(tmp_path, corpus, teach
     store = tmp_path / "e.zarr"
     logitstore.dump(str(teacher_ckpt), str(corpus), str(store), num_workers=0, chunk_rows=32)
     other = save_teacher(tmp_path / "t2.pt", seed=3)
-    run_cli("logitstore", "dump", "--teacher", str(other), "--out", str(store), "--add-teacher",
-            "--teacher-name", "second", "--num-workers", "0", "--quiet")
+    r = invoke("logitstore", "dump", "--teacher", str(other), "--out", str(store), "--add-teacher",
+               "--teacher-name", "second", "--num-workers", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
     st = logitstore.open_store(store)
     a = st.teacher_logits("primary", 0, len(st))[:, 0].astype(np.float32).argmax(1)
     b = st.teacher_logits("second", 0, len(st))[:, 0].astype(np.float32).argmax(1)
