@@ -4,8 +4,11 @@
 
   write   the real writer (`open_writer`, `StoreWriter.submit` of teacher-sized `Rows`,
           `close(finalize=True)`) against `ndarray.tofile` of the same bytes into one file per
-          array; both flushed to the disk (sync) before the clock stops. Finalize reads the whole store back to
-          fingerprint it: timed apart (it reads what the page cache still holds).
+          array; both flushed to the disk (sync) before the clock stops. Finalize (format 1.4:
+          fingerprints from the chunk records kept while writing, no read-back) is timed apart.
+  inspect `info` (from the stored statistics), `verify` (every chunk against its record, in
+          threads) and `verify --sample 0.01`, on the store just written; with --zarrs also `verify`
+          through zarrs' Rust codec pipeline (reads only: it writes other Zstd bytes, see RESULTS.md).
   read    the trainer's reader, `StoreSet.requests` behind `read_ahead`, alone and feeding the
           trainer's DataLoader with --workers workers, against the very same code reading the same
           bytes from raw `np.memmap` files (`MemmapStore`), so the block-shuffled order, the copies
@@ -31,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -143,19 +147,20 @@ def write_raw(rows: Rows, n: int, where: Path) -> float:
 
 
 def write_store(rows: Rows, n: int, path: Path, meta: StoreMeta) -> tuple[float, float]:
-    """(seconds writing, including fsync; seconds of finalize's fingerprint read-back)."""
+    """(seconds writing, including fsync; seconds of finalize)."""
     shutil.rmtree(path, ignore_errors=True)
-    fingerprint = writer_module.row_fingerprints
+    finalize = writer_module.finalize_store
     spent: list[float] = []
 
-    def timed_fingerprint(store: Any) -> dict[str, str]:
-        flush_to_disk()  # every row is written by now: its flush is the write's, not the read-back's
+    def timed_finalize(*args: Any, **kw: Any) -> Any:
+        flush_to_disk()  # every row is written by now: its flush is the write's, not finalize's
         t = time.perf_counter()
-        out = fingerprint(store)
+        out = finalize(*args, **kw)
+        flush_to_disk()
         spent.append(time.perf_counter() - t)
         return out
 
-    writer_module.row_fingerprints = timed_fingerprint
+    writer_module.finalize_store = timed_finalize
     try:
         t0 = time.perf_counter()
         w = open_writer(str(path), meta, overwrite=True)
@@ -165,8 +170,32 @@ def write_store(rows: Rows, n: int, path: Path, meta: StoreMeta) -> tuple[float,
         flush_to_disk()
         total = time.perf_counter() - t0
     finally:
-        writer_module.row_fingerprints = fingerprint
+        writer_module.finalize_store = finalize
     return total - spent[0], spent[0]
+
+
+def inspect_times(store: Path, zarrs: bool) -> dict[str, float]:
+    """Seconds of `info` (open included), full `verify`, `verify --sample 0.01` (and full verify via zarrs)."""
+    from logitstore.tools.inspect_store import info, verify
+
+    out = {}
+    t = time.perf_counter()
+    info(open_store(store))
+    out["info"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = verify(open_store(store))
+    out["verify"] = time.perf_counter() - t
+    assert rep.ok, rep.problems
+    t = time.perf_counter()
+    rep = verify(open_store(store), sample=0.01)
+    out["verify --sample 0.01"] = time.perf_counter() - t
+    out["chunks"], out["sampled"] = rep.chunks, rep.chunks_checked
+    if zarrs:
+        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+            t = time.perf_counter()
+            assert verify(open_store(store)).ok
+            out["verify (zarrs pipeline)"] = time.perf_counter() - t
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +362,8 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=None,
                     help="Rows per chunk of the store [default: what `logitstore dump` picks for C = 1000].")
     ap.add_argument("--keep", action="store_true", help="Leave the store and the raw files in --workdir.")
+    ap.add_argument("--no-old", action="store_true", help="Skip the 1.3 writer (no records) in the write phase.")
+    ap.add_argument("--zarrs", action="store_true", help="Also time verify through zarrs' Rust codec pipeline.")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
     console = Console()
@@ -349,14 +380,20 @@ def main() -> None:
     try:
         if "write" in phases:
             rows = Rows()
-            times: dict[str, list[float]] = {"raw": [], "store": [], "finalize": []}
+            times: dict[str, list[float]] = {"raw": [], "store": [], "finalize": [], "store13": [], "finalize13": []}
+            old = replace(meta, format_version="1.3")  # the 1.3 writer: no records, finalize reads every chunk back
             for rep in range(args.repeats):
                 times["raw"].append(write_raw(rows, n, raw))
                 console.print(f"  write {rep + 1}/{args.repeats}: raw {times['raw'][-1]:.1f} s", end="")
+                if not args.no_old:
+                    s, f = write_store(rows, n, store, old)
+                    times["store13"].append(s)
+                    times["finalize13"].append(f)
+                    console.print(f", 1.3 store {s:.1f} s + finalize read-back {f:.1f} s", end="")
                 s, f = write_store(rows, n, store, meta)
                 times["store"].append(s)
                 times["finalize"].append(f)
-                console.print(f", store {s:.1f} s + finalize read-back {f:.1f} s")
+                console.print(f", 1.4 store {s:.1f} s + finalize {f:.2f} s")
             mb = n * ROW_BYTES / 1e6
             raw_s, store_s, fin_s = (best(times[k], higher=False) for k in ("raw", "store", "finalize"))
             on_disk = sum(b for _, _, b in layout(store))
@@ -365,14 +402,32 @@ def main() -> None:
                 t.add_column(col, justify="right")
             t.add_row("raw: ndarray.tofile", f"{raw_s:.1f}", f"{mb / raw_s:,.0f}", "1.00",
                       f"{n * ROW_BYTES / 1e9:.2f} GB")
-            t.add_row("store: StoreWriter", f"{store_s:.1f}", f"{mb / store_s:,.0f}", f"{raw_s / store_s:.2f}",
+            if times["store13"]:
+                s13, f13 = (best(times[k], higher=False) for k in ("store13", "finalize13"))
+                t.add_row("1.3 store: StoreWriter", f"{s13:.1f}", f"{mb / s13:,.0f}", f"{raw_s / s13:.2f}", "")
+                t.add_row("1.3 finalize: read every chunk back", f"{f13:.1f}", f"{mb / f13:,.0f}", "", "")
+                t.add_row("1.3 store + finalize", f"{s13 + f13:.1f}", f"{mb / (s13 + f13):,.0f}",
+                          f"{raw_s / (s13 + f13):.2f}", "")
+            t.add_row("1.4 store: StoreWriter (+ records, statistics)", f"{store_s:.1f}", f"{mb / store_s:,.0f}", f"{raw_s / store_s:.2f}",
                       f"{on_disk / 1e9:.2f} GB")
-            t.add_row("finalize read-back", f"{fin_s:.1f}", f"{mb / fin_s:,.0f}", "", "")
-            t.add_row("store + finalize", f"{store_s + fin_s:.1f}", f"{mb / (store_s + fin_s):,.0f}",
+            t.add_row("finalize (from chunk records)", f"{fin_s:.2f}", f"{100 * fin_s / store_s:.1f}% of write", "", "")
+            t.add_row("1.4 store + finalize", f"{store_s + fin_s:.1f}", f"{mb / (store_s + fin_s):,.0f}",
                       f"{raw_s / (store_s + fin_s):.2f}", "")
             tables.append(t)
             console.print(t)
             spent["write"] = time.perf_counter() - started
+            drop_cached(store)  # verify reads from the disk, as a check of a store at rest would
+            ins = inspect_times(store, args.zarrs)
+            t = Table(title=f"inspect the {n:,}-row store ({int(ins['chunks']):,} chunks; verify from disk)")
+            for col in ("command", "seconds", "MB/s of row bytes"):
+                t.add_column(col, justify="right")
+            for k, v in ins.items():
+                if k not in ("chunks", "sampled"):
+                    rate = mb * (ins["sampled"] / ins["chunks"] if "sample" in k else 1) / v
+                    t.add_row(k + (f" ({int(ins['sampled'])} chunks)" if "sample" in k else ""), f"{v:.2f}",
+                              "" if k == "info" else f"{rate:,.0f}")
+            tables.append(t)
+            console.print(t)
 
         if "read" in phases:
             t0 = time.perf_counter()

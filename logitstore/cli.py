@@ -296,6 +296,9 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
         ("entropy (nats)", "mean {mean:.3f}, median {median:.3f} (max {max_possible:.3f})".format(
             **d["entropy_nats"])),
         ("most predicted", ", ".join(f"{c['class']} {100 * c['fraction']:.1f}%" for c in d["top_classes"][:5])),
+        *[(f"agrees with primary: {a['name']}", f"{100 * a['agreement']:.1f}%") for a in d["teacher_agreement"]],
+        *[("failures by reason", ", ".join(f"{r} {n:,}" for r, n in d["failures_by_reason"].items()))]
+        * bool(d["failures_by_reason"]),
     ]:
         t.add_row(k, v)
     out.print(t)
@@ -308,17 +311,21 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
 @click.option("--images", default=None, type=click.Path(),
               help="Also check every image's bytes against its stored digest (corpus root).")
 @click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
+@click.option("--sample", type=float, default=None, metavar="FRACTION",
+              help="Check only a random sample of the chunks (e.g. 0.01), seeded by --seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample's choice of chunks.")
+@click.option("--workers", type=int, default=None, help="Chunks checked at once [default: cores, at most 8].")
 @storage_option_flag
 @json_flag
-def verify(store: str, images: str | None, allow_incomplete: bool, storage_option: tuple[str, ...],
-           as_json: bool) -> None:
-    """Check a store: complete, every chunk's checksum, finite logits, and (with --images) digests."""
+def verify(store: str, images: str | None, allow_incomplete: bool, sample: float | None, seed: int,
+           workers: int | None, storage_option: tuple[str, ...], as_json: bool) -> None:
+    """Check a store: complete, every chunk's checksum and (1.4) its record, finite logits, and (with --images) digests."""
     from .tools.inspect_store import verify as run_verify
     from .store import open_store
 
     rep = run_verify(open_store(store, allow_incomplete=allow_incomplete,
                                 storage_options=parse_storage_options(storage_option)), images,
-                     allow_incomplete=allow_incomplete)
+                     allow_incomplete=allow_incomplete, sample=sample, seed=seed, workers=workers)
     if as_json:
         emit_json(rep, ok=rep.ok)
         sys.exit(0 if rep.ok else 1)
@@ -327,6 +334,8 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
     for n in rep.notes:
         click.echo(f"  note: {n}", err=True)
     what = f"{rep.rows:,} rows in {rep.chunks} chunks" + (
+        f", {rep.chunks_checked} chunks checked (sample {rep.sample:g}, seed {rep.seed})" if rep.sample is not None
+        else "") + (
         f", {rep.images_checked:,} images matched their digests" if images else "")
     if not rep.ok:
         click.echo(f"logitstore: error: {store} FAILED verification ({len(rep.problems)} problems; {what})",

@@ -16,14 +16,18 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3
+FORMAT_MINOR = 4
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # 1.1 added sparse teacher targets (`targets`); 1.2 added the metadata checksum
 # (fingerprints["metadata"]), which a complete 1.2 store must carry; 1.3 added the registries'
-# preprocessing (interpolation, antialias, crop rule, a [h, w] resize). Every new store is 1.3.
+# preprocessing (interpolation, antialias, crop rule, a [h, w] resize); 1.4 chunk records and stored
+# statistics (RECORDS_SINCE below). Every new store is 1.4.
 METADATA_CHECKSUM_SINCE = (1, 2)
 SIZES_CHECKED_SINCE = (1, 3)  # readers refuse impossible image and view sizes (R6) in stores from 1.3 on
 UNSEALED_KEYS = ("created", "versions")  # provenance, outside the checksum
+# 1.4 (chunk records): a SHA-256 per chunk of rows and row array, recorded as the chunk is written,
+# and statistics kept at write time; fingerprints.contents is over the records (docs/FORMAT.md).
+RECORDS_SINCE = (1, 4)
 
 # Bounds a reader enforces before it allocates anything from metadata (docs/FORMAT.md, R3).
 MAX_SIDE = 4096            # teacher input height / width, pixels
@@ -55,6 +59,10 @@ PIXELS = "pixels"            # [N, V, ch, H, W] uint8, only with --embed-images
 TEACHERS = "teachers"        # group: teachers/<name>/logits [N, V, C], added teachers
 FAILED_IDS = "failed_ids"    # [F] string
 FAILED_REASONS = "failed_reasons"  # [F] string
+CHUNK_SHA256 = "chunk_sha256"  # 1.4: [K, A, 32] uint8, SHA-256 of each chunk of rows of each row array
+RECORDS_PER_CHUNK = 64         # records per chunk of CHUNK_SHA256
+STATISTICS = "statistics"      # 1.4: root attribute key, the first view's prediction statistics
+STAT_BINS = 1000               # fine histogram bins kept (info derives 20-bin ones and percentiles)
 
 ROW_ARRAYS = (LOGITS, IDS, DIGESTS, IMAGE_HW, VIEW_PARAMS)  # LOGITS: full-logits stores; PIXELS when embedded
 # Sparse teacher targets (format 1.1, `targets` attribute) replace LOGITS; see logitstore/sparse.py.
@@ -348,6 +356,7 @@ class StoreMeta:
     extra_teachers: tuple["ExtraTeacher", ...] = ()
     keep_bits: int | None = None  # mantissa bits kept by lossy BitRound on logits; None: lossless
     targets: "TargetSpec" = None  # type: ignore[assignment]  # None: full logits
+    statistics: dict[str, Any] | None = None  # 1.4: written by finalize (logitstore/records.py)
 
     def __post_init__(self) -> None:
         if self.targets is None:
@@ -389,7 +398,13 @@ class StoreMeta:
                 "created": self.created, "versions": dict(self.versions), "fingerprints": dict(self.fingerprints),
                 "embedded_pixels": self.embedded_pixels, "keep_bits": self.keep_bits,
                 "extra_teachers": [t.to_dict() for t in self.extra_teachers],
-                **({"targets": self.targets.to_dict()} if self.sparse else {})}
+                **({"targets": self.targets.to_dict()} if self.sparse else {}),
+                **({STATISTICS: self.statistics} if self.statistics is not None else {})}
+
+    @property
+    def has_records(self) -> bool:
+        """Format 1.4 or later: chunk records and stored statistics (docs/FORMAT.md, "1.4: chunk records")."""
+        return parse_version(self.format_version) >= RECORDS_SINCE
 
     def sealed(self) -> "StoreMeta":
         """This complete store's metadata with its checksum (fingerprints["metadata"]) recorded."""
@@ -531,6 +546,39 @@ def metadata_checksum(raw: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canon.encode("ascii")).hexdigest()
 
 
+def statistics_from(v: Any, num_classes: int) -> dict[str, Any]:
+    """The 1.4 `statistics` attribute, checked (R3): counts are non-negative integers of the stated lengths."""
+    def counts(x: Any, n: int | None, what: str) -> list[int]:
+        if not isinstance(x, list) or (n is not None and len(x) != n) or len(x) > MAX_CLASSES:
+            raise FormatError(f"statistics.{what} must be a list of {n} counts (docs/FORMAT.md, R3)")
+        return [whole(c, f"statistics.{what}", 0, 1 << 62) for c in x]
+
+    if not isinstance(v, dict):
+        raise FormatError("statistics must be an object (docs/FORMAT.md, R3)")
+    try:
+        out = {"rows": whole(v["rows"], "statistics.rows", 0, 1 << 62),
+               "top1_counts": counts(v["top1_counts"], None, "top1_counts"),  # C: checked where used
+               "confidence_counts": counts(v["confidence_counts"], STAT_BINS, "confidence_counts"),
+               "entropy_counts": counts(v["entropy_counts"], STAT_BINS, "entropy_counts"),
+               "confidence_sum_1e9": whole(v["confidence_sum_1e9"], "statistics.confidence_sum_1e9", 0, 1 << 63),
+               "entropy_sum_1e9": None if v.get("entropy_sum_1e9") is None else
+               whole(v["entropy_sum_1e9"], "statistics.entropy_sum_1e9", 0, 1 << 63),
+               "failures_by_reason": {text(k, "statistics.failures_by_reason"): whole(c, "statistics.failures_by_reason",
+                                                                                      0, 1 << 62)
+                                      for k, c in dict(v.get("failures_by_reason") or {}).items()},
+               "teacher_agreement": [{"name": text(a["name"], "statistics.teacher_agreement", 64),
+                                      "agree": whole(a["agree"], "statistics.teacher_agreement", 0, 1 << 62)}
+                                     for a in list(v.get("teacher_agreement") or [])]}
+        if v.get("stored_bytes") is not None:
+            out["stored_bytes"] = {text(k, "statistics.stored_bytes", 256): whole(b, "statistics.stored_bytes", 0, 1 << 62)
+                                   for k, b in dict(v["stored_bytes"]).items()}
+    except KeyError as exc:
+        raise FormatError(f"statistics lacks {exc} (docs/FORMAT.md, R3)") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise FormatError(f"statistics is malformed ({exc}; docs/FORMAT.md, R3)") from None
+    return out
+
+
 def _string_map(v: Any, name: str) -> dict[str, str]:
     if not isinstance(v, dict) or len(v) > 64 or not all(isinstance(k, str) and isinstance(x, str)
                                                          and len(x) <= MAX_TEXT for k, x in v.items()):
@@ -566,7 +614,8 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
             embedded_pixels=flag(pixels, "embedded_pixels"),
             keep_bits=None if d.get("keep_bits") is None else whole(d["keep_bits"], "keep_bits", 1, 22),
             extra_teachers=tuple(ExtraTeacher.from_dict(t) for t in d.get("extra_teachers") or ()),
-            targets=None if d.get("targets") is None else TargetSpec.from_dict(d["targets"], len(classes)))
+            targets=None if d.get("targets") is None else TargetSpec.from_dict(d["targets"], len(classes)),
+            statistics=None if d.get(STATISTICS) is None else statistics_from(d[STATISTICS], len(classes)))
     except KeyError as exc:
         raise FormatError(f"required attribute {exc} is missing from '{ATTR_ROOT}'") from None
     except (TypeError, ValueError, AttributeError) as exc:

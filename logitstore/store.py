@@ -278,14 +278,24 @@ def _check_no_holes(loc: str, group: zarr.Group, meta: StoreMeta, rows: int) -> 
         if n_chunks == 0:
             continue
         tail = (0,) * (arr.ndim - 1)
-        present = set(list_all_keys(group.store, f"{arr.path}/c/"))
+        local = _local_root(group.store)
+        # A local store is asked file by file (~2 us a stat); listing through zarr costs ~70 us a key,
+        # which made opening a 5M-row store (12,000 chunk files) take most of a second.
+        present = None if local is not None else set(list_all_keys(group.store, f"{arr.path}/c/"))
         for k in range(n_chunks):
             key = f"{arr.path}/{arr.metadata.encode_chunk_key((k, *tail))}"
-            if key not in present:
+            if not (os.path.isfile(os.path.join(local, key)) if present is None else key in present):
                 r = arr.chunks[0]
                 raise FormatError(f"{loc}: array '{name}' chunk {k} (rows {k * r}-{min(rows, (k + 1) * r) - 1}, "
                                   f"'{key}') is missing: a reader would see zeros there (docs/FORMAT.md, R5); "
                                   "restore the store from its source (`logitstore copy`) or re-run the dump")
+
+
+def _local_root(store: Any) -> str | None:
+    """The directory of a local zarr store, None for any other (zip, object storage)."""
+    from zarr.storage import LocalStore
+
+    return str(store.root) if isinstance(store, LocalStore) else None
 
 
 def open_store(location: str | os.PathLike, allow_incomplete: bool = False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -25,6 +26,9 @@ from .schema import StoreMeta
 from .rows import Rows
 from .store import LogitStore, array_names, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints
+from .records import (Statistics, Written, chunk_records, contents_fingerprint, corpus_entries, corpus_hash_of,
+                      failures_by_reason, record_names)
+from .locations import stored_bytes
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
@@ -58,9 +62,11 @@ class Progress:
     rows: int = 0                # rows that are final
     next_source: int = 0         # listing position after the last final row
     failures: list[list[str]] = field(default_factory=list)  # [id, reason], for positions < next_source
+    statistics: dict[str, Any] | None = None  # 1.4: running statistics of rows [0, rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "next_source": self.next_source, "failures": self.failures}
+        d = {"rows": self.rows, "next_source": self.next_source, "failures": self.failures}
+        return {**d, schema.STATISTICS: self.statistics} if self.statistics is not None else d
 
 
 def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
@@ -76,6 +82,9 @@ def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
         pre = meta.preprocess
         tail = (v, pre.channels, *pre.size)
         specs[schema.PIXELS] = ((capacity, *tail), (meta.pixel_chunk_rows, *tail), "uint8", 0)
+    if meta.has_records:  # 1.4: one record per chunk of rows and row array (docs/FORMAT.md)
+        k, a = -(-capacity // r), len(record_names(meta))
+        specs[schema.CHUNK_SHA256] = ((k, a, 32), (schema.RECORDS_PER_CHUNK, a, 32), "uint8", 0)
     for name, (shape, chunks, dtype, fill) in specs.items():
         group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                            filters=logits_filters(meta.keep_bits) if name in lossy_arrays(meta) else None,
@@ -159,6 +168,7 @@ class StoreWriter:
         chunk_bytes = row_nbytes(self._arrays) * meta.chunk_rows
         self._per_write = max(1, min(CHUNKS_PER_WRITE, WRITE_BYTES // max(1, chunk_bytes)))  # chunks a write
         self._ended = False        # the writer thread has taken close()'s end marker
+        self._records_open(meta.has_records)
         self._thread = threading.Thread(target=self._run, name="logitstore-writer", daemon=True)
         self._thread.start()
 
@@ -181,6 +191,8 @@ class StoreWriter:
         except OSError as exc:
             raise write_failure(str(self.group.store), exc) from None
         finally:
+            if self._accountant is not None:
+                self._accountant.shutdown(wait=False)
             if self.lock is not None:
                 self.lock.release()
         return self.meta
@@ -233,15 +245,51 @@ class StoreWriter:
             self._commit(self.progress.rows, self.end)
 
     def _write_rows(self, rows: Rows) -> None:
+        # Records and statistics are computed on a second thread while zarr encodes and writes the same
+        # rows (hashlib and NumPy release the GIL): finalize then reads nothing back.
+        account = self._accountant.submit(self._account, rows) if self._accountant is not None else None
         write_rows(self._arrays, self.progress.rows, rows)
+        if account is not None:
+            recs = account.result()
+            k0 = self.progress.rows // self.meta.chunk_rows
+            self._records[k0:k0 + len(recs)] = recs
+            self._record_array[k0:k0 + len(recs)] = recs  # before the commit that covers these rows
         self._commit(self.progress.rows + len(rows), int(rows.source[-1]) + 1, force=False)
+
+    # -- 1.4 chunk records and statistics ------------------------------------------------------
+    def _records_open(self, enabled: bool) -> None:
+        """Take up the records, statistics and corpus hash of the rows already committed (a resume)."""
+        self._accountant = None
+        if not enabled:
+            return
+        r, n = self.meta.chunk_rows, self.progress.rows
+        self._record_array = self.group[schema.CHUNK_SHA256]
+        self._records = np.zeros(self._record_array.shape, np.uint8)
+        done = -(-n // r)
+        if done:
+            self._records[:done] = self._record_array[:done]
+        self._stats = Statistics.from_dict(self.progress.statistics, self.meta.num_classes)
+        self._corpus = corpus_hash_of(self.group, n)
+        self._accountant = ThreadPoolExecutor(1, thread_name_prefix="logitstore-records")
+
+    def _account(self, rows: Rows) -> np.ndarray:
+        recs = chunk_records(rows, record_names(self.meta), self.meta.chunk_rows)
+        self._stats.add(rows, self.meta)
+        self._corpus.update(corpus_entries(rows))
+        return recs
+
+    def written(self) -> Written:
+        """The records, statistics and corpus fingerprint of the rows written so far."""
+        k = -(-self.progress.rows // self.meta.chunk_rows)
+        return Written(self._records[:k], self._stats, "sha256:" + self._corpus.hexdigest())
 
     def _commit(self, rows: int, next_source: int, force: bool = True) -> None:
         """Advance the progress to `rows` final rows covering listing positions [0, next_source); record
         it in the store now if `force`d or if the last record is COMMIT_INTERVAL_S old."""
         done = [f for f in self._pending_failures if f[0] < next_source]
         self._pending_failures = [f for f in self._pending_failures if f[0] >= next_source]
-        self.progress = Progress(rows, next_source, self.progress.failures + [[i, r] for _, i, r in done])
+        self.progress = Progress(rows, next_source, self.progress.failures + [[i, r] for _, i, r in done],
+                                 self._stats.to_dict() if self._accountant is not None else None)
         now = time.monotonic()
         self._behind = not (force or now - self._committed_at >= COMMIT_INTERVAL_S)
         if not self._behind:
@@ -249,7 +297,8 @@ class StoreWriter:
             self._committed_at = now
 
     def _finalize(self) -> StoreMeta:
-        self.meta = finalize_store(self.group, self.meta, self.progress.rows, self.progress.failures)
+        written = self.written() if self._accountant is not None else None
+        self.meta = finalize_store(self.group, self.meta, self.progress.rows, self.progress.failures, written)
         return self.meta
 
 
@@ -261,8 +310,12 @@ def write_failure(location: str, exc: OSError) -> WriteError:
                       "fix the destination, then run the same command again to resume")
 
 
-def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[list[str]]) -> StoreMeta:
-    """Rows [0, n) are written: add the failure arrays, trim to n, fingerprint, mark complete."""
+def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[list[str]],
+                   written: Written | None = None) -> StoreMeta:
+    """Rows [0, n) are written: add the failure arrays, trim to n, fingerprint, mark complete.
+
+    A 1.4 store is fingerprinted from what its writer computed while writing (`written`); an older
+    one (never written now) by reading every chunk back."""
     for name in schema.FAILURE_ARRAYS:
         values = [f[0] if name == schema.FAILED_IDS else f[1] for f in failures]
         arr = group.create_array(name, shape=(len(values),), chunks=(max(1, min(len(values), 65536)),),
@@ -274,9 +327,22 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
         if a.shape[0] != n:
             a.resize((n, *a.shape[1:]))
     meta = replace(meta, corpus=replace(meta.corpus, n_images=n, n_failed=len(failures)), complete=True)
-    # Reading every chunk back both fingerprints the contents and proves each chunk decodes
-    # (checksums included) before the store is called complete.
-    rows = row_fingerprints(LogitStore(str(group.store), group, meta, n))
+    if meta.has_records:
+        if written is None:
+            raise ValueError("finalize_store: a 1.4 store needs the records its writer computed")
+        k = -(-n // meta.chunk_rows)
+        rec = group[schema.CHUNK_SHA256]
+        if rec.shape[0] != k:
+            rec.resize((k, *rec.shape[1:]))
+        stats = replace(written.statistics, failures_by_reason=failures_by_reason(failures))
+        rows = {"corpus": written.corpus, "contents": contents_fingerprint(written.records[:k])}
+        # Stored bytes per row array, listed once here so `info` lists nothing (copies keep chunk bytes).
+        meta = replace(meta, statistics={**stats.to_dict(), "stored_bytes": {
+            name: stored_bytes(group.store, name) for name in row_array_names(meta)}})
+    else:
+        # Reading every chunk back both fingerprints the contents and proves each chunk decodes
+        # (checksums included) before the store is called complete.
+        rows = row_fingerprints(LogitStore(str(group.store), group, meta, n))
     meta = replace(meta, fingerprints={"teacher": meta.teacher.fingerprint(), **rows}).sealed()
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     if schema.ATTR_PROGRESS in group.attrs:
@@ -349,11 +415,16 @@ def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: d
     if existing is not None and not overwrite:
         old = schema.meta_from_attrs(dict(group.attrs))
         check_resumable(path, old, meta)
+        if old.has_records != meta.has_records:
+            raise ResumeMismatchError(f"{path} holds an unfinished dump of format {old.format_version}, which this "
+                                      f"logitstore (format {meta.format_version}) cannot continue; pass --overwrite "
+                                      "to start over")
         p = group.attrs.get(schema.ATTR_PROGRESS) or {}
         if schema.PROGRESS_SEGMENT_ROWS in p:
             raise StoreStateError(f"{path} is an unfinished distributed dump; finish it with the same command "
                                   "under torchrun (any number of processes), or pass --overwrite to start over")
-        progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", lo)), list(p.get("failures", [])))
+        progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", lo)), list(p.get("failures", [])),
+                            p.get(schema.STATISTICS))
         if progress.rows == 0 and not set(row_array_names(meta)) <= array_names(path, group):
             create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)

@@ -137,11 +137,19 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     try:
         group = open_group(store_path, mode="a", storage_options=storage_options)
         if name in meta.teacher_names:  # overwrite: unlist first, so a half-written array is never listed
-            meta = replace(meta, extra_teachers=tuple(e for e in meta.extra_teachers if e.name != name))
+            meta = replace(meta, extra_teachers=tuple(e for e in meta.extra_teachers if e.name != name),
+                           statistics=_without_agreement(meta.statistics, name))
             group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()
         arr = group.create_array(f"{schema.TEACHERS}/{name}/{schema.LOGITS}", shape=store.logits.shape,
                                  chunks=store.logits.chunks, dtype=meta.dtype, fill_value=0,
                                  filters=logits_filters(meta.keep_bits), compressors=chunk_codecs(), overwrite=True)
+        records = None
+        if meta.has_records:  # 1.4: its chunks' records, as the dump writer keeps the row arrays'
+            k = -(-len(store) // meta.chunk_rows)
+            records = group.create_array(f"{schema.TEACHERS}/{name}/{schema.CHUNK_SHA256}", shape=(k, 1, 32),
+                                         chunks=(schema.RECORDS_PER_CHUNK, 1, 32), dtype="uint8", fill_value=0,
+                                         compressors=chunk_codecs(), overwrite=True)
+        agree = 0
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                     if precision in ("bf16", "fp16") else None)
         np_dtype = np.dtype(meta.dtype)
@@ -162,13 +170,32 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                     block = np.concatenate(buffer)
                     n = min(meta.chunk_rows, len(block))
                     arr[written:written + n] = block[:n]
-                    digest.update(np.ascontiguousarray(block[:n], dtype=np_dtype.newbyteorder("<")).tobytes())
+                    chunk = np.ascontiguousarray(block[:n], dtype=np_dtype.newbyteorder("<")).tobytes()
+                    digest.update(chunk)
+                    if records is not None:
+                        records[written // meta.chunk_rows] = np.frombuffer(hashlib.sha256(chunk).digest(),
+                                                                            np.uint8)[None]
+                        primary = store.teacher_logits(schema.PRIMARY_TEACHER, written, written + n)[:, 0]
+                        agree += int((primary.astype(np.float32).argmax(axis=1)
+                                      == block[:n, 0].astype(np.float32).argmax(axis=1)).sum())
                     written += n
                     buffer = [block[n:]] if n < len(block) else []
                 bar.advance(task, len(logits))
         extra = ExtraTeacher(name, t.info, pre, precision, "sha256:" + digest.hexdigest())
         meta = replace(meta, extra_teachers=(*meta.extra_teachers, extra))
+        if meta.statistics is not None:
+            stats = _without_agreement(meta.statistics, name)
+            meta = replace(meta, statistics={**stats, "teacher_agreement": [*stats["teacher_agreement"],
+                                                                             {"name": name, "agree": agree}]})
         group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()  # listing the teacher is the last write
     finally:
         lock.release()
     return AddTeacherSummary(store_path, name, written, moved, time.perf_counter() - t0)
+
+
+def _without_agreement(statistics: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The 1.4 statistics without teacher `name`'s agreement (it is being replaced)."""
+    if statistics is None:
+        return None
+    return {**statistics, "teacher_agreement": [a for a in statistics.get("teacher_agreement", [])
+                                                if a["name"] != name]}

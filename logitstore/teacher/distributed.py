@@ -35,6 +35,7 @@ from ..schema import StoreMeta
 from ..rows import Rows
 from ..store import LogitStore, open_store, row_array_names
 from .job import DumpJob, make_summary, run_into
+from ..records import Statistics, Written, chunk_records, corpus_hash_of, record_names
 from ..writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
 
 # Segments per process when the segment size is not given: enough that processes finish close
@@ -195,28 +196,51 @@ def _plan_assembly(out: str, meta: StoreMeta, n_seg: int, so: dict[str, Any] | N
     create_arrays(group, meta, offsets[-1])
     p = {**dict(group.attrs[schema.ATTR_PROGRESS]), schema.PROGRESS_PHASE: schema.PHASE_ASSEMBLY,
          "offsets": offsets, "failures": failures}
+    if meta.has_records:  # integer counts: the segments' sum is what one process would have counted
+        total = Statistics(meta.num_classes)
+        for part in parts:
+            seg = (part.group.attrs.get(schema.ATTR_PROGRESS) or {}).get(schema.STATISTICS)
+            total = total.merged(Statistics.from_dict(seg, meta.num_classes))
+        p[schema.STATISTICS] = total.to_dict()
     group.attrs[schema.ATTR_PROGRESS] = p
     return p
 
 
 def _assemble(out: str, meta: StoreMeta, offsets: list[int], ctx: Torchrun, so: dict[str, Any] | None) -> None:
-    """Copy segment rows into this rank's final chunks (k % world == rank), each written whole."""
+    """Copy segment rows into this rank's final chunks, each written whole, with their 1.4 records.
+
+    A rank takes whole blocks of RECORDS_PER_CHUNK chunks (block j when j % world == rank), so each
+    chunk of the records array, too, has one writer."""
     group = open_group(out, mode="a", storage_options=so)
     arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}
     parts: dict[int, LogitStore] = {}
     r, n = meta.chunk_rows, offsets[-1]
-    for k in range(ctx.rank, math.ceil(n / r), ctx.world):
-        a, b = k * r, min(n, (k + 1) * r)
-        pieces, pos, s = [], a, int(np.searchsorted(offsets, a, side="right")) - 1
-        while pos < b:
-            while offsets[s + 1] <= pos:  # empty segments (every file failed) hold no rows
-                s += 1
-            if s not in parts:
-                parts[s] = open_store(segment_location(out, s), allow_incomplete=True, storage_options=so)
-            stop = min(b, offsets[s + 1])
-            pieces.append(parts[s].read(pos - offsets[s], stop - offsets[s], pixels=meta.embedded_pixels))
-            pos = stop
-        write_rows(arrays, a, Rows.concat(pieces))
+    per = schema.RECORDS_PER_CHUNK
+    n_chunks = math.ceil(n / r)
+    for j in range(ctx.rank, math.ceil(n_chunks / per), ctx.world):
+        k0, k1 = j * per, min(n_chunks, (j + 1) * per)
+        recs = [_assemble_chunk(meta, offsets, k, arrays, parts, out, so) for k in range(k0, k1)]
+        if meta.has_records:
+            group[schema.CHUNK_SHA256][k0:k1] = np.concatenate(recs)
+
+
+def _assemble_chunk(meta: StoreMeta, offsets: list[int], k: int, arrays: dict[str, Any],
+                    parts: dict[int, LogitStore], out: str, so: dict[str, Any] | None) -> np.ndarray | None:
+    """Write final chunk k from the segments; its records [1, A, 32] (1.4)."""
+    r, n = meta.chunk_rows, offsets[-1]
+    a, b = k * r, min(n, (k + 1) * r)
+    pieces, pos, s = [], a, int(np.searchsorted(offsets, a, side="right")) - 1
+    while pos < b:
+        while offsets[s + 1] <= pos:  # empty segments (every file failed) hold no rows
+            s += 1
+        if s not in parts:
+            parts[s] = open_store(segment_location(out, s), allow_incomplete=True, storage_options=so)
+        stop = min(b, offsets[s + 1])
+        pieces.append(parts[s].read(pos - offsets[s], stop - offsets[s], pixels=meta.embedded_pixels))
+        pos = stop
+    rows = Rows.concat(pieces)
+    write_rows(arrays, a, rows)
+    return chunk_records(rows, record_names(meta), r) if meta.has_records else None
 
 
 def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:
@@ -228,4 +252,10 @@ def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:
         group.attrs[schema.ATTR_PROGRESS] = p
     sync(group.store.delete_dir(schema.SEGMENTS))
     meta = schema.meta_from_attrs(dict(group.attrs))
-    return finalize_store(group, meta, int(p["offsets"][-1]), p["failures"])
+    n = int(p["offsets"][-1])
+    written = None
+    if meta.has_records:  # the records the ranks wrote, and the corpus hash from ids and digests alone
+        records = group[schema.CHUNK_SHA256][:math.ceil(n / meta.chunk_rows)]
+        written = Written(records, Statistics.from_dict(p.get(schema.STATISTICS), meta.num_classes),
+                          "sha256:" + corpus_hash_of(group, n).hexdigest())
+    return finalize_store(group, meta, n, p["failures"], written)

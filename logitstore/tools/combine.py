@@ -25,6 +25,7 @@ def _sha256_text(text: str) -> str:
 def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str) -> StoreMeta:
     # Added teachers' arrays are not carried into derived stores, so they are not listed either.
     return replace(base, complete=False, fingerprints={}, format_version=schema.version_for(base.targets), extra_teachers=(),
+                   statistics=None,  # its writer counts the rows it writes
                    corpus=CorpusInfo(root, listing, listing_sha, n_rows),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
