@@ -87,7 +87,12 @@ PRETRAINED_HELP = ("timm:NAME: its pretrained weights from this machine's Huggin
 @click.option("--pretrained", is_flag=True, help=PRETRAINED_HELP)
 @click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture factory.")
 @click.option("--images", default=None, type=click.Path(),
-              help="Folder of images (walked recursively) or a text file listing image paths.")
+              help="Folder of images (walked recursively), a text file listing image paths or URLs, a URL "
+                   "prefix of images, WebDataset .tar shards (a folder, prefix or brace pattern such as "
+                   "shards/{00000..00099}.tar) or Parquet/Arrow files (with --image-column).")
+@click.option("--image-column", default=None, help="Parquet/Arrow corpora: the column holding each image "
+              "(bytes, or a Hugging Face {bytes, path} struct).")
+@click.option("--id-column", default=None, help="Parquet/Arrow corpora: a column of ids [default: the row number].")
 @click.option("--out", required=True, help="Store to write (a directory ending .zarr), or a URL.")
 @click.option("--add-teacher", is_flag=True,
               help="Add this teacher to the complete store at --out (same images, matched by digest; the "

@@ -27,6 +27,19 @@ class Corpus:
     root: Path                 # ids are relative to this
     ids: list[str]             # POSIX paths relative to root, in a deterministic order
     listing: str               # "directory", or the listing file it came from
+    positional = True          # read by listing position in the dump's DataLoader workers
+
+    @property
+    def n_listed(self) -> int:
+        return len(self.ids)
+
+    def protected(self) -> list[str]:
+        """What a dump reads, which its --out must not overlap."""
+        return [str(self.root)]
+
+    def record(self) -> None:
+        """A local corpus records no `corpus.source`: ids are paths under the root (every format)."""
+        return None
 
     def path(self, image_id: str) -> Path:
         return self.root / image_id

@@ -11,19 +11,20 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, limits, schema
-from ..corpus import Corpus, describe_failure, list_corpus, read_and_decode
+from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sha256_bytes
 from ..device import resolve_device, resolve_precision
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
+from ..sources import Item, Source, open_source, prefetched
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
 from .load import class_names, prepare_teacher, to_device
@@ -75,6 +76,8 @@ class DumpConfig:
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     segment_rows: int | None = None
+    image_column: str | None = None   # Parquet/Arrow corpora: the column holding the images
+    id_column: str | None = None      # ... and an optional column of ids
     progress: bool = False
     on_batch: Callable[[int], None] | None = None
 
@@ -132,16 +135,24 @@ class DumpSummary:
 class _CorpusViews(Dataset):
     """Item = one listing position: digest, pixels of every view (uint8), or the reason it failed."""
 
-    def __init__(self, corpus: Corpus, pre: Preprocess, views: ViewSpec, seed: int):
+    def __init__(self, corpus: Corpus | Source, pre: Preprocess, views: ViewSpec, seed: int):
         self.corpus, self.pre, self.views, self.seed = corpus, pre, views, seed
 
     def __len__(self) -> int:
-        return len(self.corpus.ids)
+        return self.corpus.n_listed
 
-    def __getitem__(self, pos: int) -> dict[str, Any]:
-        image_id = self.corpus.ids[pos]
+    def __getitem__(self, pos: int | Item) -> dict[str, Any]:
+        if isinstance(pos, Item):  # a streamed source: the bytes come with the position
+            pos, image_id, data, error = pos
+            if error is not None:
+                return {"source": pos, "id": image_id, "error": error}
+        else:
+            image_id, data = self.corpus.ids[pos], None
         try:
-            digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
+            if data is None:
+                digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
+            else:
+                digest, img = sha256_bytes(data), decode_image(data, self.pre.mode)
             h, w = int(img.shape[1]), int(img.shape[2])
             params = sample_view_params(h, w, self.views, self.seed, image_id)
             pixels = torch.stack([apply_view(img, p, self.pre, self.views.kind) for p in params])
@@ -164,6 +175,16 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "failures": [(it["source"], it["id"], it["error"]) for it in items if it["error"] is not None],
     }
+
+
+class _Streamed:
+    """A DataLoader batch_sampler over a streamed source: its batches carry their bytes to the workers."""
+
+    def __init__(self, job: "DumpJob", start: int, stop: int):
+        self.job, self.start, self.stop = job, start, stop
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        return self.job.streamed_batches(self.start, self.stop)
 
 
 def _versions() -> dict[str, str]:
@@ -198,7 +219,7 @@ class DumpJob:
     """Everything settled before the first image is read: the teacher on its device, the corpus, the metadata."""
 
     model: Any
-    corpus: Corpus
+    corpus: Corpus | Source
     meta: StoreMeta
     device: torch.device
     num_workers: int
@@ -214,13 +235,33 @@ class DumpJob:
         b = self.batch_size
         return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
 
+    def streamed_batches(self, start: int, stop: int) -> Iterator[list[Item]]:
+        """The same batches as `batches`, each position with its bytes, streamed from the source in
+        listing order (a source that is not read by position: shards, tables, URLs)."""
+        b = self.batch_size
+        batch: list[Item] = []
+        for item in prefetched(self.corpus.items((start // b) * b)):
+            if item.pos >= stop:
+                break
+            batch.append(item)
+            if len(batch) == b:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
     def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
             on_batch: Callable[[int], None] | None = None) -> None:
         """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here)."""
         meta, pre, dev = self.meta, self.meta.preprocess, self.device
-        batches = self.batches(start, stop)
-        if not batches:
-            return
+        if getattr(self.corpus, "positional", True):
+            batches: Any = self.batches(start, stop)
+            if not batches:
+                return
+        else:
+            if start >= stop:
+                return
+            batches = _Streamed(self, start, stop)
         workers = self.num_workers
         loader = DataLoader(_CorpusViews(self.corpus, pre, meta.views, meta.seed), batch_sampler=batches,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
@@ -301,7 +342,8 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     if dev.type == "cuda" and dev.index is None and local_rank is not None:  # one GPU per torchrun process
         dev = torch.device("cuda", local_rank)
     precision = resolve_precision(cfg.precision, dev)
-    corpus = list_corpus(cfg.images)
+    corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
+                         storage_options=cfg.storage_options)
 
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
@@ -320,7 +362,7 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     meta = StoreMeta(
         format_version=schema.version_for(targets), complete=False, classes=tuple(names), preprocess=pre, views=spec,
         teacher=t.info, corpus=CorpusInfo(str(corpus.root), corpus.listing, corpus.listing_sha256(),
-                                          len(corpus.ids)),
+                                          corpus.n_listed, source=corpus.record()),
         dtype=cfg.dtype, precision=precision, seed=cfg.seed, chunk_rows=1, batch_size=cfg.batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         embedded_pixels=cfg.embed_images, keep_bits=cfg.keep_bits, targets=targets)
@@ -332,7 +374,7 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
 
 def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
                  failures: list[tuple[str, str]], nothing_to_do: bool = False) -> DumpSummary:
-    return DumpSummary(out=out, n_listed=len(job.corpus.ids), n_images=meta.corpus.n_images,
+    return DumpSummary(out=out, n_listed=job.corpus.n_listed, n_images=meta.corpus.n_images,
                        n_failed=meta.corpus.n_failed, views=meta.views.count, num_classes=meta.num_classes,
                        dtype=meta.dtype, precision=meta.precision, device=str(job.device),
                        chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows, seconds=seconds,

@@ -1,0 +1,149 @@
+"""Corpora where they live: WebDataset shards, object-store prefixes, URL listings and Parquet tables
+dump the same logits as the same images in a folder, and their stores find each row's bytes again."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import logitstore
+from logitstore.sources import open_reader, open_source
+from logitstore.store import open_store
+
+from conftest import assert_one_line_error, invoke, run_cli
+
+N = 90
+SHARD_SIZES = (40, 40, 10)
+
+
+def _png(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format="PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(mnist) -> list[bytes]:
+    return [_png(a) for a in mnist["train_images"][:N]]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, images) -> dict[str, Path]:
+    """The same images as a folder, as img2dataset's shards, and as Hugging Face-style Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("layouts")
+    folder = root / "folder"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"{i:09d}.png").write_bytes(data)
+    shards = root / "shards"
+    shards.mkdir()
+    i = 0
+    for s, n in enumerate(SHARD_SIZES):
+        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as w:  # img2dataset's layout: KEY.jpg, KEY.json, KEY.txt
+            for _ in range(n):
+                w.write({"__key__": f"{i:09d}", "png": images[i], "txt": f"caption {i}",
+                         "json": json.dumps({"key": f"{i:09d}", "status": "success"}).encode()})
+                i += 1
+    tables = root / "tables"
+    tables.mkdir()
+    for part, (a, b) in enumerate(((0, 50), (50, N))):
+        t = pa.table({"image": [{"bytes": images[k], "path": f"{k}.png"} for k in range(a, b)],
+                      "label": list(range(a, b)), "name": [f"img{k}" for k in range(a, b)]})
+        pq.write_table(t, tables / f"train-{part:05d}.parquet", row_group_size=16)
+    return {"folder": folder, "shards": shards, "tables": tables, "root": root}
+
+
+@pytest.fixture(scope="module")
+def reference(layouts, teacher_ckpt) -> np.ndarray:
+    s = logitstore.dump(str(teacher_ckpt), str(layouts["folder"]), str(layouts["root"] / "folder.zarr"),
+                        num_workers=0, batch_size=32)
+    assert s.n_images == N and s.n_failed == 0
+    return open_store(str(layouts["root"] / "folder.zarr")).read(0, N).logits
+
+
+def _dump(teacher: Path, images: str, out: Path, **kw) -> tuple[np.ndarray, object]:
+    s = logitstore.dump(str(teacher), images, str(out), num_workers=kw.pop("num_workers", 0), batch_size=32, **kw)
+    assert (s.n_images, s.n_failed) == (N, 0), s.failures[:3]
+    store = open_store(str(out))
+    return store.read(0, N).logits, store
+
+
+def test_shards_by_pattern_and_folder_dump_the_folder_logits(layouts, teacher_ckpt, reference, tmp_path):
+    pattern = str(layouts["shards"]) + "/{00000..00002}.tar"
+    logits, store = _dump(teacher_ckpt, pattern, tmp_path / "a.zarr", num_workers=2)
+    np.testing.assert_array_equal(logits, reference)
+    ids = store.read(0, N).ids
+    assert ids[0] == "00000.tar/000000000" and ids[45] == "00001.tar/000000045"
+    assert store.meta.corpus.source == {"kind": "webdataset"} and store.meta.format_version == "1.4"
+    same, _ = _dump(teacher_ckpt, str(layouts["shards"]), tmp_path / "b.zarr")
+    np.testing.assert_array_equal(same, reference)
+    # The store finds a row's bytes again from its id, and they match the stored digest.
+    reader = open_reader(store.meta.corpus.root, store.meta.corpus.source)
+    import hashlib
+    rows = store.read(0, N)
+    for k in (0, 39, 40, 89):
+        assert hashlib.sha256(reader.read(rows.ids[k])).digest() == bytes(rows.digests[k])
+
+
+def test_parquet_with_an_image_struct_dumps_the_folder_logits(layouts, teacher_ckpt, reference, tmp_path):
+    logits, store = _dump(teacher_ckpt, str(layouts["tables"]), tmp_path / "p.zarr", image_column="image")
+    np.testing.assert_array_equal(logits, reference)
+    rows = store.read(0, N)
+    assert rows.ids[0] == "train-00000.parquet/0" and rows.ids[50] == "train-00001.parquet/0"
+    assert store.meta.corpus.source == {"kind": "parquet", "image_column": "image", "id_column": None}
+    by_name, named = _dump(teacher_ckpt, str(layouts["tables"]) + "/train-{00000..00001}.parquet",
+                           tmp_path / "q.zarr", image_column="image", id_column="name")
+    np.testing.assert_array_equal(by_name, reference)
+    reader = open_reader(named.meta.corpus.root, named.meta.corpus.source)
+    assert reader.read("train-00001.parquet/img77") == open_reader(
+        store.meta.corpus.root, store.meta.corpus.source).read("train-00001.parquet/27")
+
+
+def test_s3_shards_prefix_and_url_listing_dump_the_folder_logits(s3, layouts, images, teacher_ckpt, reference,
+                                                                  tmp_path):
+    import boto3
+
+    client = boto3.client("s3")
+    for tar in sorted(layouts["shards"].glob("*.tar")):
+        client.upload_file(str(tar), "caches", f"wds/{tar.name}")
+    for i, data in enumerate(images):
+        client.put_object(Bucket="caches", Key=f"loose/{i // 30}/{i:09d}.png", Body=data)
+    shards, _ = _dump(teacher_ckpt, "s3://caches/wds/{00000..00002}.tar", tmp_path / "s.zarr")
+    np.testing.assert_array_equal(shards, reference)
+    prefix, store = _dump(teacher_ckpt, "s3://caches/loose/", tmp_path / "l.zarr")
+    np.testing.assert_array_equal(prefix, reference)
+    assert store.meta.corpus.root == "s3://caches/loose" and store.read(0, 1).ids[0] == "0/000000000.png"
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"s3://caches/loose/{i // 30}/{i:09d}.png\n" for i in range(N)))
+    urls, _ = _dump(teacher_ckpt, str(listing), tmp_path / "u.zarr")
+    np.testing.assert_array_equal(urls, reference)
+    # Shards on the object store are read back through the local cache, concurrently.
+    reader = open_reader("s3://caches/wds", {"kind": "webdataset"}, cache_bytes=1 << 20)
+    got = reader.read_many(["00000.tar/000000003", "00002.tar/000000085", "00001.tar/000000041"])
+    assert got == [images[3], images[85], images[41]]
+    reader.close()
+
+
+def test_local_corpora_keep_their_ids_and_listing(layouts, corpus):
+    from logitstore.corpus import list_corpus
+
+    src = open_source(corpus)
+    old = list_corpus(corpus)
+    assert src.ids == old.ids and src.listing_sha256() == old.listing_sha256() and src.record() is None
+
+
+def test_a_bad_source_is_one_line(layouts, tmp_path):
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]) + "/train-00000.parquet",
+                  "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "--image-column")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]),
+                  "--image-column", "pixels", "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "no column 'pixels'")
