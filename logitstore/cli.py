@@ -93,6 +93,9 @@ PRETRAINED_HELP = ("timm:NAME: its pretrained weights from this machine's Huggin
 @click.option("--image-column", default=None, help="Parquet/Arrow corpora: the column holding each image "
               "(bytes, or a Hugging Face {bytes, path} struct).")
 @click.option("--id-column", default=None, help="Parquet/Arrow corpora: a column of ids [default: the row number].")
+@click.option("--max-failure-share", default=0.5, show_default=True, type=_dump_number("max_failure_share"),
+              help="Stop (store left incomplete) when more than this share of images fail, judged after "
+                   "1,000 images; a dump whose images all fail always stops.")
 @click.option("--out", required=True, help="Store to write (a directory ending .zarr), or a URL.")
 @click.option("--add-teacher", is_flag=True,
               help="Add this teacher to the complete store at --out (same images, matched by digest; the "

@@ -147,3 +147,47 @@ def test_a_bad_source_is_one_line(layouts, tmp_path):
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]),
                   "--image-column", "pixels", "--out", str(tmp_path / "x.zarr"))
     assert_one_line_error(proc, "no column 'pixels'")
+
+
+def _broken_shard(path: Path, images: list[bytes], good: int, bad: int) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for i in range(good + bad):
+            data = images[i % len(images)] if i % (good + bad) < good else b"not an image at all"
+            w.write({"__key__": f"{i:09d}", "png": data})
+
+
+def test_a_mostly_failing_dump_stops_with_its_first_reasons(tmp_path, images, teacher_ckpt):
+    shard = tmp_path / "dirty.tar"
+    _broken_shard(shard, images, good=300, bad=900)
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(shard),
+                  "--out", str(tmp_path / "d.zarr"), "--num-workers", "0", "--quiet")
+    err = assert_one_line_error(proc, "of the first", "--max-failure-share 0.5", "000000300: UnidentifiedImageError")
+    assert "incomplete" in err
+    from logitstore.store import open_store as open_any
+    partial = open_any(str(tmp_path / "d.zarr"), allow_incomplete=True)
+    assert not partial.meta.complete
+    # Failures go to the growing arrays, not the progress attribute (none is final before a chunk is).
+    assert dict(partial.group.attrs["logitstore_progress"]) == {"rows": 0, "next_source": 0, "n_failures": 0}
+    # A tolerant share lets the same corpus through, recording every failure in the arrays.
+    s = logitstore.dump(str(teacher_ckpt), str(shard), str(tmp_path / "ok.zarr"), num_workers=0,
+                        max_failure_share=0.8)
+    store = open_store(str(tmp_path / "ok.zarr"))
+    assert (s.n_images, s.n_failed) == (300, 900) and len(store.failures()) == 900
+    assert store.failures()[0][0] == "dirty.tar/000000300" and store.failures()[899][0] == "dirty.tar/000001199"
+    assert store.group["failed_ids"].chunks == (4096,)
+
+
+def test_a_dump_whose_images_all_fail_writes_no_complete_store(tmp_path, teacher_ckpt):
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"file://{tmp_path}/missing{i}.png\n" for i in range(5)))
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"b{i}.png").write_bytes(b"junk")
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(folder),
+                  "--out", str(tmp_path / "e.zarr"), "--num-workers", "0", "--quiet")
+    assert_one_line_error(proc, "all 5 images failed", "b0.png")
+    from logitstore.store import open_store as open_any
+    assert not open_any(str(tmp_path / "e.zarr"), allow_incomplete=True).meta.complete

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__, limits, schema
 from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sha256_bytes
 from ..device import resolve_device, resolve_precision
-from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
+from ..errors import CorpusError, DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
@@ -78,6 +78,7 @@ class DumpConfig:
     segment_rows: int | None = None
     image_column: str | None = None   # Parquet/Arrow corpora: the column holding the images
     id_column: str | None = None      # ... and an optional column of ids
+    max_failure_share: float = 0.5    # stop when more than this share of images failed (after FAILURE_CHECK_AFTER)
     progress: bool = False
     on_batch: Callable[[int], None] | None = None
 
@@ -105,7 +106,40 @@ DUMP_LIMITS = {
     "chunk_rows": limits.count(1, schema.MAX_CHUNK_ROWS), "keep_bits": limits.count(1, 22),
     "topk": limits.count(1, schema.MAX_CLASSES), "sample": limits.count(1, 65535),
     "sample_temperature": limits.real(0, lo_open=True), "segment_rows": limits.count(1),
+    "max_failure_share": limits.real(0, 1),
 }
+# A dump judges its failure share once it has read this many images (and stops at once if all of them failed).
+FAILURE_CHECK_AFTER = 1000
+
+
+@dataclass
+class FailureWatch:
+    """Stops a dump whose images mostly fail (the wrong --images, a missing --image-column's bytes, an
+    unreachable bucket) with one line naming the first reasons, rather than writing an empty store."""
+
+    images: str
+    max_share: float = 0.5
+    seen: int = 0
+    failed: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, n_ok: int, failures: Sequence[tuple[int, str, str]]) -> None:
+        self.seen += n_ok + len(failures)
+        self.failed += len(failures)
+        self.reasons += [f"{image_id}: {reason}" for _, image_id, reason in failures][:max(0, 3 - len(self.reasons))]
+        if self.seen >= FAILURE_CHECK_AFTER and self.failed == self.seen:
+            self.stop(f"all of the first {self.seen:,} images failed")
+        if self.seen >= FAILURE_CHECK_AFTER and self.failed > self.max_share * self.seen:
+            self.stop(f"{self.failed:,} of the first {self.seen:,} images failed, more than --max-failure-share "
+                      f"{self.max_share:g}")
+
+    def finish(self, rows_before: int) -> None:
+        if self.seen and self.failed == self.seen and rows_before == 0:
+            self.stop(f"all {self.seen:,} images failed")
+
+    def stop(self, what: str) -> None:
+        raise CorpusError(f"{self.images}: {what} (first: {'; '.join(self.reasons)}); the store is left "
+                          "incomplete. Check --images (and --image-column), or raise --max-failure-share")
 
 
 @dataclass
@@ -223,6 +257,7 @@ class DumpJob:
     meta: StoreMeta
     device: torch.device
     num_workers: int
+    max_failure_share: float = 0.5
 
     @property
     def batch_size(self) -> int:
@@ -251,9 +286,13 @@ class DumpJob:
             yield batch
 
     def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
-            on_batch: Callable[[int], None] | None = None) -> None:
-        """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here)."""
+            on_batch: Callable[[int], None] | None = None, whole: bool = False) -> None:
+        """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here).
+        `whole`: these are all the listing's remaining positions (no store where every image failed)."""
         meta, pre, dev = self.meta, self.meta.preprocess, self.device
+        watch = FailureWatch(meta.corpus.listing if meta.corpus.listing != "directory" else meta.corpus.root,
+                             self.max_failure_share)
+        rows_before = writer.progress.rows
         if getattr(self.corpus, "positional", True):
             batches: Any = self.batches(start, stop)
             if not batches:
@@ -288,10 +327,13 @@ class DumpJob:
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
+            watch.add(int((ok["source"] >= start).sum()) if ok else 0, failures)
             if progress is not None:
                 progress.advance(task, n + len(batch["failures"]))
             if on_batch is not None:
                 on_batch(n)
+        if whole:
+            watch.finish(rows_before)
 
 
 def target_spec(topk: int | None = None, sample: int | None = None,
@@ -369,7 +411,7 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
     meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
     workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
-    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers)
+    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share)
 
 
 def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
@@ -405,11 +447,11 @@ def forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
 
 
 def run_into(job: DumpJob, writer: StoreWriter, start: int, stop: int, bar: Any, task: Any,
-             on_batch: Callable[[int], None] | None, saved: str) -> StoreMeta:
+             on_batch: Callable[[int], None] | None, saved: str, whole: bool = False) -> StoreMeta:
     """Run `job` over listing positions [start, stop) into `writer`, then close it: finalized when every
     batch went in; otherwise committed as far as it got (`saved` says where, for Ctrl-C's message)."""
     try:
-        job.run(writer, start, stop, bar, task, on_batch)
+        job.run(writer, start, stop, bar, task, on_batch, whole)
     except KeyboardInterrupt:
         writer.close(finalize=False)
         raise DumpInterrupted(f"interrupted: {saved.format(rows=writer.progress.rows)}; run the same command "

@@ -47,6 +47,6 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     with bar:
         task = bar.add_task("dump", total=n_listed, completed=(start // job.batch_size) * job.batch_size)
         meta = run_into(job, writer, start, n_listed, bar, task, cfg.on_batch,
-                        saved=f"{{rows}} images are saved in {cfg.out}")
+                        saved=f"{{rows}} images are saved in {cfg.out}", whole=True)
     return make_summary(job, cfg.out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(writer.group.store),
                         [(f[0], f[1]) for f in writer.progress.failures])
