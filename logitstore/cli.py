@@ -326,7 +326,7 @@ def verify(store: str, images: str | None, allow_incomplete: bool, storage_optio
 
     rep = run_verify(open_store(store, allow_incomplete=allow_incomplete,
                                 storage_options=parse_storage_options(storage_option)), images,
-                     allow_incomplete=allow_incomplete)
+                     allow_incomplete=allow_incomplete, storage_options=parse_storage_options(storage_option))
     if as_json:
         emit_json(rep, ok=rep.ok)
         sys.exit(0 if rep.ok else 1)

@@ -526,57 +526,61 @@ def _url_listing(path: Path, so: dict[str, Any]) -> Source:
 # -- reading rows back by id ----------------------------------------------------------------------
 
 class _UnitCache:
-    """Remote units as whole local files, least recently used first out past `limit` bytes."""
+    """Remote units as whole local files in one folder that every process of a run may share (a file is
+    fetched under a temporary name and renamed, so a reader never sees half of one); past `limit` bytes
+    the least recently fetched go first."""
 
-    def __init__(self, limit: int, so: dict[str, Any]):
+    def __init__(self, limit: int, so: dict[str, Any], folder: str | None = None):
         self.limit, self.so = limit, so
-        self.dir = tempfile.mkdtemp(prefix="logitstore-units-")
-        self.files: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        self.lock = threading.Lock()
-        self.fetching: dict[str, threading.Event] = {}
+        self.dir = folder or tempfile.mkdtemp(prefix="logitstore-units-")
+        self.owned = folder is None
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path_of(self, url: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(url.encode()).hexdigest()[:32] + os.path.splitext(url)[1])
 
     def local(self, url: str) -> str:
-        with self.lock:
-            if url in self.files:
-                self.files.move_to_end(url)
-                return self.files[url][0]
-            wait = self.fetching.get(url)
-            if wait is None:
-                self.fetching[url] = threading.Event()
-        if wait is not None:
-            wait.wait()
-            return self.local(url)
-        try:
-            fs, path = _fs(url, self.so)
-            dest = os.path.join(self.dir, hashlib.sha256(url.encode()).hexdigest()[:32] + os.path.splitext(url)[1])
-            fs.get_file(path, dest)
-            size = os.path.getsize(dest)
-            with self.lock:
-                self.files[url] = (dest, size)
-                while sum(s for _, s in self.files.values()) > self.limit and len(self.files) > 1:
-                    _, (old, _) = self.files.popitem(last=False)
-                    try:
-                        os.unlink(old)
-                    except OSError:
-                        pass
+        dest = self.path_of(url)
+        if os.path.exists(dest):
             return dest
-        finally:
-            with self.lock:
-                self.fetching.pop(url).set()
+        fs, path = _fs(url, self.so)
+        tmp = f"{dest}.{os.getpid()}.{threading.get_ident()}.partial"
+        fs.get_file(path, tmp)
+        os.replace(tmp, dest)
+        self._evict(keep=dest)
+        return dest
+
+    def _evict(self, keep: str) -> None:
+        try:
+            files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(self.dir)
+                     if not e.name.endswith(".partial")]
+        except OSError:
+            return
+        total = sum(f[1] for f in files)
+        for _, size, path in sorted(files):
+            if total <= self.limit:
+                break
+            if path != keep:
+                try:
+                    os.unlink(path)  # a reader that has it open keeps reading it
+                    total -= size
+                except OSError:
+                    pass
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.owned:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class SourceReader:
     """Bytes of stored rows by id, wherever the store's corpus lives (`open_reader`)."""
 
     def __init__(self, root: str, record: dict[str, Any] | None, storage_options: dict[str, Any] | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None):
         self.root, self.record = str(root), record or {}
         self.kind = self.record.get("kind")
         self.so = dict(storage_options or {})
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.cache_dir = cache_bytes, cache_dir
         self._cache: _UnitCache | None = None
         self._index: OrderedDict[str, dict[str, Any]] = OrderedDict()  # unit -> key -> where
         self._lock = threading.Lock()
@@ -636,7 +640,7 @@ class SourceReader:
         if not is_url(location):
             return location
         if self._cache is None:
-            self._cache = _UnitCache(self.cache_bytes, self.so)
+            self._cache = _UnitCache(self.cache_bytes, self.so, self.cache_dir)
         return self._cache.local(location)
 
     def _read_in_unit(self, unit: str, key: str) -> bytes:
@@ -645,6 +649,8 @@ class SourceReader:
             if index is not None:
                 self._index.move_to_end(unit)
         local = self._unit_file(unit)
+        if is_url(self.root) and not os.path.exists(local):  # evicted by another process just now
+            local = self._unit_file(unit)
         if index is None:
             index = self._build_index(local, unit)
             with self._lock:
@@ -772,7 +778,21 @@ def prefetched(items: Iterator[Any], depth: int = 256) -> Iterator[Any]:
 
 
 def open_reader(root: str, record: dict[str, Any] | None, storage_options: dict[str, Any] | None = None,
-                cache_bytes: int = DEFAULT_CACHE_BYTES) -> SourceReader:
+                cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None) -> SourceReader:
     """A reader of the rows of a store whose corpus is at `root` (a folder or URL; --images may say where
-    it is now), of the kind its `corpus.source` records (None: loose files under `root`)."""
-    return SourceReader(root, record, storage_options, cache_bytes)
+    it is now), of the kind its `corpus.source` records (None: loose files under `root`). Remote shards
+    and tables are fetched whole into `cache_dir` (a fresh temporary folder if None), `cache_bytes` at most."""
+    return SourceReader(root, record, storage_options, cache_bytes, cache_dir)
+
+
+def images_root(images: str | os.PathLike) -> str:
+    """--images given to a reader (trainer, show, verify) -> the root its stored ids are relative to:
+    a pattern's or a single shard's or table's folder, else the folder or URL itself."""
+    text = os.fspath(images)
+    if text.startswith("file://"):
+        text = text[len("file://"):] or "/"
+    if "{" in text:
+        text = text[:text.index("{")].rsplit("/", 1)[0]
+    elif text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
+        text = text.rsplit("/", 1)[0]
+    return text.rstrip("/") if is_url(text) else str(Path(text).expanduser())

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import schema
+from ..sources import images_root, open_reader
 from ..corpus import sha256_bytes
 from ..errors import IntegrityError
 from ..fingerprint import RowHasher
@@ -111,14 +112,16 @@ class VerifyReport:
 
 
 def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
-           allow_incomplete: bool = False) -> VerifyReport:
-    """Read every chunk (checksums), check logits are finite, ids unique, and digests against `images`."""
+           allow_incomplete: bool = False, storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    """Read every chunk (checksums), check logits are finite, ids unique, and digests against `images`
+    (the corpus wherever it lives: logitstore/sources.py; `storage_options` for a URL)."""
     rep = VerifyReport(store.location, rows=len(store))
     stray = stray_keys(store.group.store)
     if stray:
         rep.notes.append(f"{len(stray)} temporary file(s) of an interrupted write (e.g. {stray[0]}) are not part "
                          "of the store; readers and copies ignore them, the next write into it removes them")
-    root = Path(images).expanduser() if images else None
+    root = images_root(images) if images else None
+    reader = open_reader(root, store.meta.corpus.source, storage_options) if root is not None else None
     seen: set[str] = set()
     hasher = RowHasher()
     for k in range(store.n_chunks):
@@ -140,13 +143,12 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
                 rep.problems.append(f"{i}: id appears twice")
             seen.add(i)
         if root is not None:
-            for image_id, digest in zip(rows.ids, rows.digests):
-                path = root / image_id
-                try:
-                    ok = sha256_bytes(path.read_bytes()) == digest.tobytes()
-                except OSError as exc:
-                    rep.problems.append(f"{path}: cannot be read ({exc.strerror or exc})")
+            for image_id, digest, data in zip(rows.ids, rows.digests, reader.read_many([str(i) for i in rows.ids])):
+                path = f"{root.rstrip('/')}/{image_id}"
+                if isinstance(data, BaseException):
+                    rep.problems.append(f"{path}: cannot be read ({getattr(data, 'strerror', None) or data})")
                     continue
+                ok = sha256_bytes(data) == digest.tobytes()
                 rep.images_checked += 1
                 if not ok:
                     rep.problems.append(f"{path}: its bytes differ from the digest stored when it was dumped")
