@@ -255,3 +255,61 @@ def test_show_and_verify_read_pixels_from_shards_and_object_storage(s3, layouts,
     out = tmp_path / "sheet.png"
     run_cli("logitstore", "show", str(store), "--images", "s3://caches/show", "--out", str(out), "--per-class", "2")
     assert out.stat().st_size > 1000
+
+
+def test_torchrun_over_shards_cuts_at_shards_and_a_killed_rank_resumes_to_the_one_process_store(tmp_path, images):
+    import os
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    import webdataset as wds
+    import zarr
+
+    from logitstore import schema
+    from conftest import save_teacher
+    from test_distributed import _child_with_rank, _env, _segment_rows, _torchrun
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    i = 0
+    for s, n in enumerate((29, 27, 21, 13)):  # bounds at 29, 56, 77: inside teacher batches of 8
+        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as w:
+            for _ in range(n):
+                w.write({"__key__": f"{i:09d}", "png": images[i] if i != 33 else b"broken", "txt": "x"})
+                i += 1
+    ckpt = save_teacher(tmp_path / "slow.pt", arch="nets:slow_cnn", seconds=0.2)
+    args = ["--teacher", str(ckpt), "--images", str(shards), "--batch-size", "8", "--chunk-rows", "8",
+            "--num-workers", "0", "--quiet"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    run_cli("logitstore", "dump", *args, "--out", str(ref))
+
+    cmd = _torchrun(2, *args, "--out", str(out))
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, env=_env(DUMP_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and _segment_rows(out, 1) < 8:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the dump ended before a rank could be killed:\n{proc.stdout.read()}"
+        plan = dict(zarr.open_group(str(out), mode="r").attrs[schema.ATTR_PROGRESS])
+        assert plan["segment_bounds"] == [0, 29, 56, 77, 90]  # one segment a shard
+        victim = _child_with_rank(proc.pid, 1, tag)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = open_store(str(ref)), open_store(str(out))
+    ra, rb = a.read(0, len(a)), b.read(0, len(b))
+    assert len(a) == N - 1 and list(ra.ids) == list(rb.ids)
+    assert ra.logits.tobytes() == rb.logits.tobytes() and np.array_equal(ra.digests, rb.digests)
+    assert a.failures() == b.failures() == [("00001.tar/000000033", a.failures()[0][1])]
+    assert a.meta.fingerprints == b.meta.fingerprints

@@ -41,6 +41,10 @@ from ..writer import check_resumable, create_arrays, every_chunk_written, finali
 # together and a dead one loses little, few enough that a segment is many chunks long.
 SEGMENTS_PER_PROCESS = 8
 MAX_SEGMENT_CHUNKS = 64
+# A streamed corpus (shards, tables) is cut at its units: the plan lists each segment's first listing
+# position and the end (segment_rows is then 0). A segment that starts or ends inside a teacher batch
+# reads that batch whole and keeps its own positions, so every image is in the batch it has in one process.
+SEGMENT_BOUNDS = "segment_bounds"
 # Fast processes wait for slow ones between phases; a dead process ends the job through torchrun.
 PHASE_TIMEOUT = timedelta(hours=24)
 
@@ -114,12 +118,13 @@ def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool =
     comm = _Comm(ctx)
     try:
         t0 = time.perf_counter()
-        plan = comm.outcome(lambda: _open_root(out, meta, overwrite, so, segment_rows, ctx.world), True)[0]
-        n_seg = math.ceil(meta.corpus.n_listed / plan[schema.PROGRESS_SEGMENT_ROWS])
+        bounds = None if segment_rows is not None else job.unit_bounds(SEGMENTS_PER_PROCESS * ctx.world)
+        plan = comm.outcome(lambda: _open_root(out, meta, overwrite, so, segment_rows, ctx.world, bounds), True)[0]
+        spans = segment_spans(plan, meta.corpus.n_listed)
+        n_seg = len(spans)
         resumed = 0
         if plan[schema.PROGRESS_PHASE] == schema.PHASE_SEGMENTS:
-            done = comm.outcome(lambda: _dump_segments(job, out, ctx, plan[schema.PROGRESS_SEGMENT_ROWS], so,
-                                                       progress, on_batch))
+            done = comm.outcome(lambda: _dump_segments(job, out, ctx, spans, so, progress, on_batch))
             resumed = sum(done)
             plan = comm.outcome(lambda: _plan_assembly(out, meta, n_seg, so), True)[0]
         if plan[schema.PROGRESS_PHASE] == schema.PHASE_ASSEMBLY:
@@ -133,7 +138,7 @@ def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool =
 
 
 def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | None,
-               segment_rows: int | None, world: int) -> dict[str, Any]:
+               segment_rows: int | None, world: int, bounds: list[int] | None = None) -> dict[str, Any]:
     """Rank 0: create the store (or check the one to resume) and return its progress."""
     check_store_destination(out, so, [meta.corpus.root])
     group = open_group(out, mode="a", storage_options=so)
@@ -148,8 +153,11 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
             raise ResumeMismatchError(f"{out} was started with --segment-rows {p[schema.PROGRESS_SEGMENT_ROWS]}; "
                                       "re-run with that (or without the flag), or pass --overwrite")
         return p
-    rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
-    if rows < 1 or rows % meta.batch_size:
+    if bounds is not None:  # a streamed corpus: each segment is whole shards or files (SEGMENT_BOUNDS)
+        rows = 0
+    else:
+        rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
+    if bounds is None and (rows < 1 or rows % meta.batch_size):
         # Whole teacher batches keep every image in the batch it has in a single-process run.
         raise OptionError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
                               f"{meta.batch_size}")
@@ -157,17 +165,26 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
     delete_all(group.store)
     group = open_group(out, mode="a", storage_options=so)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
-    p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS}
+    p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS,
+         **({SEGMENT_BOUNDS: bounds} if bounds is not None else {})}
     group.attrs[schema.ATTR_PROGRESS] = p
     return p
 
 
-def _dump_segments(job: Any, out: str, ctx: Torchrun, rows: int, so: dict[str, Any] | None,
+def segment_spans(plan: dict[str, Any], n: int) -> list[tuple[int, int]]:
+    """Listing positions [lo, hi) of each segment: fixed runs of segment_rows, or the plan's unit bounds."""
+    bounds = plan.get(SEGMENT_BOUNDS)
+    if bounds is not None:
+        return list(zip(bounds[:-1], bounds[1:]))
+    rows = plan[schema.PROGRESS_SEGMENT_ROWS]
+    return [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+
+
+def _dump_segments(job: Any, out: str, ctx: Torchrun, spans: list[tuple[int, int]], so: dict[str, Any] | None,
                    progress: bool, on_batch: Callable[[int], None] | None) -> int:
     """Every segment of this rank, each resumed where it stopped; returns the rows that were already there."""
 
-    n = job.meta.corpus.n_listed
-    mine = [(k, k * rows, min(n, (k + 1) * rows)) for k in range(ctx.rank, math.ceil(n / rows), ctx.world)]
+    mine = [(k, lo, hi) for k, (lo, hi) in enumerate(spans) if k % ctx.world == ctx.rank]
     resumed = 0
     bar = progress_bar(progress and ctx.rank == 0)
     with bar:

@@ -5,6 +5,7 @@ run it over listing positions: corpus -> DataLoader workers (read, digest, decod
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import time
@@ -271,12 +272,14 @@ class DumpJob:
         return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
 
     def streamed_batches(self, start: int, stop: int) -> Iterator[list[Item]]:
-        """The same batches as `batches`, each position with its bytes, streamed from the source in
-        listing order (a source that is not read by position: shards, tables, URLs)."""
+        """The batches of an uninterrupted run that hold positions [start, stop), each position with its
+        bytes, streamed from the source in listing order (shards, tables, URLs). Whole batches, also past
+        `stop` (a segment that ends inside a batch: `run` keeps only its own positions)."""
         b = self.batch_size
+        end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
         for item in prefetched(self.corpus.items((start // b) * b)):
-            if item.pos >= stop:
+            if item.pos >= end:
                 break
             batch.append(item)
             if len(batch) == b:
@@ -284,6 +287,22 @@ class DumpJob:
                 batch = []
         if batch:
             yield batch
+
+    def unit_bounds(self, segments: int) -> list[int] | None:
+        """Segment bounds at the corpus's units (shards, files), about `segments` of them, for a
+        distributed dump: no process reads a unit another one dumps (but a batch across a bound).
+        None for a corpus read by position, which is cut in fixed runs of rows."""
+        if getattr(self.corpus, "positional", True):
+            return None
+        counts = self.corpus.counts
+        per = max(1, math.ceil(len(counts) / max(1, segments)))
+        bounds, pos = [0], 0
+        for u, c in enumerate(counts):
+            pos += c
+            if (u + 1) % per == 0 or u + 1 == len(counts):
+                if pos > bounds[-1]:
+                    bounds.append(pos)
+        return bounds
 
     def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
             on_batch: Callable[[int], None] | None = None, whole: bool = False) -> None:
@@ -310,12 +329,13 @@ class DumpJob:
         np_dtype = np.float16 if meta.dtype == "float16" else np.float32
         v = meta.views.count
         for batch in loader:
-            failures = [f for f in batch["failures"] if f[0] >= start]
+            failures = [f for f in batch["failures"] if start <= f[0] < stop]
             ok = batch["ok"]
             rows = _failures_only(failures, v)
-            if ok and (ok["source"] >= start).any():  # a resumed run re-reads a batch it may have kept
+            # A resumed run re-reads a batch it may have kept; a segment may share a batch with the next.
+            if ok and ((ok["source"] >= start) & (ok["source"] < stop)).any():
                 logits = forward(self.model, ok["pixels"], pre, dev, autocast)
-                keep = ok["source"] >= start
+                keep = (ok["source"] >= start) & (ok["source"] < stop)
                 ids = [i for i, k in zip(ok["ids"], keep) if k]
                 lg = logits[torch.from_numpy(keep)]
                 check_logits(lg.reshape(len(ids), -1), meta.dtype, ids, meta.keep_bits)
@@ -327,7 +347,7 @@ class DumpJob:
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
-            watch.add(int((ok["source"] >= start).sum()) if ok else 0, failures)
+            watch.add(int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0, failures)
             if progress is not None:
                 progress.advance(task, n + len(batch["failures"]))
             if on_batch is not None:
