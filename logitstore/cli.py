@@ -314,7 +314,8 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
 @main.command()
 @click.argument("store")
 @click.option("--images", default=None, type=click.Path(),
-              help="Also check every image's bytes against its stored digest (corpus root).")
+              help="Also check every image's bytes against its stored digest: the corpus root (a folder, URL, "
+                   "shards or tables, wherever the corpus is now).")
 @click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
 @storage_option_flag
 @json_flag
@@ -450,7 +451,8 @@ def select(store: str, out: str, min_confidence: float | None, max_entropy: floa
 @main.command("show")
 @click.argument("store")
 @click.option("--images", default=None, type=click.Path(),
-              help="Corpus root the store was dumped from [default: the root recorded in the store].")
+              help="Corpus root the store was dumped from: a folder, URL, shards or tables [default: the root "
+                   "recorded in the store].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--per-class", default=8, show_default=True, type=_count(1, 1000), help="Images drawn per class.")
 @click.option("--max-classes", default=20, show_default=True, type=_count(1, 1000),

@@ -313,3 +313,14 @@ def test_torchrun_over_shards_cuts_at_shards_and_a_killed_rank_resumes_to_the_on
     assert ra.logits.tobytes() == rb.logits.tobytes() and np.array_equal(ra.digests, rb.digests)
     assert a.failures() == b.failures() == [("00001.tar/000000033", a.failures()[0][1])]
     assert a.meta.fingerprints == b.meta.fingerprints
+
+
+def test_add_teacher_replays_the_views_of_a_table_store(layouts, teacher_ckpt, tmp_path):
+    from logitstore.teacher.add import add_teacher
+
+    out = tmp_path / "t.zarr"
+    logitstore.dump(str(teacher_ckpt), str(layouts["tables"]), str(out), num_workers=0, image_column="image",
+                    views=2, seed=5)
+    s = add_teacher(str(out), str(teacher_ckpt), name="again", num_workers=0)
+    store = open_store(str(out))
+    assert s.rows == N and store.teacher_logits("again", 0, N).tobytes() == store.read(0, N).logits.tobytes()
