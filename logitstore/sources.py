@@ -583,10 +583,13 @@ class SourceReader:
         self.cache_bytes, self.cache_dir = cache_bytes, cache_dir
         self._cache: _UnitCache | None = None
         self._index: OrderedDict[str, dict[str, Any]] = OrderedDict()  # unit -> key -> where
+        self._groups: OrderedDict[tuple[str, int], list[Any]] = OrderedDict()  # decoded table row groups
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get their own caches
-        return {**self.__dict__, "_cache": None, "_index": OrderedDict(), "_lock": None}
+        return {**self.__dict__, "_cache": None, "_index": OrderedDict(), "_groups": OrderedDict(), "_fds": OrderedDict(),
+                "_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -610,14 +613,18 @@ class SourceReader:
             except Exception as exc:  # the caller names the row
                 return exc
         if self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root):
-            units = list(dict.fromkeys(self._split(i)[0] for i in ids))
-            with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
-                list(pool.map(lambda u: self._safe(self._unit_file, u), units))
+            units = [u for u in dict.fromkeys(self._split(i)[0] for i in ids) if not self._have(u)]
+            if units:
+                with ThreadPoolExecutor(min(len(units), CONCURRENT_REQUESTS)) as pool:
+                    list(pool.map(lambda u: self._safe(self._unit_file, u), units))
             return [one(i) for i in ids]
         if is_url(self.root):
             with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
                 return list(pool.map(one, ids))
         return [one(i) for i in ids]
+
+    def _have(self, unit: str) -> bool:
+        return self._cache is not None and os.path.exists(self._cache.path_of(_join(self.root, unit)))
 
     @staticmethod
     def _safe(fn: Any, *args: Any) -> Any:
@@ -662,13 +669,36 @@ class SourceReader:
         where = index[key]
         if self.kind == KIND_WEBDATASET:
             offset, size = where
-            with open(local, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        value = _image_bytes(_table_cell(local, self.record["image_column"], where))
+            return os.pread(self._fd(local), size, offset)
+        value = _image_bytes(self._table_cell(local, self.record["image_column"], where))
         if isinstance(value, BaseException):
             raise value
         return value
+
+    def _fd(self, local: str) -> int:
+        """An open descriptor of a shard (a few kept: a block's rows come from one or two shards)."""
+        with self._lock:
+            fd = self._fds.get(local)
+            if fd is not None:
+                self._fds.move_to_end(local)
+                return fd
+            fd = self._fds[local] = os.open(local, os.O_RDONLY)
+            while len(self._fds) > 16:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def _table_cell(self, local: str, column: str, row: int) -> Any:
+        with self._lock:
+            for (path, first), values in self._groups.items():
+                if path == local and first <= row < first + len(values):
+                    self._groups.move_to_end((path, first))
+                    return values[row - first]
+        first, values = _table_group(local, column, row)
+        with self._lock:
+            self._groups[(local, first)] = values
+            while len(self._groups) > TABLE_GROUPS_KEPT:
+                self._groups.popitem(last=False)
+        return values[row - first]
 
     def _build_index(self, local: str, unit: str) -> dict[str, Any]:
         """Key -> (offset, size) of each sample's image member; or -> row of a table."""
@@ -691,6 +721,9 @@ class SourceReader:
         return _RowIndex()
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         if self._cache is not None:
             self._cache.close()
 
@@ -705,39 +738,31 @@ class _RowIndex(dict):
         return int(key)
 
 
-_TABLE_CACHE: dict[str, Any] = {}
+# Decoded row groups a reader keeps: the trainer shuffles rows within blocks of >= 2,048 rows, so a
+# batch touches a few neighbouring groups; each is decoded once while its block is being read.
+TABLE_GROUPS_KEPT = 4
 
 
-def _table_cell(local: str, column: str, row: int) -> Any:
-    """One cell; the row group (or Arrow batch) holding it is decoded once and kept for the next row."""
+def _table_group(local: str, column: str, row: int) -> tuple[int, list[Any]]:
+    """(first row, cells) of the row group (or, for Arrow, the whole file) holding `row`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    key = (local, column)
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None and cached[0] <= row < cached[0] + len(cached[1]):
-        return cached[1][row - cached[0]]
     if local.lower().endswith(".parquet"):
         pf = pq.ParquetFile(local)
         first = 0
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if row < first + n:
-                values = pf.read_row_group(g, columns=[column]).column(0).to_pylist()
-                break
+                return first, pf.read_row_group(g, columns=[column]).column(0).to_pylist()
             first += n
-        else:
-            raise IndexError(f"row {row} is past the end of {os.path.basename(local)}")
-    else:
-        with pa.memory_map(local) as mm:
-            try:
-                table = pa.ipc.open_stream(mm).read_all()
-            except pa.ArrowInvalid:
-                table = pa.ipc.open_file(mm).read_all()
-        values, first = table.column(column).to_pylist(), 0
-    _TABLE_CACHE.clear()  # one decoded group at a time: blocks are read in row order
-    _TABLE_CACHE[key] = (first, values)
-    return values[row - first]
+        raise IndexError(f"row {row} is past the end of {os.path.basename(local)}")
+    with pa.memory_map(local) as mm:
+        try:
+            table = pa.ipc.open_stream(mm).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(mm).read_all()
+    return 0, table.column(column).to_pylist()
 
 
 def prefetched(items: Iterator[Any], depth: int = 256) -> Iterator[Any]:
