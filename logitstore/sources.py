@@ -14,6 +14,7 @@ under the root for loose images.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -287,16 +288,29 @@ def _open(location: str, so: dict[str, Any]) -> Any:
     return fsspec.open(location, "rb", **so).open()
 
 
+@contextlib.contextmanager
+def _unit_errors(location: str) -> Iterator[None]:
+    """A shard or table that cannot be listed through is a corpus fault: one line naming it."""
+    try:
+        yield
+    except CorpusError:
+        raise
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise CorpusError(f"{location}: cannot be read ({describe_failure(exc)}); check --images and "
+                          "--storage-option, or remove it from the corpus") from None
+
+
 # -- WebDataset shards ----------------------------------------------------------------------------
 
 def _shards(spec: str, root: str, files: list[str], so: dict[str, Any]) -> Source:
     units = [_rel(root, f) for f in files]
     src = Source(KIND_WEBDATASET, root, spec, units, [], "", storage_options=so)
     sha = _Sha()
-    for k, unit in enumerate(units):
+    for unit in units:
         before = sha.n
-        for key, _ in _shard_samples(_join(root, unit), so, read=False):
-            sha.add(f"{unit}/{key}")
+        with _unit_errors(_join(root, unit)):
+            for key, _ in _shard_samples(_join(root, unit), so, read=False):
+                sha.add(f"{unit}/{key}")
         src.counts.append(sha.n - before)
     if not sha.n:
         raise CorpusError(f"{spec}: the shards hold no samples")
@@ -348,8 +362,9 @@ def _tables(spec: str, root: str, files: list[str], image_column: str, id_column
     sha = _Sha()
     for unit in units:
         before = sha.n
-        for image_id in _table_ids(_join(root, unit), unit, image_column, id_column, so):
-            sha.add(image_id)
+        with _unit_errors(_join(root, unit)):
+            for image_id in _table_ids(_join(root, unit), unit, image_column, id_column, so):
+                sha.add(image_id)
         src.counts.append(sha.n - before)
     if not sha.n:
         raise CorpusError(f"{spec}: the tables hold no rows")

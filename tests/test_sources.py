@@ -324,3 +324,13 @@ def test_add_teacher_replays_the_views_of_a_table_store(layouts, teacher_ckpt, t
     s = add_teacher(str(out), str(teacher_ckpt), name="again", num_workers=0)
     store = open_store(str(out))
     assert s.rows == N and store.teacher_logits("again", 0, N).tobytes() == store.read(0, N).logits.tobytes()
+
+
+def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
+    (tmp_path / "00000.tar").write_bytes((layouts["shards"] / "00000.tar").read_bytes()[:5000])
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path / "00000.tar"),
+                  "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "00000.tar: cannot be read")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path) + "/{00000..00003}.tar",
+                  "--out", str(tmp_path / "y.zarr"))
+    assert_one_line_error(proc, "3 of its 4 files are missing")
