@@ -147,6 +147,9 @@ def test_a_bad_source_is_one_line(layouts, tmp_path):
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]),
                   "--image-column", "pixels", "--out", str(tmp_path / "x.zarr"))
     assert_one_line_error(proc, "no column 'pixels'")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["folder"]),
+                  "--max-failure-share", "1.5", "--out", str(tmp_path / "x.zarr"))
+    assert proc.returncode == 2 and "--max-failure-share" in proc.stderr
 
 
 def _broken_shard(path: Path, images: list[bytes], good: int, bad: int) -> None:
