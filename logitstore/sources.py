@@ -97,7 +97,35 @@ class Source:
     id_column: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     entries: list[str] | None = None  # a prefix's ids (its listing is the object store's, kept sorted)
+    unit_shas: list[str] = field(default_factory=list)  # sha256 of each unit's ids (shards, tables)
     positional = False              # items are streamed, not read by position in DataLoader workers
+
+    def list_unit(self, k: int) -> tuple[int, str]:
+        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids."""
+        location = _join(self.root, self.units[k])
+        sha = _Sha()
+        with _unit_errors(location):
+            if self.kind == KIND_WEBDATASET:
+                for key, _ in _shard_samples(location, self.storage_options, read=False):
+                    sha.add(f"{self.units[k]}/{key}")
+            else:
+                for image_id in _table_ids(location, self.units[k], self.image_column, self.id_column,
+                                           self.storage_options):
+                    sha.add(image_id)
+        return sha.n, sha.h.hexdigest()
+
+    def settle(self, listed: Sequence[tuple[int, str]]) -> None:
+        """Every unit's (count, sha): the listing's identity is the sha256 of the lines
+        `UNIT TAB COUNT TAB SHA LF` in unit order, so processes that each list their own units agree."""
+        self.counts = [c for c, _ in listed]
+        self.unit_shas = [h for _, h in listed]
+        if not sum(self.counts):
+            raise CorpusError(f"{self.listing}: the {'shards' if self.kind == KIND_WEBDATASET else 'tables'} "
+                              "hold no samples")
+        h = hashlib.sha256()
+        for unit, (c, u) in zip(self.units, listed):
+            h.update(f"{unit}\t{c}\t{u}\n".encode("utf-8"))
+        self.sha256 = h.hexdigest()
 
     @property
     def n_listed(self) -> int:
@@ -138,9 +166,19 @@ class Source:
 
 
 def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_column: str | None = None,
-                storage_options: dict[str, Any] | None = None) -> Corpus | Source:
+                storage_options: dict[str, Any] | None = None, listed: bool = True) -> Corpus | Source:
     """--images as a corpus: a local folder or listing of local paths (a `Corpus`, as always), or a
-    `Source` for a listing of URLs, an fsspec prefix, WebDataset shards or Parquet / Arrow files."""
+    `Source` for a listing of URLs, an fsspec prefix, WebDataset shards or Parquet / Arrow files.
+    With `listed` False, shards and tables are not listed yet: the caller lists each unit
+    (`Source.list_unit`, any process any unit) and hands every result to `Source.settle`."""
+    source = _open_source(spec, image_column, id_column, storage_options)
+    if listed and isinstance(source, Source) and not source.counts:
+        source.settle([source.list_unit(k) for k in range(len(source.units))])
+    return source
+
+
+def _open_source(spec: str | os.PathLike, image_column: str | None, id_column: str | None,
+                 storage_options: dict[str, Any] | None) -> Corpus | Source:
     so = dict(storage_options or {})
     text = os.fspath(spec)
     if id_column is not None and image_column is None:
@@ -303,19 +341,7 @@ def _unit_errors(location: str) -> Iterator[None]:
 # -- WebDataset shards ----------------------------------------------------------------------------
 
 def _shards(spec: str, root: str, files: list[str], so: dict[str, Any]) -> Source:
-    units = [_rel(root, f) for f in files]
-    src = Source(KIND_WEBDATASET, root, spec, units, [], "", storage_options=so)
-    sha = _Sha()
-    for unit in units:
-        before = sha.n
-        with _unit_errors(_join(root, unit)):
-            for key, _ in _shard_samples(_join(root, unit), so, read=False):
-                sha.add(f"{unit}/{key}")
-        src.counts.append(sha.n - before)
-    if not sha.n:
-        raise CorpusError(f"{spec}: the shards hold no samples")
-    src.sha256 = sha.h.hexdigest()
-    return src
+    return Source(KIND_WEBDATASET, root, spec, [_rel(root, f) for f in files], [], "", storage_options=so)
 
 
 def _shard_samples(location: str, so: dict[str, Any], read: bool, skip: int = 0
@@ -357,19 +383,7 @@ def _no_image(key: str) -> BaseException:
 
 def _tables(spec: str, root: str, files: list[str], image_column: str, id_column: str | None,
             so: dict[str, Any]) -> Source:
-    units = [_rel(root, f) for f in files]
-    src = Source(KIND_PARQUET, root, spec, units, [], "", image_column, id_column, so)
-    sha = _Sha()
-    for unit in units:
-        before = sha.n
-        with _unit_errors(_join(root, unit)):
-            for image_id in _table_ids(_join(root, unit), unit, image_column, id_column, so):
-                sha.add(image_id)
-        src.counts.append(sha.n - before)
-    if not sha.n:
-        raise CorpusError(f"{spec}: the tables hold no rows")
-    src.sha256 = sha.h.hexdigest()
-    return src
+    return Source(KIND_PARQUET, root, spec, [_rel(root, f) for f in files], [], "", image_column, id_column, so)
 
 
 def _batches(location: str, columns: list[str], so: dict[str, Any], skip: int = 0) -> Iterator[Any]:

@@ -337,3 +337,13 @@ def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path) + "/{00000..00003}.tar",
                   "--out", str(tmp_path / "y.zarr"))
     assert_one_line_error(proc, "3 of its 4 files are missing")
+
+
+def test_the_listing_identity_is_composed_of_units_listed_anywhere(layouts):
+    whole = open_source(str(layouts["shards"]))
+    parts = open_source(str(layouts["shards"]), listed=False)
+    assert parts.counts == [] and parts.units == ["00000.tar", "00001.tar", "00002.tar"]
+    listed = {k: parts.list_unit(k) for k in (2, 0, 1)}  # as processes would, each its own units
+    parts.settle([listed[k] for k in range(3)])
+    assert parts.counts == whole.counts == list(SHARD_SIZES)
+    assert parts.listing_sha256() == whole.listing_sha256() and whole.n_listed == N

@@ -28,10 +28,11 @@ from zarr.core.sync import sync
 
 from .. import schema
 from ..cli_common import progress_bar
-from ..device import Torchrun
+from ..device import Torchrun, torchrun_env
 from ..errors import LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
 from ..locations import check_store_destination, delete_all, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
 from ..schema import StoreMeta
+from ..sources import Source
 from ..rows import Rows
 from ..store import LogitStore, open_store, row_array_names
 from .job import DumpJob, make_summary, run_into
@@ -49,6 +50,36 @@ SEGMENT_BOUNDS = "segment_bounds"
 PHASE_TIMEOUT = timedelta(hours=24)
 
 
+
+
+def unit_share(n_units: int, world: int) -> int:
+    """Consecutive units (shards, files) per segment of a streamed corpus: about SEGMENTS_PER_PROCESS
+    segments per process."""
+    return max(1, math.ceil(n_units / max(1, SEGMENTS_PER_PROCESS * world)))
+
+
+def list_units(source: Source) -> bool:
+    """List a streamed corpus under torchrun: each process reads the headers (or metadata) of the units
+    it will dump (its segments, as `DumpJob.unit_bounds` cuts them), and all share the results."""
+    ctx = torchrun_env() or Torchrun()
+    started = ctx.world > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
+    per = unit_share(len(source.units), ctx.world)
+    try:
+        mine: Any = {k: source.list_unit(k) for k in range(len(source.units)) if (k // per) % ctx.world == ctx.rank}
+    except LogitStoreError as exc:
+        mine = exc
+    parts: list[Any] = [mine]
+    if ctx.world > 1:
+        parts = [None] * ctx.world
+        dist.all_gather_object(parts, mine)
+    for part in parts:
+        if isinstance(part, LogitStoreError):
+            raise part
+    listed = {k: v for part in parts for k, v in part.items()}
+    source.settle([listed[k] for k in range(len(source.units))])
+    return started
 
 
 def is_distributed_store(location: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -73,8 +104,8 @@ def default_segment_rows(n_listed: int, batch_size: int, chunk_rows: int, world:
 class _Comm:
     """The few collectives a distributed dump needs; with one process, none at all."""
 
-    def __init__(self, ctx: Torchrun):
-        self.ctx, self._owns = ctx, False
+    def __init__(self, ctx: Torchrun, owns: bool = False):
+        self.ctx, self._owns = ctx, owns  # owns: listing the corpus started the group (list_units)
         if ctx.world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)
             self._owns = True
@@ -115,10 +146,10 @@ def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool =
         raise StoreStateError(f"{out}: a zip store is written once with `logitstore pack`; dump to a "
                               "directory or URL, then pack it")
     meta, so = job.meta, storage_options
-    comm = _Comm(ctx)
+    comm = _Comm(ctx, job.owns_group)
     try:
         t0 = time.perf_counter()
-        bounds = None if segment_rows is not None else job.unit_bounds(SEGMENTS_PER_PROCESS * ctx.world)
+        bounds = None if segment_rows is not None else job.unit_bounds(ctx.world)
         plan = comm.outcome(lambda: _open_root(out, meta, overwrite, so, segment_rows, ctx.world, bounds), True)[0]
         spans = segment_spans(plan, meta.corpus.n_listed)
         n_seg = len(spans)

@@ -5,7 +5,6 @@ run it over listing positions: corpus -> DataLoader workers (read, digest, decod
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import platform
 import time
@@ -259,6 +258,7 @@ class DumpJob:
     device: torch.device
     num_workers: int
     max_failure_share: float = 0.5
+    owns_group: bool = False  # listing the corpus started torch.distributed's process group
 
     @property
     def batch_size(self) -> int:
@@ -288,14 +288,16 @@ class DumpJob:
         if batch:
             yield batch
 
-    def unit_bounds(self, segments: int) -> list[int] | None:
-        """Segment bounds at the corpus's units (shards, files), about `segments` of them, for a
-        distributed dump: no process reads a unit another one dumps (but a batch across a bound).
-        None for a corpus read by position, which is cut in fixed runs of rows."""
+    def unit_bounds(self, world: int) -> list[int] | None:
+        """Segment bounds at the corpus's units (shards, files) for a distributed dump over `world`
+        processes: no process reads a unit another one dumps (but a batch across a bound). None for a
+        corpus read by position, which is cut in fixed runs of rows."""
         if getattr(self.corpus, "positional", True):
             return None
+        from .distributed import unit_share
+
         counts = self.corpus.counts
-        per = max(1, math.ceil(len(counts) / max(1, segments)))
+        per = unit_share(len(counts), world)
         bounds, pos = [0], 0
         for u, c in enumerate(counts):
             pos += c
@@ -405,7 +407,12 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
         dev = torch.device("cuda", local_rank)
     precision = resolve_precision(cfg.precision, dev)
     corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
-                         storage_options=cfg.storage_options)
+                         storage_options=cfg.storage_options, listed=local_rank is None)
+    owns_group = False
+    if isinstance(corpus, Source) and not corpus.counts:  # under torchrun: each process lists its own units
+        from .distributed import list_units
+
+        owns_group = list_units(corpus)
 
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
@@ -431,7 +438,7 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
     meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
     workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
-    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share)
+    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share, owns_group)
 
 
 def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
