@@ -37,17 +37,31 @@ SHARD_EXTENSIONS = (".tar",)
 TABLE_EXTENSIONS = (".parquet", ".arrow")
 # Loose remote images are fetched this many at a time (object stores answer each request in tens of ms).
 CONCURRENT_REQUESTS = 16
+# Remote shards and tables a dump fetches at once, ahead of the one it reads.
+UNITS_AHEAD = 3
 # Remote shards and tables are read through a local cache of whole units, at most this many bytes.
 DEFAULT_CACHE_BYTES = 4 << 30
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 
 
+class Member(NamedTuple):
+    """Where a local shard keeps an image: read by the dump's decoding workers, not the main process."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), self.size, self.offset)
+
+
 class Item(NamedTuple):
-    """One listing position: the image's bytes, or why they could not be read."""
+    """One listing position: the image's bytes (or where a local shard keeps them), or why not."""
 
     pos: int
     id: str
-    data: bytes | None
+    data: bytes | Member | None
     error: str | None
 
 
@@ -155,14 +169,32 @@ class Source:
         return len(self.counts), 0
 
     def items(self, start: int = 0) -> Iterator[Item]:
-        """Every listing position from `start` on, in order, read one unit at a time."""
+        """Every listing position from `start` on, in order, read one unit at a time. Remote shards and
+        tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there."""
         u, skip = self.locate(start)
         pos = start
-        for k in range(u, len(self.units)):
-            for image_id, data, error in _unit_items(self, k, skip):
-                yield Item(pos, image_id, data, error)
-                pos += 1
-            skip = 0
+        remote = self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root)
+        with tempfile.TemporaryDirectory(prefix="logitstore-dump-") as tmp, \
+                ThreadPoolExecutor(UNITS_AHEAD) as pool:
+            cache = _UnitCache(1 << 62, self.storage_options, tmp)
+            ahead: dict[int, Any] = {}
+            for k in range(u, len(self.units)):
+                local = None
+                if remote:
+                    for j in range(k, min(len(self.units), k + UNITS_AHEAD)):
+                        if j not in ahead:
+                            ahead[j] = pool.submit(cache.local, _join(self.root, self.units[j]))
+                    try:
+                        local = ahead.pop(k).result()
+                    except Exception as exc:
+                        raise CorpusError(f"{_join(self.root, self.units[k])}: cannot be fetched "
+                                          f"({describe_failure(exc)}); run the same command again to resume") from None
+                for image_id, data, error in _unit_items(self, k, skip, local):
+                    yield Item(pos, image_id, data, error)
+                    pos += 1
+                if local is not None:
+                    os.unlink(local)  # read here in the main process: no worker needs it any more
+                skip = 0
 
 
 def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_column: str | None = None,
@@ -344,11 +376,12 @@ def _shards(spec: str, root: str, files: list[str], so: dict[str, Any]) -> Sourc
     return Source(KIND_WEBDATASET, root, spec, [_rel(root, f) for f in files], [], "", storage_options=so)
 
 
-def _shard_samples(location: str, so: dict[str, Any], read: bool, skip: int = 0
-                   ) -> Iterator[tuple[str, bytes | None | BaseException]]:
+def _shard_samples(location: str, so: dict[str, Any], read: bool, skip: int = 0, members: bool = False
+                   ) -> Iterator[tuple[str, bytes | Member | BaseException]]:
     """(key, image bytes) of each sample of a shard in member order (webdataset's grouping: consecutive
-    members sharing a key); None when not `read` or before `skip`; an exception when the sample has no
-    image member. Local shards are read seekably, so skipped and unread members cost no read."""
+    members sharing a key); b"" when not `read` or before `skip`; with `members`, where the bytes are
+    instead; an exception when the sample has no image member. Local shards are read seekably, so
+    skipped and unread members cost no read."""
     f = _open(location, so)
     try:
         mode = "r|" if is_url(location) else "r:"
@@ -367,7 +400,8 @@ def _shard_samples(location: str, so: dict[str, Any], read: bool, skip: int = 0
                         n += 1
                     key, image = k, None
                 if image is None and ("." + ext.rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS:
-                    image = tf.extractfile(m).read() if read and n >= skip else b""
+                    image = (b"" if not read or n < skip else Member(location, m.offset_data, m.size) if members
+                             else tf.extractfile(m).read())
                 tf.members = []  # headers are not kept: a shard of any length costs the same memory
             if key is not None:
                 yield key, image if image is not None else _no_image(key)
@@ -466,9 +500,11 @@ def _table_rows(location: str, unit: str, image_column: str, id_column: str | No
 
 # -- streaming items ------------------------------------------------------------------------------
 
-def _unit_items(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
+def _unit_items(src: Source, k: int, skip: int, local: str | None = None
+                ) -> Iterator[tuple[str, bytes | Member | None, str | None]]:
+    """Unit k's items from position `skip` in it; `local`: a fetched copy of a remote unit."""
     unit = src.units[k]
-    location = _join(src.root, unit) if unit else src.root
+    location = local or (_join(src.root, unit) if unit else src.root)
 
     def out(image_id: str, value: Any) -> tuple[str, bytes | None, str | None]:
         if isinstance(value, BaseException):
@@ -478,7 +514,9 @@ def _unit_items(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | N
     try:
         if src.kind == KIND_WEBDATASET:
             n = 0
-            for key, value in _shard_samples(location, src.storage_options, read=True, skip=skip):
+            # A shard on local disk is read by the decoding workers (Member), a fetched copy here.
+            for key, value in _shard_samples(location, src.storage_options, read=True, skip=skip,
+                                             members=local is None):
                 if n >= skip:
                     yield out(f"{unit}/{key}", value)
                 n += 1
@@ -612,7 +650,7 @@ class SourceReader:
         self.cache_bytes, self.cache_dir = cache_bytes, cache_dir
         self._cache: _UnitCache | None = None
         self._index: OrderedDict[str, dict[str, Any]] = OrderedDict()  # unit -> key -> where
-        self._groups: OrderedDict[tuple[str, int], list[Any]] = OrderedDict()  # decoded table row groups
+        self._groups: OrderedDict[tuple[str, int], tuple[list[Any], int]] = OrderedDict()  # row groups, bytes
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -718,14 +756,16 @@ class SourceReader:
 
     def _table_cell(self, local: str, column: str, row: int) -> Any:
         with self._lock:
-            for (path, first), values in self._groups.items():
+            for (path, first), (values, _) in self._groups.items():
                 if path == local and first <= row < first + len(values):
                     self._groups.move_to_end((path, first))
                     return values[row - first]
         first, values = _table_group(local, column, row)
+        nbytes = sum(len(v.get("bytes") or b"") if isinstance(v, dict) else len(v or b"") for v in values)
         with self._lock:
-            self._groups[(local, first)] = values
-            while len(self._groups) > TABLE_GROUPS_KEPT:
+            self._groups[(local, first)] = (values, nbytes)
+            while len(self._groups) > 1 and (len(self._groups) > TABLE_GROUPS_KEPT or
+                                             sum(n for _, n in self._groups.values()) > TABLE_CACHE_BYTES):
                 self._groups.popitem(last=False)
         return values[row - first]
 
@@ -769,7 +809,8 @@ class _RowIndex(dict):
 
 # Decoded row groups a reader keeps: the trainer shuffles rows within blocks of >= 2,048 rows, so a
 # batch touches a few neighbouring groups; each is decoded once while its block is being read.
-TABLE_GROUPS_KEPT = 4
+TABLE_GROUPS_KEPT = 64
+TABLE_CACHE_BYTES = 256 << 20  # ... and at most this many image bytes, per reader
 
 
 def _table_group(local: str, column: str, row: int) -> tuple[int, list[Any]]:

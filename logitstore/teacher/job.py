@@ -24,7 +24,7 @@ from ..errors import CorpusError, DumpInterrupted, LogitRangeError, LogitStoreEr
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
-from ..sources import Item, Source, open_source, prefetched
+from ..sources import Item, Member, Source, open_source, prefetched
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
 from .load import class_names, prepare_teacher, to_device
@@ -186,6 +186,7 @@ class _CorpusViews(Dataset):
             if data is None:
                 digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
             else:
+                data = data.read() if isinstance(data, Member) else data
                 digest, img = sha256_bytes(data), decode_image(data, self.pre.mode)
             h, w = int(img.shape[1]), int(img.shape[2])
             params = sample_view_params(h, w, self.views, self.seed, image_id)
