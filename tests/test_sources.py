@@ -223,7 +223,7 @@ def test_students_from_shard_and_table_stores_equal_the_folder_student(s3, layou
         stores[name] = str(tmp_path / f"{name}.zarr")
         logitstore.dump(str(teacher_ckpt), images, stores[name], num_workers=0, batch_size=32, **kw)
     # No decode cache: every epoch reads each image again from its shard, table or object.
-    fast = dict(student="lenet", batch_size=16, warmup_epochs=0.2, epochs=2, seed=3, cache_images=0, holdout=0.1)
+    fast = dict(student="lenet", batch_size=16, warmup_epochs=0.2, epochs=1, seed=3, cache_images=0, holdout=0.1)
     runs = {name: trainer.fit([s], tmp_path / f"run-{name}", num_workers=2 if name == "s3" else 0, **fast)
             for name, s in stores.items()}
     want = _weights(runs["folder"])
