@@ -347,3 +347,21 @@ def test_the_listing_identity_is_composed_of_units_listed_anywhere(layouts):
     parts.settle([listed[k] for k in range(3)])
     assert parts.counts == whole.counts == list(SHARD_SIZES)
     assert parts.listing_sha256() == whole.listing_sha256() and whole.n_listed == N
+
+
+def test_select_and_merge_keep_the_row_sources(layouts, teacher_ckpt, tmp_path):
+    import hashlib
+
+    from logitstore.tools.combine import merge, select
+
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    logitstore.dump(str(teacher_ckpt), str(layouts["shards"]), str(a), num_workers=0)
+    logitstore.dump(str(teacher_ckpt), str(layouts["tables"]), str(b), num_workers=0, image_column="image")
+    select(str(a), str(tmp_path / "s.zarr"), limit=10)
+    picked = open_store(str(tmp_path / "s.zarr"))
+    assert picked.meta.corpus.source == {"kind": "webdataset"}
+    rows = picked.read(0, len(picked))
+    reader = open_reader(picked.meta.corpus.root, picked.meta.corpus.source)
+    assert all(hashlib.sha256(reader.read(i)).digest() == bytes(d) for i, d in zip(rows.ids, rows.digests))
+    with pytest.raises(Exception, match="different kinds of corpus"):
+        merge([str(a), str(b)], str(tmp_path / "m.zarr"))
