@@ -365,3 +365,14 @@ def test_select_and_merge_keep_the_row_sources(layouts, teacher_ckpt, tmp_path):
     assert all(hashlib.sha256(reader.read(i)).digest() == bytes(d) for i, d in zip(rows.ids, rows.digests))
     with pytest.raises(Exception, match="different kinds of corpus"):
         merge([str(a), str(b)], str(tmp_path / "m.zarr"))
+
+
+def test_a_row_source_of_an_unknown_kind_is_refused():
+    from logitstore.errors import FormatError
+    from logitstore.schema import row_source
+
+    assert row_source({"kind": "parquet", "image_column": "img", "id_column": None}) == {
+        "kind": "parquet", "image_column": "img", "id_column": None}
+    for bad in ({"kind": "zip"}, {"kind": "parquet"}, "webdataset", {"kind": "parquet", "image_column": 3}):
+        with pytest.raises(FormatError):
+            row_source(bad)
