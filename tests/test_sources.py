@@ -183,8 +183,6 @@ def test_a_mostly_failing_dump_stops_with_its_first_reasons(tmp_path, images, te
 
 
 def test_a_dump_whose_images_all_fail_writes_no_complete_store(tmp_path, teacher_ckpt):
-    listing = tmp_path / "urls.txt"
-    listing.write_text("".join(f"file://{tmp_path}/missing{i}.png\n" for i in range(5)))
     folder = tmp_path / "bad"
     folder.mkdir()
     for i in range(5):
