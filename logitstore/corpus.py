@@ -72,6 +72,9 @@ def list_corpus(source: str | os.PathLike) -> Corpus:
         except UnicodeDecodeError:
             raise CorpusError(f"{src}: not a text listing of image paths (it is not UTF-8 text); "
                               "pass a folder or a file with one image path per line") from None
+        urls = [ln for ln in lines if "://" in ln]
+        if urls:  # a URL is no local path ("s3:/bucket/..." would name a missing file)
+            raise CorpusError(f"{src}: mixes URLs and local paths (line {urls[0]!r}); list one kind")
         paths = [Path(ln) if os.path.isabs(ln) else (src.parent / ln) for ln in lines
                  if ln and not ln.startswith("#")]
         if not paths:

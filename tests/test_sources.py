@@ -327,6 +327,13 @@ def test_add_teacher_replays_the_views_of_a_table_store(layouts, teacher_ckpt, t
     assert s.rows == N and store.teacher_logits("again", 0, N).tobytes() == store.read(0, N).logits.tobytes()
 
 
+def test_a_listing_mixing_paths_and_urls_is_one_line(layouts, tmp_path):
+    listing = tmp_path / "mixed.txt"
+    listing.write_text(f"{layouts['folder']}/000000000.png\ns3://caches/loose/0/000000001.png\n")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(listing), "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "mixes URLs and local paths")
+
+
 def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
     (tmp_path / "00000.tar").write_bytes((layouts["shards"] / "00000.tar").read_bytes()[:5000])
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path / "00000.tar"),
