@@ -427,5 +427,5 @@ def make_batches(data: "StoreSet", spec: InputSpec, cache_bytes: int, num_worker
     cache = DecodeCache(shapes, len(data), needed)
     source = ImageSource(data.roots, [str(s.location) for s in data.stores], spec, data.view_kind, cache,
                          skip_mismatched, [s.meta.corpus.source for s in data.stores],
-                         getattr(data, "image_storage_options", None))
+                         data.image_storage_options)
     return Batches(source, num_workers, pin_memory)

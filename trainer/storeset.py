@@ -198,6 +198,7 @@ class StoreSet:
             raise ConfigError(f"--holdout {holdout}: must be a fraction in [0, 1)")
         # A root is a folder, or (a corpus on object storage) a URL kept as text.
         self.stores, self.roots = list(stores), [None if r is None else r if is_url(str(r)) else Path(r) for r in roots]
+        self.image_storage_options: dict[str, Any] = {}  # fsspec options for corpora on object storage
         self.embedded = all(r is None for r in self.roots)
         self.ensemble = ensemble
         meta = self.stores[0].meta
