@@ -87,7 +87,15 @@ PRETRAINED_HELP = ("timm:NAME: its pretrained weights from this machine's Huggin
 @click.option("--pretrained", is_flag=True, help=PRETRAINED_HELP)
 @click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture factory.")
 @click.option("--images", default=None, type=click.Path(),
-              help="Folder of images (walked recursively) or a text file listing image paths.")
+              help="Folder of images (walked recursively), a text file listing image paths or URLs, a URL "
+                   "prefix of images, WebDataset .tar shards (a folder, prefix or brace pattern such as "
+                   "shards/{00000..00099}.tar) or Parquet/Arrow files (with --image-column).")
+@click.option("--image-column", default=None, help="Parquet/Arrow corpora: the column holding each image "
+              "(bytes, or a Hugging Face {bytes, path} struct).")
+@click.option("--id-column", default=None, help="Parquet/Arrow corpora: a column of ids [default: the row number].")
+@click.option("--max-failure-share", default=0.5, show_default=True, type=_dump_number("max_failure_share"),
+              help="Stop (store left incomplete) when more than this share of images fail, judged after "
+                   "1,000 images; a dump whose images all fail always stops.")
 @click.option("--out", required=True, help="Store to write (a directory ending .zarr), or a URL.")
 @click.option("--add-teacher", is_flag=True,
               help="Add this teacher to the complete store at --out (same images, matched by digest; the "
@@ -309,7 +317,8 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
 @main.command()
 @click.argument("store")
 @click.option("--images", default=None, type=click.Path(),
-              help="Also check every image's bytes against its stored digest (corpus root).")
+              help="Also check every image's bytes against its stored digest: the corpus root (a folder, URL, "
+                   "shards or tables, wherever the corpus is now).")
 @click.option("--allow-incomplete", is_flag=True, help="Verify the rows an unfinished dump has written.")
 @click.option("--sample", type=float, default=None, metavar="FRACTION",
               help="Check only a random sample of the chunks (e.g. 0.01), seeded by --seed.")
@@ -325,7 +334,8 @@ def verify(store: str, images: str | None, allow_incomplete: bool, sample: float
 
     rep = run_verify(open_store(store, allow_incomplete=allow_incomplete,
                                 storage_options=parse_storage_options(storage_option)), images,
-                     allow_incomplete=allow_incomplete, sample=sample, seed=seed, workers=workers)
+                     allow_incomplete=allow_incomplete, sample=sample, seed=seed, workers=workers,
+                     storage_options=parse_storage_options(storage_option))
     if as_json:
         emit_json(rep, ok=rep.ok)
         sys.exit(0 if rep.ok else 1)
@@ -463,7 +473,8 @@ def select(store: str, out: str, min_confidence: float | None, max_entropy: floa
 @main.command("show")
 @click.argument("store")
 @click.option("--images", default=None, type=click.Path(),
-              help="Corpus root the store was dumped from [default: the root recorded in the store].")
+              help="Corpus root the store was dumped from: a folder, URL, shards or tables [default: the root "
+                   "recorded in the store].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--per-class", default=8, show_default=True, type=_count(1, 1000), help="Images drawn per class.")
 @click.option("--max-classes", default=20, show_default=True, type=_count(1, 1000),

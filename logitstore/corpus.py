@@ -27,6 +27,19 @@ class Corpus:
     root: Path                 # ids are relative to this
     ids: list[str]             # POSIX paths relative to root, in a deterministic order
     listing: str               # "directory", or the listing file it came from
+    positional = True          # read by listing position in the dump's DataLoader workers
+
+    @property
+    def n_listed(self) -> int:
+        return len(self.ids)
+
+    def protected(self) -> list[str]:
+        """What a dump reads, which its --out must not overlap."""
+        return [str(self.root)]
+
+    def record(self) -> None:
+        """A local corpus records no `corpus.source`: ids are paths under the root (every format)."""
+        return None
 
     def path(self, image_id: str) -> Path:
         return self.root / image_id
@@ -59,6 +72,9 @@ def list_corpus(source: str | os.PathLike) -> Corpus:
         except UnicodeDecodeError:
             raise CorpusError(f"{src}: not a text listing of image paths (it is not UTF-8 text); "
                               "pass a folder or a file with one image path per line") from None
+        urls = [ln for ln in lines if "://" in ln]
+        if urls:  # a URL is no local path ("s3:/bucket/..." would name a missing file)
+            raise CorpusError(f"{src}: mixes URLs and local paths (line {urls[0]!r}); list one kind")
         paths = [Path(ln) if os.path.isabs(ln) else (src.parent / ln) for ln in lines
                  if ln and not ln.startswith("#")]
         if not paths:

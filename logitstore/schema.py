@@ -313,6 +313,23 @@ class TeacherInfo:
                    arch_kwargs=dict(kwargs))
 
 
+SOURCE_KINDS = ("urls", "prefix", "webdataset", "parquet")  # corpus.source.kind (1.4)
+
+
+def row_source(d: Any) -> dict[str, Any] | None:
+    """corpus.source (1.4): {kind, image_column, id_column}, validated; None when absent."""
+    if d is None:
+        return None
+    if not isinstance(d, dict) or d.get("kind") not in SOURCE_KINDS:
+        raise FormatError(f"corpus.source must be an object whose kind is one of {', '.join(SOURCE_KINDS)} "
+                          "(docs/FORMAT.md, 1.4: row sources)")
+    out: dict[str, Any] = {"kind": d["kind"]}
+    if d["kind"] == "parquet":
+        out["image_column"] = text(d.get("image_column"), "corpus.source.image_column")
+        out["id_column"] = None if d.get("id_column") is None else text(d["id_column"], "corpus.source.id_column")
+    return out
+
+
 @dataclass(frozen=True)
 class CorpusInfo:
     root: str               # absolute path of the corpus root when dumped
@@ -321,15 +338,22 @@ class CorpusInfo:
     n_listed: int
     n_images: int = 0
     n_failed: int = 0
+    # 1.4, row sources: how a row's bytes are found from its id when the corpus is not loose local files
+    # (docs/FORMAT.md, "1.4: row sources"); absent for a folder or a listing of local paths.
+    source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["source"] is None:
+            del d["source"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CorpusInfo":
         info = cls(root=text(d["root"], "corpus.root"), listing=text(d["listing"], "corpus.listing"),
                    listing_sha256=text(d["listing_sha256"], "corpus.listing_sha256"),
-                   **{k: whole(d[k], f"corpus.{k}", 0, 1 << 62) for k in ("n_listed", "n_images", "n_failed")})
+                   **{k: whole(d[k], f"corpus.{k}", 0, 1 << 62) for k in ("n_listed", "n_images", "n_failed")},
+                   source=row_source(d.get("source")))
         return info
 
 

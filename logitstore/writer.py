@@ -61,12 +61,49 @@ def logits_filters(keep_bits: int | None) -> list[Any]:
 class Progress:
     rows: int = 0                # rows that are final
     next_source: int = 0         # listing position after the last final row
-    failures: list[list[str]] = field(default_factory=list)  # [id, reason], for positions < next_source
+    failures: list[list[str]] = field(default_factory=list)  # the first FIRST_FAILURES [id, reason], for a summary
+    n_failures: int = 0          # entries of failed_ids / failed_reasons that are final (positions < next_source)
     statistics: dict[str, Any] | None = None  # 1.4: running statistics of rows [0, rows)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"rows": self.rows, "next_source": self.next_source, "failures": self.failures}
+        d = {"rows": self.rows, "next_source": self.next_source, PROGRESS_N_FAILURES: self.n_failures}
         return {**d, schema.STATISTICS: self.statistics} if self.statistics is not None else d
+
+
+# Failures are appended to the failed_ids / failed_reasons arrays as they come (format 1.4: W2), in chunks
+# of this many entries; the progress attribute keeps only their count, so it stays small on a dirty corpus.
+PROGRESS_N_FAILURES = "n_failures"
+FAILURE_CHUNK = 4096
+FIRST_FAILURES = 1000  # kept in memory for the dump's summary
+
+
+def create_failure_arrays(group: zarr.Group, n: int = 0) -> dict[str, zarr.Array]:
+    return {name: group.create_array(name, shape=(n,), chunks=(FAILURE_CHUNK,), dtype=str, fill_value="",
+                                     compressors=chunk_codecs(), overwrite=True) for name in schema.FAILURE_ARRAYS}
+
+
+def failure_arrays(group: zarr.Group, keep: int, legacy: list[list[str]] | None = None) -> dict[str, zarr.Array]:
+    """The growing failure arrays of a store being written, cut back to the `keep` entries its progress
+    records as final (a crash may have appended more); `legacy`: a pre-1.4 progress's own list."""
+    names = array_names(str(group.store), group)
+    if legacy is not None or not set(schema.FAILURE_ARRAYS) <= names:
+        arrays = create_failure_arrays(group)
+        append_failures(arrays, 0, [(f[0], f[1]) for f in legacy or []])
+        return arrays
+    arrays = {name: group[name] for name in schema.FAILURE_ARRAYS}
+    for a in arrays.values():
+        if a.shape[0] != keep:
+            a.resize((keep,))
+    return arrays
+
+
+def append_failures(arrays: dict[str, zarr.Array], at: int, failures: Sequence[tuple[str, str]]) -> None:
+    if not failures:
+        return
+    for k, name in enumerate(schema.FAILURE_ARRAYS):
+        a = arrays[name]
+        a.resize((at + len(failures),))
+        a[at:] = np.array([f[k] for f in failures], dtype=object)
 
 
 def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
@@ -157,6 +194,7 @@ class StoreWriter:
         self.end = meta.corpus.n_listed if end is None else end
         self.segment = segment
         self._arrays = {name: every_chunk_written(group[name]) for name in row_array_names(meta)}
+        self._failed = failure_arrays(group, progress.n_failures)
         self._buffer: list[Rows] = []
         self._buffered = 0
         self._pending_failures: list[tuple[int, str, str]] = []
@@ -288,7 +326,9 @@ class StoreWriter:
         it in the store now if `force`d or if the last record is COMMIT_INTERVAL_S old."""
         done = [f for f in self._pending_failures if f[0] < next_source]
         self._pending_failures = [f for f in self._pending_failures if f[0] >= next_source]
-        self.progress = Progress(rows, next_source, self.progress.failures + [[i, r] for _, i, r in done],
+        append_failures(self._failed, self.progress.n_failures, [(i, r) for _, i, r in done])
+        first = self.progress.failures + [[i, r] for _, i, r in done[:max(0, FIRST_FAILURES - len(self.progress.failures))]]
+        self.progress = Progress(rows, next_source, first, self.progress.n_failures + len(done),
                                  self._stats.to_dict() if self._accountant is not None else None)
         now = time.monotonic()
         self._behind = not (force or now - self._committed_at >= COMMIT_INTERVAL_S)
@@ -298,7 +338,7 @@ class StoreWriter:
 
     def _finalize(self) -> StoreMeta:
         written = self.written() if self._accountant is not None else None
-        self.meta = finalize_store(self.group, self.meta, self.progress.rows, self.progress.failures, written)
+        self.meta = finalize_store(self.group, self.meta, self.progress.rows, None, self.progress.n_failures, written)
         return self.meta
 
 
@@ -310,23 +350,28 @@ def write_failure(location: str, exc: OSError) -> WriteError:
                       "fix the destination, then run the same command again to resume")
 
 
-def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[list[str]],
-                   written: Written | None = None) -> StoreMeta:
-    """Rows [0, n) are written: add the failure arrays, trim to n, fingerprint, mark complete.
+def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[list[str]] | None,
+                   n_failures: int = 0, written: Written | None = None) -> StoreMeta:
+    """Rows [0, n) are written: add the failure arrays (or keep the `n_failures` entries written as the
+    dump went, when `failures` is None), trim to n, fingerprint, mark complete.
 
     A 1.4 store is fingerprinted from what its writer computed while writing (`written`); an older
     one (never written now) by reading every chunk back."""
-    for name in schema.FAILURE_ARRAYS:
-        values = [f[0] if name == schema.FAILED_IDS else f[1] for f in failures]
-        arr = group.create_array(name, shape=(len(values),), chunks=(max(1, min(len(values), 65536)),),
-                                 dtype=str, fill_value="", compressors=chunk_codecs(), overwrite=True)
-        if values:
-            arr[:] = np.array(values, dtype=object)
+    if failures is None:
+        failure_arrays(group, n_failures)
+    else:
+        n_failures = len(failures)
+        for name in schema.FAILURE_ARRAYS:
+            values = [f[0] if name == schema.FAILED_IDS else f[1] for f in failures]
+            arr = group.create_array(name, shape=(len(values),), chunks=(max(1, min(len(values), 65536)),),
+                                     dtype=str, fill_value="", compressors=chunk_codecs(), overwrite=True)
+            if values:
+                arr[:] = np.array(values, dtype=object)
     for name in row_array_names(meta):
         a = group[name]
         if a.shape[0] != n:
             a.resize((n, *a.shape[1:]))
-    meta = replace(meta, corpus=replace(meta.corpus, n_images=n, n_failed=len(failures)), complete=True)
+    meta = replace(meta, corpus=replace(meta.corpus, n_images=n, n_failed=n_failures), complete=True)
     if meta.has_records:
         if written is None:
             raise ValueError("finalize_store: a 1.4 store needs the records its writer computed")
@@ -334,6 +379,8 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
         rec = group[schema.CHUNK_SHA256]
         if rec.shape[0] != k:
             rec.resize((k, *rec.shape[1:]))
+        if failures is None:  # the failures were written as the dump went: count their reasons once, here
+            failures = stored_failures(group, n_failures)
         stats = replace(written.statistics, failures_by_reason=failures_by_reason(failures))
         rows = {"corpus": written.corpus, "contents": contents_fingerprint(written.records[:k])}
         # Stored bytes per row array, listed once here so `info` lists nothing (copies keep chunk bytes).
@@ -348,6 +395,14 @@ def finalize_store(group: zarr.Group, meta: StoreMeta, n: int, failures: list[li
     if schema.ATTR_PROGRESS in group.attrs:
         del group.attrs[schema.ATTR_PROGRESS]
     return meta
+
+
+def stored_failures(group: zarr.Group, n: int) -> list[tuple[str, str]]:
+    """The first `n` entries of the failure arrays."""
+    if n <= 0:
+        return []
+    ids, reasons = (group[name][:n] for name in schema.FAILURE_ARRAYS)
+    return [(str(i), str(r)) for i, r in zip(ids, reasons)]
 
 
 def check_resumable(path: str, old: StoreMeta, meta: StoreMeta) -> None:
@@ -423,8 +478,13 @@ def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: d
         if schema.PROGRESS_SEGMENT_ROWS in p:
             raise StoreStateError(f"{path} is an unfinished distributed dump; finish it with the same command "
                                   "under torchrun (any number of processes), or pass --overwrite to start over")
-        progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", lo)), list(p.get("failures", [])),
+        legacy = p.get("failures")  # a progress written before 1.4 lists its failures itself
+        progress = Progress(int(p.get("rows", 0)), int(p.get("next_source", lo)), [],
+                            len(legacy) if isinstance(legacy, list) else int(p.get(PROGRESS_N_FAILURES, 0)),
                             p.get(schema.STATISTICS))
+        if isinstance(legacy, list):
+            failure_arrays(group, 0, legacy)
+        progress.failures = [list(f) for f in stored_failures(group, min(progress.n_failures, FIRST_FAILURES))]
         if progress.rows == 0 and not set(row_array_names(meta)) <= array_names(path, group):
             create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)
@@ -434,5 +494,6 @@ def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: d
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
     create_arrays(group, meta, hi - lo)
     progress = Progress(0, lo)
+    create_failure_arrays(group)
     group.attrs[schema.ATTR_PROGRESS] = progress.to_dict()
     return StoreWriter(group, meta, progress, end=hi, segment=span is not None)

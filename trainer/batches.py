@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
+import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Sequence, Union
@@ -25,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from logitstore.corpus import decode_image, describe_failure, sha256_bytes
+from logitstore.sources import DEFAULT_CACHE_BYTES as DEFAULT_UNIT_CACHE_BYTES, SourceReader, is_url, open_reader
 from logitstore.rows import concat_rows, take_field, take_rows
 from logitstore.views import EVAL, resize
 
@@ -186,17 +190,61 @@ class DecodeCache:
         return int((self.flags == CACHED).sum())
 
 
+def _remove_folder(folder: str, owner: int) -> None:
+    if os.getpid() == owner:  # not from a worker that inherited the finalizer
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class ImageSource(Dataset):
     """Worker side: a Request in, its pixels (and its logits, labels, keys) out.
 
     Holds no store, only image roots and the shared cache, so it pickles cheaply to spawned workers.
     """
 
-    def __init__(self, roots: Sequence[Path | None], locations: Sequence[str], spec: InputSpec, kind: str,
-                 cache: DecodeCache, skip_mismatched: bool = False):
-        self.roots, self.locations = [None if r is None else Path(r) for r in roots], list(locations)
+    def __init__(self, roots: Sequence[Path | str | None], locations: Sequence[str], spec: InputSpec, kind: str,
+                 cache: DecodeCache, skip_mismatched: bool = False,
+                 sources: Sequence[dict[str, Any] | None] | None = None,
+                 storage_options: dict[str, Any] | None = None, unit_cache_bytes: int = DEFAULT_UNIT_CACHE_BYTES):
+        self.roots = [None if r is None else r if is_url(str(r)) else Path(r) for r in roots]
+        self.locations = list(locations)
         self.spec, self.kind, self.cache, self.skip_mismatched = spec, kind, cache, skip_mismatched
         self._uniform: bool | None = None
+        # Corpora that are not loose local files (shards, tables, object storage; logitstore/sources.py):
+        # each process opens its own readers, and remote units go to one bounded folder they all share.
+        self.sources = list(sources) if sources is not None else [None] * len(self.roots)
+        self.storage_options = dict(storage_options or {})
+        self.unit_cache_bytes = unit_cache_bytes
+        remote = any(r is not None and is_url(str(r)) for r in self.roots)
+        self.unit_dir = tempfile.mkdtemp(prefix="trainer-units-") if remote else None
+        if self.unit_dir is not None:
+            weakref.finalize(self, _remove_folder, self.unit_dir, os.getpid())
+        self._readers: dict[int, SourceReader] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_readers": {}}
+
+    def _reader(self, store: int) -> SourceReader | None:
+        """None for loose local files (read directly, as always)."""
+        root = self.roots[store]
+        if self.sources[store] is None and not is_url(str(root)):
+            return None
+        if store not in self._readers:
+            self._readers[store] = open_reader(str(root), self.sources[store], self.storage_options,
+                                               self.unit_cache_bytes, self.unit_dir)
+        return self._readers[store]
+
+    def _prefetch(self, req: Request) -> dict[int, bytes | BaseException]:
+        """The bytes of a batch's uncached images on object storage, fetched concurrently (row -> bytes)."""
+        out: dict[int, bytes | BaseException] = {}
+        for store in np.unique(req.stores):
+            root = self.roots[int(store)]
+            if root is None or not is_url(str(root)):
+                continue
+            rows = [i for i in np.flatnonzero(req.stores == store)
+                    if self.cache.get(int(req.keys[i])) is None and not self.cache.is_skipped(int(req.keys[i]))]
+            got = self._reader(int(store)).read_many([str(req.ids[i]) for i in rows])
+            out.update(zip((int(i) for i in rows), got))
+        return out
 
     def __len__(self) -> int:
         return self.cache.n_rows
@@ -204,15 +252,21 @@ class ImageSource(Dataset):
     def __getitem__(self, index: int) -> Any:
         raise TypeError("ImageSource is read a batch at a time (it takes Requests)")
 
-    def _original(self, key: int, store: int, image_id: str, digest: np.ndarray) -> torch.Tensor:
+    def _original(self, key: int, store: int, image_id: str, digest: np.ndarray,
+                  fetched: bytes | BaseException | None = None) -> torch.Tensor:
         img = self.cache.get(key)
         if img is not None:
             return img
-        path = self.roots[store] / image_id
+        reader = self._reader(store)
+        path = self.roots[store] / image_id if reader is None else f"{self.roots[store]}/{image_id}"
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"{path}: cannot read it ({exc.strerror or exc}); it is listed in "
+            if isinstance(fetched, BaseException):
+                raise fetched
+            data = fetched if fetched is not None else path.read_bytes() if reader is None else reader.read(image_id)
+        except Exception as exc:
+            if not isinstance(exc, OSError) and reader is None:
+                raise
+            raise ImageError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); it is listed in "
                              f"{self.locations[store]}. Restore it, or pass --skip-mismatched to leave it out") from None
         # The digest is checked on the bytes actually decoded, so an image edited after the dump
         # can never be trained against another image's logits.
@@ -255,12 +309,13 @@ class ImageSource(Dataset):
             return {"pixels": fast, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
         keep, views = [], []
+        fetched = self._prefetch(req)
         for i in range(len(req)):
             key = int(req.keys[i])
             if self.cache.is_skipped(key):
                 continue
             try:
-                img = self._original(key, int(req.stores[i]), str(req.ids[i]), req.digests[i])
+                img = self._original(key, int(req.stores[i]), str(req.ids[i]), req.digests[i], fetched.get(i))
             except ImageError as exc:
                 if not self.skip_mismatched:
                     # Returned, not raised: the DataLoader would wrap it in a worker traceback.
@@ -371,5 +426,6 @@ def make_batches(data: "StoreSet", spec: InputSpec, cache_bytes: int, num_worker
         shapes, needed = data.image_shapes(cache_bytes)
     cache = DecodeCache(shapes, len(data), needed)
     source = ImageSource(data.roots, [str(s.location) for s in data.stores], spec, data.view_kind, cache,
-                         skip_mismatched)
+                         skip_mismatched, [s.meta.corpus.source for s in data.stores],
+                         data.image_storage_options)
     return Batches(source, num_workers, pin_memory)

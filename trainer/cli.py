@@ -55,7 +55,8 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet, tiny_deit), t
               help="Logit store written by `logitstore dump`. Repeat to read several stores of the same teacher "
                    "(same classes, preprocessing and views) as one dataset.")
 @click.option("--images", multiple=True, type=click.Path(),
-              help="Where the corpus is now [default: the root recorded in the store]; once per --store.")
+              help="Where the corpus is now: a folder, a URL, or the folder, prefix or pattern of its shards or "
+                   "tables [default: the root recorded in the store]; once per --store.")
 @click.option("--student", default="lenet", show_default=True, help=STUDENT_HELP)
 @click.option("--student-kwargs", default=None, help="JSON object of extra keyword arguments for the student factory.")
 @click.option("--student-weights", default=None, type=click.Path(dir_okay=False),

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from logitstore.sources import images_root, is_url
 from logitstore import schema
 from logitstore.schema import compatibility_problem
 from logitstore.store import LogitStore, open_store
@@ -195,7 +196,9 @@ class StoreSet:
         check_compatible(stores)
         if not 0 <= holdout < 1:
             raise ConfigError(f"--holdout {holdout}: must be a fraction in [0, 1)")
-        self.stores, self.roots = list(stores), [None if r is None else Path(r) for r in roots]
+        # A root is a folder, or (a corpus on object storage) a URL kept as text.
+        self.stores, self.roots = list(stores), [None if r is None else r if is_url(str(r)) else Path(r) for r in roots]
+        self.image_storage_options: dict[str, Any] = {}  # fsspec options for corpora on object storage
         self.embedded = all(r is None for r in self.roots)
         self.ensemble = ensemble
         meta = self.stores[0].meta
@@ -430,10 +433,16 @@ def open_stores(stores: Sequence[str | os.PathLike | LogitStore], images: Sequen
         if not images and not store.meta.corpus.root:
             raise ImageError(f"{store.location} records no single corpus root (a merge of corpora kept in "
                              "different places); pass --images DIR with the folder its ids are relative to")
-        root = Path(images[i]).expanduser() if images else Path(store.meta.corpus.root)
+        given = images_root(images[i]) if images else store.meta.corpus.root
+        if is_url(given):  # checked by the first read, with the reason the object store gives
+            roots.append(given)
+            continue
+        root = Path(given).expanduser()
         if not root.is_dir():
             where = "--images" if images else "the corpus root recorded in the store"
             raise ImageError(f"{store.location}: looked for its images in {root} ({where}) and found no such "
                              "folder; pass --images DIR to say where the corpus is now")
         roots.append(root)
-    return StoreSet(opened, roots, holdout, mapping, labels_from_folders, min_block_rows, ensemble, temperature)
+    data = StoreSet(opened, roots, holdout, mapping, labels_from_folders, min_block_rows, ensemble, temperature)
+    data.image_storage_options = dict(storage_options or {})  # for corpora on object storage
+    return data

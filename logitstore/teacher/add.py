@@ -27,6 +27,7 @@ from ..cli_common import progress_bar
 from .job import check_logits, forward
 from .load import prepare_teacher, read_classes, to_device
 from ..schema import ExtraTeacher, Preprocess
+from ..sources import SourceReader, images_root, is_url, open_reader
 from ..store import LogitStore, open_store
 from ..views import apply_view
 from ..writer import chunk_codecs, logits_filters
@@ -44,14 +45,16 @@ class AddTeacherSummary:
 class _Replay(Dataset):
     """Item = one store row: the stored views replayed through the new teacher's preprocessing."""
 
-    def __init__(self, paths: list[Path], digests: np.ndarray, params: np.ndarray, pre: Preprocess, kind: str):
+    def __init__(self, paths: list[Path] | list[str], digests: np.ndarray, params: np.ndarray, pre: Preprocess,
+                 kind: str, reader: SourceReader | None = None):
         self.paths, self.digests, self.params, self.pre, self.kind = paths, digests, params, pre, kind
+        self.reader = reader  # a corpus that is not loose local files: `paths` are the stored ids
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        data = self.paths[i].read_bytes()
+        data = self.paths[i].read_bytes() if self.reader is None else self.reader.read(str(self.paths[i]))
         if sha256_bytes(data) != self.digests[i].tobytes():
             raise IntegrityError(f"{self.paths[i]}: its bytes differ from the digest stored when it was dumped; "
                                  "pass --images with the original files")
@@ -126,10 +129,16 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                      f"classes {list(meta.classes[:5])}...")
         raise TeacherError(f"{t.info.file} cannot join {store_path}: {what}; an ensemble needs the same class list")
 
-    paths, moved = _resolve_paths(store, images)
     n = len(store)
     ids, digests, params = (store.read_array(a, 0, n) for a in (schema.IDS, schema.DIGESTS, schema.VIEW_PARAMS))
-    ds = _Replay(paths, digests, params, pre, meta.views.kind)
+    root = images_root(images) if images else meta.corpus.root
+    if meta.corpus.source is not None or is_url(root):  # shards, tables, object storage: read by id
+        paths, moved = [str(i) for i in ids], 0
+        ds = _Replay(paths, digests, params, pre, meta.views.kind, open_reader(root, meta.corpus.source,
+                                                                                storage_options))
+    else:
+        paths, moved = _resolve_paths(store, images)
+        ds = _Replay(paths, digests, params, pre, meta.views.kind)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
                         prefetch_factor=4 if workers else None)

@@ -28,10 +28,11 @@ from zarr.core.sync import sync
 
 from .. import schema
 from ..cli_common import progress_bar
-from ..device import Torchrun
+from ..device import Torchrun, torchrun_env
 from ..errors import LogitStoreError, OptionError, ResumeMismatchError, StoreStateError
 from ..locations import check_store_destination, delete_all, is_zip, open_group, remove_stray_keys, retire_root, stored_bytes
 from ..schema import StoreMeta
+from ..sources import Source
 from ..rows import Rows
 from ..store import LogitStore, open_store, row_array_names
 from .job import DumpJob, make_summary, run_into
@@ -42,10 +43,44 @@ from ..writer import check_resumable, create_arrays, every_chunk_written, finali
 # together and a dead one loses little, few enough that a segment is many chunks long.
 SEGMENTS_PER_PROCESS = 8
 MAX_SEGMENT_CHUNKS = 64
+# A streamed corpus (shards, tables) is cut at its units: the plan lists each segment's first listing
+# position and the end (segment_rows is then 0). A segment that starts or ends inside a teacher batch
+# reads that batch whole and keeps its own positions, so every image is in the batch it has in one process.
+SEGMENT_BOUNDS = "segment_bounds"
 # Fast processes wait for slow ones between phases; a dead process ends the job through torchrun.
 PHASE_TIMEOUT = timedelta(hours=24)
 
 
+
+
+def unit_share(n_units: int, world: int) -> int:
+    """Consecutive units (shards, files) per segment of a streamed corpus: about SEGMENTS_PER_PROCESS
+    segments per process."""
+    return max(1, math.ceil(n_units / max(1, SEGMENTS_PER_PROCESS * world)))
+
+
+def list_units(source: Source) -> bool:
+    """List a streamed corpus under torchrun: each process reads the headers (or metadata) of the units
+    it will dump (its segments, as `DumpJob.unit_bounds` cuts them), and all share the results."""
+    ctx = torchrun_env() or Torchrun()
+    started = ctx.world > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
+    per = unit_share(len(source.units), ctx.world)
+    try:
+        mine: Any = {k: source.list_unit(k) for k in range(len(source.units)) if (k // per) % ctx.world == ctx.rank}
+    except LogitStoreError as exc:
+        mine = exc
+    parts: list[Any] = [mine]
+    if ctx.world > 1:
+        parts = [None] * ctx.world
+        dist.all_gather_object(parts, mine)
+    for part in parts:
+        if isinstance(part, LogitStoreError):
+            raise part
+    listed = {k: v for part in parts for k, v in part.items()}
+    source.settle([listed[k] for k in range(len(source.units))])
+    return started
 
 
 def is_distributed_store(location: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -70,8 +105,8 @@ def default_segment_rows(n_listed: int, batch_size: int, chunk_rows: int, world:
 class _Comm:
     """The few collectives a distributed dump needs; with one process, none at all."""
 
-    def __init__(self, ctx: Torchrun):
-        self.ctx, self._owns = ctx, False
+    def __init__(self, ctx: Torchrun, owns: bool = False):
+        self.ctx, self._owns = ctx, owns  # owns: listing the corpus started the group (list_units)
         if ctx.world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)
             self._owns = True
@@ -112,15 +147,16 @@ def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool =
         raise StoreStateError(f"{out}: a zip store is written once with `logitstore pack`; dump to a "
                               "directory or URL, then pack it")
     meta, so = job.meta, storage_options
-    comm = _Comm(ctx)
+    comm = _Comm(ctx, job.owns_group)
     try:
         t0 = time.perf_counter()
-        plan = comm.outcome(lambda: _open_root(out, meta, overwrite, so, segment_rows, ctx.world), True)[0]
-        n_seg = math.ceil(meta.corpus.n_listed / plan[schema.PROGRESS_SEGMENT_ROWS])
+        bounds = None if segment_rows is not None else job.unit_bounds(ctx.world)
+        plan = comm.outcome(lambda: _open_root(out, meta, overwrite, so, segment_rows, ctx.world, bounds), True)[0]
+        spans = segment_spans(plan, meta.corpus.n_listed)
+        n_seg = len(spans)
         resumed = 0
         if plan[schema.PROGRESS_PHASE] == schema.PHASE_SEGMENTS:
-            done = comm.outcome(lambda: _dump_segments(job, out, ctx, plan[schema.PROGRESS_SEGMENT_ROWS], so,
-                                                       progress, on_batch))
+            done = comm.outcome(lambda: _dump_segments(job, out, ctx, spans, so, progress, on_batch))
             resumed = sum(done)
             plan = comm.outcome(lambda: _plan_assembly(out, meta, n_seg, so), True)[0]
         if plan[schema.PROGRESS_PHASE] == schema.PHASE_ASSEMBLY:
@@ -134,7 +170,7 @@ def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool =
 
 
 def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | None,
-               segment_rows: int | None, world: int) -> dict[str, Any]:
+               segment_rows: int | None, world: int, bounds: list[int] | None = None) -> dict[str, Any]:
     """Rank 0: create the store (or check the one to resume) and return its progress."""
     check_store_destination(out, so, [meta.corpus.root])
     group = open_group(out, mode="a", storage_options=so)
@@ -149,8 +185,11 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
             raise ResumeMismatchError(f"{out} was started with --segment-rows {p[schema.PROGRESS_SEGMENT_ROWS]}; "
                                       "re-run with that (or without the flag), or pass --overwrite")
         return p
-    rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
-    if rows < 1 or rows % meta.batch_size:
+    if bounds is not None:  # a streamed corpus: each segment is whole shards or files (SEGMENT_BOUNDS)
+        rows = 0
+    else:
+        rows = segment_rows or default_segment_rows(meta.corpus.n_listed, meta.batch_size, meta.chunk_rows, world)
+    if bounds is None and (rows < 1 or rows % meta.batch_size):
         # Whole teacher batches keep every image in the batch it has in a single-process run.
         raise OptionError(f"--segment-rows {rows} must be a positive multiple of --batch-size "
                               f"{meta.batch_size}")
@@ -158,17 +197,26 @@ def _open_root(out: str, meta: StoreMeta, overwrite: bool, so: dict[str, Any] | 
     delete_all(group.store)
     group = open_group(out, mode="a", storage_options=so)
     group.attrs[schema.ATTR_ROOT] = meta.to_dict()
-    p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS}
+    p = {schema.PROGRESS_SEGMENT_ROWS: rows, schema.PROGRESS_PHASE: schema.PHASE_SEGMENTS,
+         **({SEGMENT_BOUNDS: bounds} if bounds is not None else {})}
     group.attrs[schema.ATTR_PROGRESS] = p
     return p
 
 
-def _dump_segments(job: Any, out: str, ctx: Torchrun, rows: int, so: dict[str, Any] | None,
+def segment_spans(plan: dict[str, Any], n: int) -> list[tuple[int, int]]:
+    """Listing positions [lo, hi) of each segment: fixed runs of segment_rows, or the plan's unit bounds."""
+    bounds = plan.get(SEGMENT_BOUNDS)
+    if bounds is not None:
+        return list(zip(bounds[:-1], bounds[1:]))
+    rows = plan[schema.PROGRESS_SEGMENT_ROWS]
+    return [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+
+
+def _dump_segments(job: Any, out: str, ctx: Torchrun, spans: list[tuple[int, int]], so: dict[str, Any] | None,
                    progress: bool, on_batch: Callable[[int], None] | None) -> int:
     """Every segment of this rank, each resumed where it stopped; returns the rows that were already there."""
 
-    n = job.meta.corpus.n_listed
-    mine = [(k, k * rows, min(n, (k + 1) * rows)) for k in range(ctx.rank, math.ceil(n / rows), ctx.world)]
+    mine = [(k, lo, hi) for k, (lo, hi) in enumerate(spans) if k % ctx.world == ctx.rank]
     resumed = 0
     bar = progress_bar(progress and ctx.rank == 0)
     with bar:
@@ -258,4 +306,4 @@ def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:
         records = group[schema.CHUNK_SHA256][:math.ceil(n / meta.chunk_rows)]
         written = Written(records, Statistics.from_dict(p.get(schema.STATISTICS), meta.num_classes),
                           "sha256:" + corpus_hash_of(group, n).hexdigest())
-    return finalize_store(group, meta, n, p["failures"], written)
+    return finalize_store(group, meta, n, p["failures"], written=written)

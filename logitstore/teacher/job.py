@@ -11,19 +11,21 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, limits, schema
-from ..corpus import Corpus, describe_failure, list_corpus, read_and_decode
+from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sha256_bytes
 from ..device import resolve_device, resolve_precision
+from ..failures import FailureWatch
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
+from ..sources import Item, Member, Source, open_source, prefetched
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
 from .load import class_names, prepare_teacher, to_device
@@ -75,6 +77,9 @@ class DumpConfig:
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     segment_rows: int | None = None
+    image_column: str | None = None   # Parquet/Arrow corpora: the column holding the images
+    id_column: str | None = None      # ... and an optional column of ids
+    max_failure_share: float = 0.5    # stop when more than this share of images failed (after FAILURE_CHECK_AFTER)
     progress: bool = False
     on_batch: Callable[[int], None] | None = None
 
@@ -102,6 +107,7 @@ DUMP_LIMITS = {
     "chunk_rows": limits.count(1, schema.MAX_CHUNK_ROWS), "keep_bits": limits.count(1, 22),
     "topk": limits.count(1, schema.MAX_CLASSES), "sample": limits.count(1, 65535),
     "sample_temperature": limits.real(0, lo_open=True), "segment_rows": limits.count(1),
+    "max_failure_share": limits.real(0, 1),
 }
 
 
@@ -132,16 +138,25 @@ class DumpSummary:
 class _CorpusViews(Dataset):
     """Item = one listing position: digest, pixels of every view (uint8), or the reason it failed."""
 
-    def __init__(self, corpus: Corpus, pre: Preprocess, views: ViewSpec, seed: int):
+    def __init__(self, corpus: Corpus | Source, pre: Preprocess, views: ViewSpec, seed: int):
         self.corpus, self.pre, self.views, self.seed = corpus, pre, views, seed
 
     def __len__(self) -> int:
-        return len(self.corpus.ids)
+        return self.corpus.n_listed
 
-    def __getitem__(self, pos: int) -> dict[str, Any]:
-        image_id = self.corpus.ids[pos]
+    def __getitem__(self, pos: int | Item) -> dict[str, Any]:
+        if isinstance(pos, Item):  # a streamed source: the bytes come with the position
+            pos, image_id, data, error = pos
+            if error is not None:
+                return {"source": pos, "id": image_id, "error": error}
+        else:
+            image_id, data = self.corpus.ids[pos], None
         try:
-            digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
+            if data is None:
+                digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
+            else:
+                data = data.read() if isinstance(data, Member) else data
+                digest, img = sha256_bytes(data), decode_image(data, self.pre.mode)
             h, w = int(img.shape[1]), int(img.shape[2])
             params = sample_view_params(h, w, self.views, self.seed, image_id)
             pixels = torch.stack([apply_view(img, p, self.pre, self.views.kind) for p in params])
@@ -164,6 +179,16 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "failures": [(it["source"], it["id"], it["error"]) for it in items if it["error"] is not None],
     }
+
+
+class _Streamed:
+    """A DataLoader batch_sampler over a streamed source: its batches carry their bytes to the workers."""
+
+    def __init__(self, job: "DumpJob", start: int, stop: int):
+        self.job, self.start, self.stop = job, start, stop
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        return self.job.streamed_batches(self.start, self.stop)
 
 
 def _versions() -> dict[str, str]:
@@ -198,10 +223,12 @@ class DumpJob:
     """Everything settled before the first image is read: the teacher on its device, the corpus, the metadata."""
 
     model: Any
-    corpus: Corpus
+    corpus: Corpus | Source
     meta: StoreMeta
     device: torch.device
     num_workers: int
+    max_failure_share: float = 0.5
+    owns_group: bool = False  # listing the corpus started torch.distributed's process group
 
     @property
     def batch_size(self) -> int:
@@ -214,13 +241,57 @@ class DumpJob:
         b = self.batch_size
         return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
 
+    def streamed_batches(self, start: int, stop: int) -> Iterator[list[Item]]:
+        """The batches of an uninterrupted run that hold positions [start, stop), each position with its
+        bytes, streamed from the source in listing order (shards, tables, URLs). Whole batches, also past
+        `stop` (a segment that ends inside a batch: `run` keeps only its own positions)."""
+        b = self.batch_size
+        end = min(self.corpus.n_listed, -(-stop // b) * b)
+        batch: list[Item] = []
+        for item in prefetched(self.corpus.items((start // b) * b)):
+            if item.pos >= end:
+                break
+            batch.append(item)
+            if len(batch) == b:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def unit_bounds(self, world: int) -> list[int] | None:
+        """Segment bounds at the corpus's units (shards, files) for a distributed dump over `world`
+        processes: no process reads a unit another one dumps (but a batch across a bound). None for a
+        corpus read by position, which is cut in fixed runs of rows."""
+        if getattr(self.corpus, "positional", True):
+            return None
+        from .distributed import unit_share
+
+        counts = self.corpus.counts
+        per = unit_share(len(counts), world)
+        bounds, pos = [0], 0
+        for u, c in enumerate(counts):
+            pos += c
+            if (u + 1) % per == 0 or u + 1 == len(counts):
+                if pos > bounds[-1]:
+                    bounds.append(pos)
+        return bounds
+
     def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
-            on_batch: Callable[[int], None] | None = None) -> None:
-        """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here)."""
+            on_batch: Callable[[int], None] | None = None, whole: bool = False) -> None:
+        """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here).
+        `whole`: these are all the listing's remaining positions (no store where every image failed)."""
         meta, pre, dev = self.meta, self.meta.preprocess, self.device
-        batches = self.batches(start, stop)
-        if not batches:
-            return
+        watch = FailureWatch(meta.corpus.listing if meta.corpus.listing != "directory" else meta.corpus.root,
+                             self.max_failure_share)
+        rows_before = writer.progress.rows
+        if getattr(self.corpus, "positional", True):
+            batches: Any = self.batches(start, stop)
+            if not batches:
+                return
+        else:
+            if start >= stop:
+                return
+            batches = _Streamed(self, start, stop)
         workers = self.num_workers
         loader = DataLoader(_CorpusViews(self.corpus, pre, meta.views, meta.seed), batch_sampler=batches,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
@@ -230,12 +301,13 @@ class DumpJob:
         np_dtype = np.float16 if meta.dtype == "float16" else np.float32
         v = meta.views.count
         for batch in loader:
-            failures = [f for f in batch["failures"] if f[0] >= start]
+            failures = [f for f in batch["failures"] if start <= f[0] < stop]
             ok = batch["ok"]
             rows = _failures_only(failures, v)
-            if ok and (ok["source"] >= start).any():  # a resumed run re-reads a batch it may have kept
+            # A resumed run re-reads a batch it may have kept; a segment may share a batch with the next.
+            if ok and ((ok["source"] >= start) & (ok["source"] < stop)).any():
                 logits = forward(self.model, ok["pixels"], pre, dev, autocast)
-                keep = ok["source"] >= start
+                keep = (ok["source"] >= start) & (ok["source"] < stop)
                 ids = [i for i, k in zip(ok["ids"], keep) if k]
                 lg = logits[torch.from_numpy(keep)]
                 check_logits(lg.reshape(len(ids), -1), meta.dtype, ids, meta.keep_bits)
@@ -247,10 +319,13 @@ class DumpJob:
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
+            watch.add(int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0, failures)
             if progress is not None:
                 progress.advance(task, n + len(batch["failures"]))
             if on_batch is not None:
                 on_batch(n)
+        if whole:
+            watch.finish(rows_before)
 
 
 def target_spec(topk: int | None = None, sample: int | None = None,
@@ -301,7 +376,13 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     if dev.type == "cuda" and dev.index is None and local_rank is not None:  # one GPU per torchrun process
         dev = torch.device("cuda", local_rank)
     precision = resolve_precision(cfg.precision, dev)
-    corpus = list_corpus(cfg.images)
+    corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
+                         storage_options=cfg.storage_options, listed=local_rank is None)
+    owns_group = False
+    if isinstance(corpus, Source) and not corpus.counts:  # under torchrun: each process lists its own units
+        from .distributed import list_units
+
+        owns_group = list_units(corpus)
 
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
@@ -320,19 +401,19 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     meta = StoreMeta(
         format_version=schema.version_for(targets), complete=False, classes=tuple(names), preprocess=pre, views=spec,
         teacher=t.info, corpus=CorpusInfo(str(corpus.root), corpus.listing, corpus.listing_sha256(),
-                                          len(corpus.ids)),
+                                          corpus.n_listed, source=corpus.record()),
         dtype=cfg.dtype, precision=precision, seed=cfg.seed, chunk_rows=1, batch_size=cfg.batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         embedded_pixels=cfg.embed_images, keep_bits=cfg.keep_bits, targets=targets)
     row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
     meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
     workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
-    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers)
+    return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share, owns_group)
 
 
 def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, seconds: float, nbytes: int,
                  failures: list[tuple[str, str]], nothing_to_do: bool = False) -> DumpSummary:
-    return DumpSummary(out=out, n_listed=len(job.corpus.ids), n_images=meta.corpus.n_images,
+    return DumpSummary(out=out, n_listed=job.corpus.n_listed, n_images=meta.corpus.n_images,
                        n_failed=meta.corpus.n_failed, views=meta.views.count, num_classes=meta.num_classes,
                        dtype=meta.dtype, precision=meta.precision, device=str(job.device),
                        chunk_rows=meta.chunk_rows, resumed_rows=resumed_rows, seconds=seconds,
@@ -363,11 +444,11 @@ def forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
 
 
 def run_into(job: DumpJob, writer: StoreWriter, start: int, stop: int, bar: Any, task: Any,
-             on_batch: Callable[[int], None] | None, saved: str) -> StoreMeta:
+             on_batch: Callable[[int], None] | None, saved: str, whole: bool = False) -> StoreMeta:
     """Run `job` over listing positions [start, stop) into `writer`, then close it: finalized when every
     batch went in; otherwise committed as far as it got (`saved` says where, for Ctrl-C's message)."""
     try:
-        job.run(writer, start, stop, bar, task, on_batch)
+        job.run(writer, start, stop, bar, task, on_batch, whole)
     except KeyboardInterrupt:
         writer.close(finalize=False)
         raise DumpInterrupted(f"interrupted: {saved.format(rows=writer.progress.rows)}; run the same command "

@@ -29,7 +29,7 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     if ctx is None and not cfg.overwrite and distributed.is_distributed_store(cfg.out, so):
         ctx = Torchrun()  # finish it in this one process
     job = prepare_dump(cfg, None if ctx is None else ctx.local_rank)
-    protected = [job.meta.corpus.root]
+    protected = job.corpus.protected()
     done = None if cfg.overwrite else already_complete(cfg.out, job.meta, so, protected)
     if done is not None:  # the same command after the store completed: nothing to do
         return make_summary(job, cfg.out, done, done.corpus.n_images, 0.0, 0, [], nothing_to_do=True)
@@ -41,12 +41,12 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
         raise OptionError("--segment-rows applies to distributed dumps only (run under torchrun)")
     writer = open_writer(cfg.out, job.meta, overwrite=cfg.overwrite, storage_options=so, protected=protected)
     resumed_rows, start = writer.progress.rows, writer.progress.next_source
-    n_listed = len(job.corpus.ids)
+    n_listed = job.corpus.n_listed
     t0 = time.perf_counter()
     bar = progress_bar(cfg.progress)
     with bar:
         task = bar.add_task("dump", total=n_listed, completed=(start // job.batch_size) * job.batch_size)
         meta = run_into(job, writer, start, n_listed, bar, task, cfg.on_batch,
-                        saved=f"{{rows}} images are saved in {cfg.out}")
+                        saved=f"{{rows}} images are saved in {cfg.out}", whole=True)
     return make_summary(job, cfg.out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(writer.group.store),
                         [(f[0], f[1]) for f in writer.progress.failures])

@@ -22,11 +22,12 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str) -> StoreMeta:
+def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str,
+                  source: dict[str, Any] | None = None) -> StoreMeta:
     # Added teachers' arrays are not carried into derived stores, so they are not listed either.
     return replace(base, complete=False, fingerprints={}, format_version=schema.version_for(base.targets), extra_teachers=(),
                    statistics=None,  # its writer counts the rows it writes
-                   corpus=CorpusInfo(root, listing, listing_sha, n_rows),
+                   corpus=CorpusInfo(root, listing, listing_sha, n_rows, source=source),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -89,6 +90,10 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
     if len(names) != len(stores) or len(set(names)) != len(names) or any("/" in p or not p for p in names):
         raise MismatchError(f"prefixes {names} must be one unique, non-empty folder name per store; "
                             "pass --prefix a,b,...")
+    kinds = {str(s.meta.corpus.source) for s in stores}  # 1.4 row sources: ids are found the same way in all
+    if len(kinds) > 1:
+        raise MismatchError(f"cannot merge stores of different kinds of corpus ({', '.join(sorted(kinds))}); "
+                            "merge stores dumped from the same kind (folders, shards, tables, URLs)")
     roots = [os.path.dirname(s.meta.corpus.root.rstrip("/")) for s in stores]
     sibling = all(r == roots[0] for r in roots) and names == [PurePosixPath(s.meta.corpus.root).name for s in stores]
     root = roots[0] if sibling else ""
@@ -118,7 +123,7 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
     # merge finds its store complete and has nothing to do; another recipe needs --overwrite.
     listing_sha = _sha256_text("merge:" + ",".join(s.meta.fingerprints["corpus"] for s in stores)
                                + f";prefixes={','.join(names)};dedupe={dedupe}")
-    meta = _derived_meta(stores[0].meta, total, root, "merge", listing_sha)
+    meta = _derived_meta(stores[0].meta, total, root, "merge", listing_sha, stores[0].meta.corpus.source)
     final = _write(out, meta, batches(), overwrite, storage_options, list(sources))
     return MergeReport(out, final.corpus.n_images, dropped,
                        [{"store": s.location, "prefix": p, "rows": len(s), "contents": s.meta.fingerprints["contents"]}
@@ -197,7 +202,7 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
     m = store.meta
     recipe = f";min_confidence={min_confidence};max_entropy={max_entropy};per_class={per_class};limit={limit};T={temperature}"
     meta = _derived_meta(m, n_out, m.corpus.root, m.corpus.listing,
-                         _sha256_text("select:" + m.fingerprints["contents"] + recipe))
+                         _sha256_text("select:" + m.fingerprints["contents"] + recipe), m.corpus.source)
     final = _write(out, meta, batches(), overwrite, storage_options, [source])
     counts = np.bincount(arg_a[keep].astype(np.int64), minlength=m.num_classes)
     return SelectReport(out, len(store), final.corpus.n_images,

@@ -6,12 +6,12 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import schema
+from ..sources import images_root, open_reader
 from ..corpus import sha256_bytes
 from ..errors import IntegrityError, OptionError
 from ..fingerprint import RowHasher
@@ -37,7 +37,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
     if kept is None and m.has_records and not m.complete:  # an unfinished 1.4 dump: its running counts
         p = store.group.attrs.get(schema.ATTR_PROGRESS) or {}
         if p.get(schema.STATISTICS) and int(p.get("rows", -1)) == len(store):
-            kept = {**p[schema.STATISTICS], "failures_by_reason": failures_by_reason(p.get("failures", []))}
+            kept = {**p[schema.STATISTICS], "failures_by_reason": failures_by_reason(store.failures())}
     usable = kept is not None and len(kept["top1_counts"]) == m.num_classes
     summary = _summary_from_statistics(kept, m) if usable else _summary_by_reading(store)
     failures = store.failures()
@@ -150,8 +150,9 @@ def sample_chunks(n_chunks: int, fraction: float, seed: int) -> list[int]:
 
 def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
            allow_incomplete: bool = False, sample: float | None = None, seed: int = 0,
-           workers: int | None = None) -> VerifyReport:
-    """Read every chunk (checksums), check logits are finite, ids unique, and digests against `images`.
+           workers: int | None = None, storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    """Read every chunk (checksums), check logits are finite, ids unique, and digests against `images`
+    (the corpus wherever it lives: logitstore/sources.py; `storage_options` for a URL).
 
     1.4 stores: each chunk of each row array is also hashed and compared with its record, several
     chunks at once (`workers` threads), and the records with fingerprints.contents. `sample`: only a
@@ -168,9 +169,9 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
                          "ids unique across the store and added teachers' whole-array fingerprints are checked "
                          "only by a full verify")
     if store.meta.has_records:
-        _verify_records(store, rep, chosen, sample is None, images, max_problems, workers)
+        _verify_records(store, rep, chosen, sample is None, images, storage_options, max_problems, workers)
     else:
-        _verify_by_reading(store, rep, chosen, sample is None, images, max_problems)
+        _verify_by_reading(store, rep, chosen, sample is None, images, storage_options, max_problems)
     if store.meta.complete:
         for name in schema.FAILURE_ARRAYS:
             try:
@@ -182,21 +183,27 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
     return rep
 
 
-def _check_images(root: Path | None, ids: Any, digests: np.ndarray, rep: VerifyReport) -> None:
-    for image_id, digest in zip(ids, digests):
-        path = root / str(image_id)
-        try:
-            ok = sha256_bytes(path.read_bytes()) == digest.tobytes()
-        except OSError as exc:
-            rep.problems.append(f"{path}: cannot be read ({exc.strerror or exc})")
-            continue
-        rep.images_checked += 1
-        if not ok:
-            rep.problems.append(f"{path}: its bytes differ from the digest stored when it was dumped")
+def _image_checker(store: LogitStore, images: str | None, storage_options: dict[str, Any] | None) -> Any:
+    """A function checking a chunk's images against their digests (None without `images`)."""
+    if not images:
+        return None
+    root = images_root(images)
+    reader = open_reader(root, store.meta.corpus.source, storage_options)
+
+    def check(ids: Any, digests: np.ndarray, rep: VerifyReport) -> None:
+        for image_id, digest, data in zip(ids, digests, reader.read_many([str(i) for i in ids])):
+            path = f"{root.rstrip('/')}/{image_id}"
+            if isinstance(data, BaseException):
+                rep.problems.append(f"{path}: cannot be read ({getattr(data, 'strerror', None) or data})")
+                continue
+            rep.images_checked += 1
+            if sha256_bytes(data) != digest.tobytes():
+                rep.problems.append(f"{path}: its bytes differ from the digest stored when it was dumped")
+    return check
 
 
 def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], full: bool, images: str | None,
-                    max_problems: int, workers: int | None) -> None:
+                    storage_options: dict[str, Any] | None, max_problems: int, workers: int | None) -> None:
     """1.4: every chosen chunk of every row array (and added teacher) against its record, in parallel;
     the records against fingerprints.contents; in a full pass the corpus fingerprint and unique ids."""
     m, loc = store.meta, store.location
@@ -254,7 +261,7 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
                for name, p in problems]
         return k, out, ids, got.get(schema.DIGESTS), stream
 
-    root = Path(images).expanduser() if images else None
+    check_images = _image_checker(store, images, storage_options)
     seen: set[str] = set()
     corpus, teachers = hashlib.sha256(), {t.name: hashlib.sha256() for t in m.extra_teachers}
     threads = workers or min(8, os.cpu_count() or 1)
@@ -271,8 +278,8 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
                         seen.add(i)
                     if digests is not None:
                         corpus.update(b"".join(str(i).encode("utf-8") + b"\0" + d.tobytes() for i, d in zip(ids, digests)))
-                        if root is not None:
-                            _check_images(root, ids, digests, rep)
+                        if check_images is not None:
+                            check_images(ids, digests, rep)
                 for name, data in stream.items():
                     teachers[name].update(data)
             if len(rep.problems) >= max_problems:
@@ -288,9 +295,9 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
 
 
 def _verify_by_reading(store: LogitStore, rep: VerifyReport, chosen: list[int], full: bool, images: str | None,
-                       max_problems: int) -> None:
+                       storage_options: dict[str, Any] | None, max_problems: int) -> None:
     """Stores before 1.4: each chosen chunk read in turn; the fingerprints recomputed in a full pass."""
-    root = Path(images).expanduser() if images else None
+    check_images = _image_checker(store, images, storage_options)
     seen: set[str] = set()
     hasher = RowHasher()
     for k in chosen:
@@ -311,8 +318,8 @@ def _verify_by_reading(store: LogitStore, rep: VerifyReport, chosen: list[int], 
             if i in seen:
                 rep.problems.append(f"{i}: id appears twice")
             seen.add(i)
-        if root is not None:
-            _check_images(root, rows.ids, rows.digests, rep)
+        if check_images is not None:
+            check_images(rows.ids, rows.digests, rep)
         if len(rep.problems) >= max_problems:
             rep.problems.append(f"stopped after {max_problems} problems")
             break

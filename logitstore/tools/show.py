@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..corpus import read_and_decode
+from ..corpus import decode_image, sha256_bytes
+from ..sources import images_root as _images_root, is_url, open_reader
 from ..errors import CorpusError, IntegrityError, LogitStoreError, OptionError
 from .inspect_store import predictions
 from ..store import LogitStore, open_store
@@ -40,7 +41,7 @@ def _top1(store: LogitStore) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(preds), np.concatenate(confs)
 
 
-def _teacher_views(store: LogitStore, root: Path, wanted: list[int]) -> dict[int, np.ndarray]:
+def _teacher_views(store: LogitStore, root: str, wanted: list[int]) -> dict[int, np.ndarray]:
     """The first view of each wanted row as uint8 HxW (L) or HxWx3 (RGB), digest-checked.
 
     Each chunk holding a wanted row is read once.
@@ -50,14 +51,16 @@ def _teacher_views(store: LogitStore, root: Path, wanted: list[int]) -> dict[int
     for r in sorted(wanted):
         by_chunk.setdefault(r // store.chunk_rows, []).append(r)
     pre, kind = store.meta.preprocess, store.meta.views.kind
+    reader = open_reader(root, store.meta.corpus.source)
     for k, rows_in_chunk in by_chunk.items():
         first, _ = store.chunk_bounds(k)
         rows = store.read_chunk(k)
         for r in rows_in_chunk:
             i = r - first
-            path = root / str(rows.ids[i])
+            path = f"{root.rstrip('/')}/{rows.ids[i]}"
             try:
-                digest, img = read_and_decode(path, pre.mode)
+                data = reader.read(str(rows.ids[i]))
+                digest, img = sha256_bytes(data), decode_image(data, pre.mode)
             except FileNotFoundError:
                 raise CorpusError(f"{path}: missing; --images must be the corpus the store was dumped from "
                                   f"(recorded root: {store.meta.corpus.root})") from None
@@ -110,9 +113,10 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
         raise OptionError(f"per_class ({per_class}) and max_classes ({max_classes}) must be at least 1")
     if not isinstance(store, LogitStore):
         store = open_store(store)
-    root = Path(images_root if images_root is not None else store.meta.corpus.root).expanduser()
-    embedded = images_root is None and not root.is_dir() and store.meta.embedded_pixels
-    if not root.is_dir() and not embedded:
+    root = _images_root(images_root) if images_root is not None else store.meta.corpus.root
+    here = is_url(root) or Path(root).expanduser().is_dir()
+    embedded = images_root is None and not here and store.meta.embedded_pixels
+    if not here and not embedded:
         raise CorpusError(f"{root}: no such folder; pass --images, the corpus root the store was dumped from")
     classes = store.classes
     pred, conf = _top1(store)

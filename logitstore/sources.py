@@ -1,0 +1,893 @@
+"""Where a corpus lives: a local folder or listing (corpus.py), a listing of URLs, an fsspec prefix of
+loose images, WebDataset tar shards, or Parquet / Arrow files with an image column.
+
+Each kind is a `Source`: its identity (root, listing, n_listed, the listing's sha256) from one
+streaming pass that keeps one count per unit (shard or file), never one entry per image; its items
+streamed from any listing position (`items`); and what a store records to find a row's bytes again
+(`record`, docs/FORMAT.md "1.4: row sources"). `open_reader` reads rows back by id (trainer, show,
+verify): a unit at a time, remote units fetched concurrently into a bounded local cache.
+
+Ids say where an image is: `UNIT/KEY` for a shard (the tar file's path under the root, then the
+WebDataset `__key__`: the member's name up to the first dot of its basename), `UNIT/ROW` for a
+Parquet or Arrow file (the row's index in the file) or `UNIT/ID` with --id-column, and the path
+under the root for loose images.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+from .corpus import IMAGE_EXTENSIONS, Corpus, describe_failure, list_corpus
+from .errors import CorpusError
+
+KIND_URLS, KIND_PREFIX, KIND_WEBDATASET, KIND_PARQUET = "urls", "prefix", "webdataset", "parquet"
+KINDS = (KIND_URLS, KIND_PREFIX, KIND_WEBDATASET, KIND_PARQUET)
+SHARD_EXTENSIONS = (".tar",)
+TABLE_EXTENSIONS = (".parquet", ".arrow")
+# Loose remote images are fetched this many at a time (object stores answer each request in tens of ms).
+CONCURRENT_REQUESTS = 16
+# Remote shards and tables a dump fetches at once, ahead of the one it reads.
+UNITS_AHEAD = 3
+# Remote shards and tables are read through a local cache of whole units, at most this many bytes.
+DEFAULT_CACHE_BYTES = 4 << 30
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
+
+
+class Member(NamedTuple):
+    """Where a local shard keeps an image: read by the dump's decoding workers, not the main process."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), self.size, self.offset)
+
+
+class Item(NamedTuple):
+    """One listing position: the image's bytes (or where a local shard keeps them), or why not."""
+
+    pos: int
+    id: str
+    data: bytes | Member | None
+    error: str | None
+
+
+def is_url(spec: str) -> bool:
+    return "://" in str(spec)
+
+
+def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def _join(root: str, rel: str) -> str:
+    return f"{root.rstrip('/')}/{rel}" if is_url(root) else os.path.join(root, rel)
+
+
+def _protocol_root(url: str, fs: Any, path: str) -> str:
+    """`path` (as the filesystem names it) back as a URL with `url`'s protocol."""
+    proto = url.split("://", 1)[0]
+    return f"{proto}://{path.lstrip('/')}" if proto != "file" else f"file:///{path.lstrip('/')}"
+
+
+class _Sha:
+    """The listing's identity, computed as today's `Corpus.listing_sha256` over the ids in order."""
+
+    def __init__(self) -> None:
+        self.h, self.n = hashlib.sha256(), 0
+
+    def add(self, image_id: str) -> None:
+        self.h.update(image_id.encode("utf-8") + b"\n")
+        self.n += 1
+
+
+@dataclass
+class Source:
+    """A streamed corpus: units of work, each with its count of listing positions."""
+
+    kind: str
+    root: str                       # local folder or URL every id is relative to
+    listing: str                    # what was given (--images)
+    units: list[str]                # unit names relative to root (shards, tables); [""] for a flat listing
+    counts: list[int]               # listing positions per unit
+    sha256: str
+    image_column: str | None = None
+    id_column: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    entries: list[str] | None = None  # a prefix's ids (its listing is the object store's, kept sorted)
+    unit_shas: list[str] = field(default_factory=list)  # sha256 of each unit's ids (shards, tables)
+    positional = False              # items are streamed, not read by position in DataLoader workers
+
+    def list_unit(self, k: int) -> tuple[int, str]:
+        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids."""
+        location = _join(self.root, self.units[k])
+        sha = _Sha()
+        with _unit_errors(location):
+            if self.kind == KIND_WEBDATASET:
+                for key, _ in _shard_samples(location, self.storage_options, read=False):
+                    sha.add(f"{self.units[k]}/{key}")
+            else:
+                for image_id in _table_ids(location, self.units[k], self.image_column, self.id_column,
+                                           self.storage_options):
+                    sha.add(image_id)
+        return sha.n, sha.h.hexdigest()
+
+    def settle(self, listed: Sequence[tuple[int, str]]) -> None:
+        """Every unit's (count, sha): the listing's identity is the sha256 of the lines
+        `UNIT TAB COUNT TAB SHA LF` in unit order, so processes that each list their own units agree."""
+        self.counts = [c for c, _ in listed]
+        self.unit_shas = [h for _, h in listed]
+        if not sum(self.counts):
+            raise CorpusError(f"{self.listing}: the {'shards' if self.kind == KIND_WEBDATASET else 'tables'} "
+                              "hold no samples")
+        h = hashlib.sha256()
+        for unit, (c, u) in zip(self.units, listed):
+            h.update(f"{unit}\t{c}\t{u}\n".encode("utf-8"))
+        self.sha256 = h.hexdigest()
+
+    @property
+    def n_listed(self) -> int:
+        return sum(self.counts)
+
+    def listing_sha256(self) -> str:
+        return self.sha256
+
+    def record(self) -> dict[str, Any]:
+        """The store's `corpus.source` (format 1.4): how to find a row's bytes from its id."""
+        rec: dict[str, Any] = {"kind": self.kind}
+        if self.kind == KIND_PARQUET:
+            rec["image_column"] = self.image_column
+            rec["id_column"] = self.id_column
+        return rec
+
+    def protected(self) -> list[str]:
+        """What a dump reads, which its --out must not overlap: the shards or tables, or the root."""
+        return [_join(self.root, u) for u in self.units if u] or [self.root]
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(unit index, position within it) of listing position `pos`."""
+        for u, c in enumerate(self.counts):
+            if pos < c:
+                return u, pos
+            pos -= c
+        return len(self.counts), 0
+
+    def items(self, start: int = 0) -> Iterator[Item]:
+        """Every listing position from `start` on, in order, read one unit at a time. Remote shards and
+        tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there."""
+        u, skip = self.locate(start)
+        pos = start
+        remote = self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root)
+        with tempfile.TemporaryDirectory(prefix="logitstore-dump-") as tmp, \
+                ThreadPoolExecutor(UNITS_AHEAD) as pool:
+            cache = _UnitCache(1 << 62, self.storage_options, tmp)
+            ahead: dict[int, Any] = {}
+            for k in range(u, len(self.units)):
+                local = None
+                if remote:
+                    for j in range(k, min(len(self.units), k + UNITS_AHEAD)):
+                        if j not in ahead:
+                            ahead[j] = pool.submit(cache.local, _join(self.root, self.units[j]))
+                    try:
+                        local = ahead.pop(k).result()
+                    except Exception as exc:
+                        raise CorpusError(f"{_join(self.root, self.units[k])}: cannot be fetched "
+                                          f"({describe_failure(exc)}); run the same command again to resume") from None
+                for image_id, data, error in _unit_items(self, k, skip, local):
+                    yield Item(pos, image_id, data, error)
+                    pos += 1
+                if local is not None:
+                    os.unlink(local)  # read here in the main process: no worker needs it any more
+                skip = 0
+
+
+def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_column: str | None = None,
+                storage_options: dict[str, Any] | None = None, listed: bool = True) -> Corpus | Source:
+    """--images as a corpus: a local folder or listing of local paths (a `Corpus`, as always), or a
+    `Source` for a listing of URLs, an fsspec prefix, WebDataset shards or Parquet / Arrow files.
+    With `listed` False, shards and tables are not listed yet: the caller lists each unit
+    (`Source.list_unit`, any process any unit) and hands every result to `Source.settle`."""
+    source = _open_source(spec, image_column, id_column, storage_options)
+    if listed and isinstance(source, Source) and not source.counts:
+        source.settle([source.list_unit(k) for k in range(len(source.units))])
+    return source
+
+
+def _open_source(spec: str | os.PathLike, image_column: str | None, id_column: str | None,
+                 storage_options: dict[str, Any] | None) -> Corpus | Source:
+    so = dict(storage_options or {})
+    text = os.fspath(spec)
+    if id_column is not None and image_column is None:
+        raise CorpusError(f"{text}: --id-column names rows of a Parquet table; give --image-column too")
+    if text.startswith("file://"):
+        text = text[len("file://"):] or "/"
+    if "{" in text and "}" in text:
+        return _from_files(text, _expand(text, so), image_column, id_column, so)
+    if is_url(text):
+        fs, path = _fs(text, so)
+        if text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
+            return _from_files(text, [text], image_column, id_column, so)
+        try:
+            found = sorted(fs.find(path))
+        except (OSError, ValueError) as exc:
+            raise CorpusError(f"{text}: cannot list it ({describe_failure(exc)}); check the URL and "
+                              "--storage-option") from None
+        root = _protocol_root(text, fs, path.rstrip("/"))
+        urls = [_protocol_root(text, fs, p) for p in found]
+        return _from_listed(text, root, urls, image_column, id_column, so)
+    src = Path(text).expanduser()
+    if src.is_file() and src.name.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
+        return _from_files(text, [str(src.resolve())], image_column, id_column, so)
+    if src.is_dir() and (image_column is not None or not _has_images(src)):
+        files = sorted(str(p) for p in src.resolve().rglob("*") if p.is_file())
+        return _from_listed(text, str(src.resolve()), files, image_column, id_column, so)
+    if src.is_file() and _first_line(src).find("://") >= 0:
+        return _url_listing(src, so)
+    if image_column is not None:
+        raise CorpusError(f"{text}: --image-column applies to Parquet or Arrow files (a file, a folder of "
+                          "them or a pattern)")
+    return list_corpus(src)
+
+
+def _has_images(folder: Path) -> bool:
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    return line
+    except (UnicodeDecodeError, OSError):
+        pass
+    return ""
+
+
+def _expand(pattern: str, so: dict[str, Any]) -> list[str]:
+    from braceexpand import braceexpand
+
+    names = list(braceexpand(pattern))
+    if not is_url(pattern):
+        missing = [n for n in names if not Path(n).expanduser().is_file()]
+        if missing:
+            raise CorpusError(f"{pattern}: {len(missing)} of its {len(names)} files are missing (first: {missing[0]}); "
+                              "fix the pattern")
+        return [str(Path(n).expanduser().resolve()) for n in names]
+    return names
+
+
+def _from_listed(spec: str, root: str, files: list[str], image_column: str | None, id_column: str | None,
+                 so: dict[str, Any]) -> Source:
+    """A folder or prefix: its shards, else its tables (with --image-column), else its loose images."""
+    lower = [f.lower() for f in files]
+    if image_column is not None:
+        tables = [f for f, lo in zip(files, lower) if lo.endswith(TABLE_EXTENSIONS)]
+        tables = _hf_order(tables, files, so) or tables
+        if not tables:
+            raise CorpusError(f"{spec}: no Parquet or Arrow files ({', '.join(TABLE_EXTENSIONS)}) found for "
+                              "--image-column")
+        return _tables(spec, root, tables, image_column, id_column, so)
+    shards = [f for f, lo in zip(files, lower) if lo.endswith(SHARD_EXTENSIONS)]
+    if shards:
+        return _shards(spec, root, shards, so)
+    images = [f for f, lo in zip(files, lower) if lo.endswith(IMAGE_EXTENSIONS)
+              and not os.path.basename(f).startswith(".")]
+    if not images:
+        raise CorpusError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}), .tar shards or (with "
+                          "--image-column) Parquet files found; check --images")
+    if not is_url(root):
+        return list_corpus(root)
+    ids = [f[len(root.rstrip('/')) + 1:] for f in images]
+    sha = _Sha()
+    for i in ids:
+        sha.add(i)
+    return Source(KIND_PREFIX, root, spec, [""], [len(ids)], sha.h.hexdigest(), storage_options=so, entries=ids)
+
+
+def _hf_order(tables: list[str], files: list[str], so: dict[str, Any]) -> list[str]:
+    """A Hugging Face `save_to_disk` export: its Arrow files in the order its state.json lists them."""
+    import json
+
+    states = [f for f in files if os.path.basename(f) == "state.json"]
+    if len(states) != 1:
+        return []
+    try:
+        with _open(states[0], so) as f:
+            names = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    folder = states[0].rsplit("/", 1)[0] if is_url(states[0]) else os.path.dirname(states[0])
+    return [_join(folder, n) for n in names]
+
+
+def _from_files(spec: str, files: list[str], image_column: str | None, id_column: str | None,
+                so: dict[str, Any]) -> Source:
+    if not files:
+        raise CorpusError(f"{spec}: the pattern names no files")
+    root = os.path.commonpath([os.path.dirname(f) for f in files]) if not is_url(files[0]) else \
+        _common_url([f.rsplit("/", 1)[0] for f in files])
+    if all(f.lower().endswith(SHARD_EXTENSIONS) for f in files) and image_column is None:
+        return _shards(spec, root, files, so)
+    if all(f.lower().endswith(TABLE_EXTENSIONS) for f in files):
+        if image_column is None:
+            raise CorpusError(f"{spec}: Parquet/Arrow files need --image-column (the column holding the images)")
+        return _tables(spec, root, files, image_column, id_column, so)
+    raise CorpusError(f"{spec}: give .tar shards, or Parquet/Arrow files with --image-column, not a mix")
+
+
+def _common_url(folders: list[str]) -> str:
+    parts = [f.split("/") for f in folders]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/".join(common)
+
+
+def _rel(root: str, f: str) -> str:
+    return f[len(root.rstrip("/")) + 1:] if is_url(root) else os.path.relpath(f, root).replace(os.sep, "/")
+
+
+def _open(location: str, so: dict[str, Any]) -> Any:
+    if not is_url(location):
+        return open(location, "rb")
+    import fsspec
+
+    return fsspec.open(location, "rb", **so).open()
+
+
+@contextlib.contextmanager
+def _unit_errors(location: str) -> Iterator[None]:
+    """A shard or table that cannot be listed through is a corpus fault: one line naming it."""
+    try:
+        yield
+    except CorpusError:
+        raise
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise CorpusError(f"{location}: cannot be read ({describe_failure(exc)}); check --images and "
+                          "--storage-option, or remove it from the corpus") from None
+
+
+# -- WebDataset shards ----------------------------------------------------------------------------
+
+def _shards(spec: str, root: str, files: list[str], so: dict[str, Any]) -> Source:
+    return Source(KIND_WEBDATASET, root, spec, [_rel(root, f) for f in files], [], "", storage_options=so)
+
+
+def _shard_samples(location: str, so: dict[str, Any], read: bool, skip: int = 0, members: bool = False
+                   ) -> Iterator[tuple[str, bytes | Member | BaseException]]:
+    """(key, image bytes) of each sample of a shard in member order (webdataset's grouping: consecutive
+    members sharing a key); b"" when not `read` or before `skip`; with `members`, where the bytes are
+    instead; an exception when the sample has no image member. Local shards are read seekably, so
+    skipped and unread members cost no read."""
+    f = _open(location, so)
+    try:
+        mode = "r|" if is_url(location) else "r:"
+        with tarfile.open(fileobj=f, mode=mode) as tf:
+            key, image, n = None, None, 0
+            for m in tf:
+                if not m.isfile():
+                    continue
+                match = _KEY.match(m.name)
+                if match is None:
+                    continue
+                k, ext = match.group(1), match.group(2).lower()
+                if k != key:
+                    if key is not None:
+                        yield key, image if image is not None else _no_image(key)
+                        n += 1
+                    key, image = k, None
+                if image is None and ("." + ext.rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS:
+                    image = (b"" if not read or n < skip else Member(location, m.offset_data, m.size) if members
+                             else tf.extractfile(m).read())
+                tf.members = []  # headers are not kept: a shard of any length costs the same memory
+            if key is not None:
+                yield key, image if image is not None else _no_image(key)
+    finally:
+        f.close()
+
+
+def _no_image(key: str) -> BaseException:
+    return CorpusError(f"sample {key} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+# -- Parquet and Arrow tables ---------------------------------------------------------------------
+
+def _tables(spec: str, root: str, files: list[str], image_column: str, id_column: str | None,
+            so: dict[str, Any]) -> Source:
+    return Source(KIND_PARQUET, root, spec, [_rel(root, f) for f in files], [], "", image_column, id_column, so)
+
+
+def _batches(location: str, columns: list[str], so: dict[str, Any], skip: int = 0) -> Iterator[Any]:
+    """Record batches of `columns`, from row `skip` on (Parquet skips whole row groups unread)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = _open(location, so)
+    try:
+        if location.lower().endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise CorpusError(f"{location}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+            first, rows = 0, 0
+            while first < pf.num_row_groups and rows + pf.metadata.row_group(first).num_rows <= skip:
+                rows += pf.metadata.row_group(first).num_rows
+                first += 1
+            for batch in pf.iter_batches(batch_size=1024, row_groups=range(first, pf.num_row_groups),
+                                         columns=columns):
+                if rows + batch.num_rows > skip:
+                    yield batch.slice(max(0, skip - rows))
+                rows += batch.num_rows
+        else:
+            try:
+                reader = pa.ipc.open_stream(f)
+            except pa.ArrowInvalid:
+                f.seek(0)
+                reader = pa.ipc.open_file(f)
+                reader = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            rows = 0
+            for batch in reader:
+                missing = [c for c in columns if c not in batch.schema.names]
+                if missing:
+                    raise CorpusError(f"{location}: no column {missing[0]!r} (columns: {', '.join(batch.schema.names)})")
+                if rows + batch.num_rows > skip:
+                    yield batch.select(columns).slice(max(0, skip - rows))
+                rows += batch.num_rows
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, CorpusError):
+            raise
+        raise CorpusError(f"{location}: not a readable Parquet/Arrow table ({describe_failure(exc)})") from None
+    finally:
+        f.close()
+
+
+def _table_ids(location: str, unit: str, image_column: str, id_column: str | None,
+               so: dict[str, Any]) -> Iterator[str]:
+    row = 0
+    for batch in _batches(location, [id_column or image_column] if id_column else [image_column], so):
+        if id_column:
+            for v in batch.column(0).to_pylist():
+                yield f"{unit}/{v}"
+        else:
+            for _ in range(batch.num_rows):
+                yield f"{unit}/{row}"
+                row += 1
+
+
+def _image_bytes(value: Any) -> bytes | BaseException:
+    """A cell of the image column: raw bytes, or Hugging Face's Image feature `{bytes, path}`."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return CorpusError("the image cell holds no bytes" + ("" if value is None else f" ({type(value).__name__})"))
+
+
+def _table_rows(location: str, unit: str, image_column: str, id_column: str | None, so: dict[str, Any],
+                skip: int = 0) -> Iterator[tuple[str, bytes | BaseException]]:
+    row = skip
+    columns = [image_column] + ([id_column] if id_column else [])
+    for batch in _batches(location, columns, so, skip):
+        images = batch.column(0).to_pylist()
+        ids = batch.column(1).to_pylist() if id_column else range(row, row + batch.num_rows)
+        for v, i in zip(images, ids):
+            yield f"{unit}/{i}", _image_bytes(v)
+        row += batch.num_rows
+
+
+# -- streaming items ------------------------------------------------------------------------------
+
+def _unit_items(src: Source, k: int, skip: int, local: str | None = None
+                ) -> Iterator[tuple[str, bytes | Member | None, str | None]]:
+    """Unit k's items from position `skip` in it; `local`: a fetched copy of a remote unit."""
+    unit = src.units[k]
+    location = local or (_join(src.root, unit) if unit else src.root)
+
+    def out(image_id: str, value: Any) -> tuple[str, bytes | None, str | None]:
+        if isinstance(value, BaseException):
+            return image_id, None, describe_failure(value)
+        return image_id, value, None
+
+    try:
+        if src.kind == KIND_WEBDATASET:
+            n = 0
+            # A shard on local disk is read by the decoding workers (Member), a fetched copy here.
+            for key, value in _shard_samples(location, src.storage_options, read=True, skip=skip,
+                                             members=local is None):
+                if n >= skip:
+                    yield out(f"{unit}/{key}", value)
+                n += 1
+        elif src.kind == KIND_PARQUET:
+            for image_id, value in _table_rows(location, unit, src.image_column, src.id_column,
+                                               src.storage_options, skip):
+                yield out(image_id, value)
+        else:
+            yield from _fetch_all(src, skip)
+    except CorpusError:
+        raise
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        # A shard or table that cannot be read through is a corpus fault, not per-image failures.
+        raise CorpusError(f"{location}: cannot be read through ({describe_failure(exc)}); fix or remove it, then "
+                          "run the same command again to resume") from None
+
+
+def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Loose remote images, CONCURRENT_REQUESTS requests in flight, yielded in listing order."""
+    fs, _ = _fs(src.root, src.storage_options)
+
+    def fetch(image_id: str) -> tuple[str, bytes | None, str | None]:
+        try:
+            return image_id, fs.cat_file(_join(src.root, image_id)), None
+        except Exception as exc:  # a missing or unreadable object is that image's failure
+            return image_id, None, describe_failure(exc)
+
+    ids = _listed_ids(src, skip)
+    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        window: list[Any] = []
+        for image_id in ids:
+            window.append(pool.submit(fetch, image_id))
+            if len(window) >= 4 * CONCURRENT_REQUESTS:
+                yield window.pop(0).result()
+        for fut in window:
+            yield fut.result()
+
+
+def _listed_ids(src: Source, skip: int) -> Iterator[str]:
+    if src.entries is not None:
+        yield from src.entries[skip:]
+        return
+    n = 0
+    for url in _listing_lines(Path(src.listing)):
+        if n >= skip:
+            yield _rel(src.root, url)
+        n += 1
+
+
+# -- a listing of URLs ----------------------------------------------------------------------------
+
+def _listing_lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def _url_listing(path: Path, so: dict[str, Any]) -> Source:
+    """One URL a line, streamed twice (root, then ids); nothing kept per image."""
+    root: str | None = None
+    for url in _listing_lines(path):
+        if not is_url(url):
+            raise CorpusError(f"{path}: mixes URLs and local paths (line {url!r}); list one kind")
+        folder = url.rsplit("/", 1)[0]
+        root = folder if root is None else _common_url([root, folder])
+    sha = _Sha()
+    for url in _listing_lines(path):
+        sha.add(_rel(root, url))
+    return Source(KIND_URLS, root, str(path.resolve()), [""], [sha.n], sha.h.hexdigest(), storage_options=so)
+
+
+# -- reading rows back by id ----------------------------------------------------------------------
+
+class _UnitCache:
+    """Remote units as whole local files in one folder that every process of a run may share (a file is
+    fetched under a temporary name and renamed, so a reader never sees half of one); past `limit` bytes
+    the least recently fetched go first."""
+
+    def __init__(self, limit: int, so: dict[str, Any], folder: str | None = None):
+        self.limit, self.so = limit, so
+        self.dir = folder or tempfile.mkdtemp(prefix="logitstore-units-")
+        self.owned = folder is None
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path_of(self, url: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(url.encode()).hexdigest()[:32] + os.path.splitext(url)[1])
+
+    def local(self, url: str) -> str:
+        dest = self.path_of(url)
+        if os.path.exists(dest):
+            return dest
+        fs, path = _fs(url, self.so)
+        tmp = f"{dest}.{os.getpid()}.{threading.get_ident()}.partial"
+        fs.get_file(path, tmp)
+        os.replace(tmp, dest)
+        self._evict(keep=dest)
+        return dest
+
+    def _evict(self, keep: str) -> None:
+        try:
+            files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(self.dir)
+                     if not e.name.endswith(".partial")]
+        except OSError:
+            return
+        total = sum(f[1] for f in files)
+        for _, size, path in sorted(files):
+            if total <= self.limit:
+                break
+            if path != keep:
+                try:
+                    os.unlink(path)  # a reader that has it open keeps reading it
+                    total -= size
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self.owned:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SourceReader:
+    """Bytes of stored rows by id, wherever the store's corpus lives (`open_reader`)."""
+
+    def __init__(self, root: str, record: dict[str, Any] | None, storage_options: dict[str, Any] | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None):
+        self.root, self.record = str(root), record or {}
+        self.kind = self.record.get("kind")
+        self.so = dict(storage_options or {})
+        self.cache_bytes, self.cache_dir = cache_bytes, cache_dir
+        self._cache: _UnitCache | None = None
+        self._index: OrderedDict[str, dict[str, Any]] = OrderedDict()  # unit -> key -> where
+        self._groups: OrderedDict[tuple[str, int], tuple[list[Any], int]] = OrderedDict()  # row groups, bytes
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get their own caches
+        return {**self.__dict__, "_cache": None, "_index": OrderedDict(), "_groups": OrderedDict(), "_fds": OrderedDict(),
+                "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def read(self, image_id: str) -> bytes:
+        if self.kind in (KIND_WEBDATASET, KIND_PARQUET):
+            unit, key = self._split(image_id)
+            return self._read_in_unit(unit, key)
+        location = _join(self.root, image_id)
+        if not is_url(location):
+            return Path(location).read_bytes()
+        fs, path = _fs(location, self.so)
+        return fs.cat_file(path)
+
+    def read_many(self, ids: Sequence[str]) -> list[bytes | BaseException]:
+        """Each id's bytes (or why not), units fetched concurrently, then read in id order."""
+        def one(i: str) -> bytes | BaseException:
+            try:
+                return self.read(i)
+            except Exception as exc:  # the caller names the row
+                return exc
+        if self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root):
+            units = [u for u in dict.fromkeys(self._split(i)[0] for i in ids) if not self._have(u)]
+            if units:
+                with ThreadPoolExecutor(min(len(units), CONCURRENT_REQUESTS)) as pool:
+                    list(pool.map(lambda u: self._safe(self._unit_file, u), units))
+            return [one(i) for i in ids]
+        if is_url(self.root):
+            with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+                return list(pool.map(one, ids))
+        return [one(i) for i in ids]
+
+    def _have(self, unit: str) -> bool:
+        return self._cache is not None and os.path.exists(self._cache.path_of(_join(self.root, unit)))
+
+    @staticmethod
+    def _safe(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:  # reported again, per row, by the read that needs it
+            return None
+
+    def _split(self, image_id: str) -> tuple[str, str]:
+        exts = SHARD_EXTENSIONS if self.kind == KIND_WEBDATASET else TABLE_EXTENSIONS
+        lower = image_id.lower()
+        for ext in exts:
+            at = lower.find(ext + "/")
+            if at >= 0:
+                return image_id[:at + len(ext)], image_id[at + len(ext) + 1:]
+        raise CorpusError(f"{image_id}: not an id of a {self.kind} corpus (UNIT{exts[0]}/KEY)")
+
+    def _unit_file(self, unit: str) -> str:
+        location = _join(self.root, unit)
+        if not is_url(location):
+            return location
+        if self._cache is None:
+            self._cache = _UnitCache(self.cache_bytes, self.so, self.cache_dir)
+        return self._cache.local(location)
+
+    def _read_in_unit(self, unit: str, key: str) -> bytes:
+        with self._lock:
+            index = self._index.get(unit)
+            if index is not None:
+                self._index.move_to_end(unit)
+        local = self._unit_file(unit)
+        if is_url(self.root) and not os.path.exists(local):  # evicted by another process just now
+            local = self._unit_file(unit)
+        if index is None:
+            index = self._build_index(local, unit)
+            with self._lock:
+                self._index[unit] = index
+                while len(self._index) > 64:
+                    self._index.popitem(last=False)
+        if key not in index:
+            raise FileNotFoundError(f"{unit} holds no {key}")
+        where = index[key]
+        if self.kind == KIND_WEBDATASET:
+            offset, size = where
+            return os.pread(self._fd(local), size, offset)
+        value = _image_bytes(self._table_cell(local, self.record["image_column"], where))
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _fd(self, local: str) -> int:
+        """An open descriptor of a shard (a few kept: a block's rows come from one or two shards)."""
+        with self._lock:
+            fd = self._fds.get(local)
+            if fd is not None:
+                self._fds.move_to_end(local)
+                return fd
+            fd = self._fds[local] = os.open(local, os.O_RDONLY)
+            while len(self._fds) > 16:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def _table_cell(self, local: str, column: str, row: int) -> Any:
+        with self._lock:
+            for (path, first), (values, _) in self._groups.items():
+                if path == local and first <= row < first + len(values):
+                    self._groups.move_to_end((path, first))
+                    return values[row - first]
+        first, values = _table_group(local, column, row)
+        nbytes = sum(len(v.get("bytes") or b"") if isinstance(v, dict) else len(v or b"") for v in values)
+        with self._lock:
+            self._groups[(local, first)] = (values, nbytes)
+            while len(self._groups) > 1 and (len(self._groups) > TABLE_GROUPS_KEPT or
+                                             sum(n for _, n in self._groups.values()) > TABLE_CACHE_BYTES):
+                self._groups.popitem(last=False)
+        return values[row - first]
+
+    def _build_index(self, local: str, unit: str) -> dict[str, Any]:
+        """Key -> (offset, size) of each sample's image member; or -> row of a table."""
+        index: dict[str, Any] = {}
+        if self.kind == KIND_WEBDATASET:
+            with tarfile.open(local, "r:") as tf:
+                for m in tf:
+                    match = _KEY.match(m.name) if m.isfile() else None
+                    if match and ("." + match.group(2).lower().rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS:
+                        index.setdefault(match.group(1), (m.offset_data, m.size))
+            return index
+        id_column = self.record.get("id_column")
+        if id_column:
+            row = 0
+            for batch in _batches(local, [id_column], {}):
+                for v in batch.column(0).to_pylist():
+                    index.setdefault(str(v), row)
+                    row += 1
+            return index
+        return _RowIndex()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._cache is not None:
+            self._cache.close()
+
+
+class _RowIndex(dict):
+    """Rows of a table without an id column: the key is the row number."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.isdigit()
+
+    def __getitem__(self, key: str) -> int:
+        return int(key)
+
+
+# Decoded row groups a reader keeps: the trainer shuffles rows within blocks of >= 2,048 rows, so a
+# batch touches a few neighbouring groups; each is decoded once while its block is being read.
+TABLE_GROUPS_KEPT = 64
+TABLE_CACHE_BYTES = 256 << 20  # ... and at most this many image bytes, per reader
+
+
+def _table_group(local: str, column: str, row: int) -> tuple[int, list[Any]]:
+    """(first row, cells) of the row group (or, for Arrow, the whole file) holding `row`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if local.lower().endswith(".parquet"):
+        pf = pq.ParquetFile(local)
+        first = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row < first + n:
+                return first, pf.read_row_group(g, columns=[column]).column(0).to_pylist()
+            first += n
+        raise IndexError(f"row {row} is past the end of {os.path.basename(local)}")
+    with pa.memory_map(local) as mm:
+        try:
+            table = pa.ipc.open_stream(mm).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(mm).read_all()
+    return 0, table.column(column).to_pylist()
+
+
+def prefetched(items: Iterator[Any], depth: int = 256) -> Iterator[Any]:
+    """`items` produced by a background thread, up to `depth` ahead, so reading overlaps the teacher."""
+    import queue
+
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for it in items:
+                while not stop.is_set():
+                    try:
+                        q.put(it, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # raised again in the consumer
+            q.put(exc)
+
+    t = threading.Thread(target=run, name="logitstore-source", daemon=True)
+    t.start()
+    try:
+        while True:
+            it = q.get()
+            if it is done:
+                return
+            if isinstance(it, BaseException):
+                raise it
+            yield it
+    finally:
+        stop.set()
+
+
+def open_reader(root: str, record: dict[str, Any] | None, storage_options: dict[str, Any] | None = None,
+                cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None) -> SourceReader:
+    """A reader of the rows of a store whose corpus is at `root` (a folder or URL; --images may say where
+    it is now), of the kind its `corpus.source` records (None: loose files under `root`). Remote shards
+    and tables are fetched whole into `cache_dir` (a fresh temporary folder if None), `cache_bytes` at most."""
+    return SourceReader(root, record, storage_options, cache_bytes, cache_dir)
+
+
+def images_root(images: str | os.PathLike) -> str:
+    """--images given to a reader (trainer, show, verify) -> the root its stored ids are relative to:
+    a pattern's or a single shard's or table's folder, else the folder or URL itself."""
+    text = os.fspath(images)
+    if text.startswith("file://"):
+        text = text[len("file://"):] or "/"
+    if "{" in text:
+        text = text[:text.index("{")].rsplit("/", 1)[0]
+    elif text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
+        text = text.rsplit("/", 1)[0]
+    return text.rstrip("/") if is_url(text) else str(Path(text).expanduser())

@@ -1,0 +1,383 @@
+"""Corpora where they live: WebDataset shards, object-store prefixes, URL listings and Parquet tables
+dump the same logits as the same images in a folder, and their stores find each row's bytes again."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import logitstore
+from logitstore.sources import open_reader, open_source
+from logitstore.store import open_store
+
+from conftest import assert_one_line_error, invoke, run_cli
+
+N = 90
+SHARD_SIZES = (40, 40, 10)
+
+
+def _png(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format="PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(mnist) -> list[bytes]:
+    return [_png(a) for a in mnist["train_images"][:N]]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, images) -> dict[str, Path]:
+    """The same images as a folder, as img2dataset's shards, and as Hugging Face-style Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("layouts")
+    folder = root / "folder"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"{i:09d}.png").write_bytes(data)
+    shards = root / "shards"
+    shards.mkdir()
+    i = 0
+    for s, n in enumerate(SHARD_SIZES):
+        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as w:  # img2dataset's layout: KEY.jpg, KEY.json, KEY.txt
+            for _ in range(n):
+                w.write({"__key__": f"{i:09d}", "png": images[i], "txt": f"caption {i}",
+                         "json": json.dumps({"key": f"{i:09d}", "status": "success"}).encode()})
+                i += 1
+    tables = root / "tables"
+    tables.mkdir()
+    for part, (a, b) in enumerate(((0, 50), (50, N))):
+        t = pa.table({"image": [{"bytes": images[k], "path": f"{k}.png"} for k in range(a, b)],
+                      "label": list(range(a, b)), "name": [f"img{k}" for k in range(a, b)]})
+        pq.write_table(t, tables / f"train-{part:05d}.parquet", row_group_size=16)
+    return {"folder": folder, "shards": shards, "tables": tables, "root": root}
+
+
+@pytest.fixture(scope="module")
+def reference(layouts, teacher_ckpt) -> np.ndarray:
+    s = logitstore.dump(str(teacher_ckpt), str(layouts["folder"]), str(layouts["root"] / "folder.zarr"),
+                        num_workers=0, batch_size=32)
+    assert s.n_images == N and s.n_failed == 0
+    return open_store(str(layouts["root"] / "folder.zarr")).read(0, N).logits
+
+
+def _dump(teacher: Path, images: str, out: Path, **kw) -> tuple[np.ndarray, object]:
+    s = logitstore.dump(str(teacher), images, str(out), num_workers=kw.pop("num_workers", 0), batch_size=32, **kw)
+    assert (s.n_images, s.n_failed) == (N, 0), s.failures[:3]
+    store = open_store(str(out))
+    return store.read(0, N).logits, store
+
+
+def test_shards_by_pattern_and_folder_dump_the_folder_logits(layouts, teacher_ckpt, reference, tmp_path):
+    pattern = str(layouts["shards"]) + "/{00000..00002}.tar"
+    logits, store = _dump(teacher_ckpt, pattern, tmp_path / "a.zarr", num_workers=2)
+    np.testing.assert_array_equal(logits, reference)
+    ids = store.read(0, N).ids
+    assert ids[0] == "00000.tar/000000000" and ids[45] == "00001.tar/000000045"
+    assert store.meta.corpus.source == {"kind": "webdataset"} and store.meta.format_version == "1.4"
+    same, _ = _dump(teacher_ckpt, str(layouts["shards"]), tmp_path / "b.zarr")
+    np.testing.assert_array_equal(same, reference)
+    # The store finds a row's bytes again from its id, and they match the stored digest.
+    reader = open_reader(store.meta.corpus.root, store.meta.corpus.source)
+    import hashlib
+    rows = store.read(0, N)
+    for k in (0, 39, 40, 89):
+        assert hashlib.sha256(reader.read(rows.ids[k])).digest() == bytes(rows.digests[k])
+
+
+def test_parquet_with_an_image_struct_dumps_the_folder_logits(layouts, teacher_ckpt, reference, tmp_path):
+    logits, store = _dump(teacher_ckpt, str(layouts["tables"]), tmp_path / "p.zarr", image_column="image")
+    np.testing.assert_array_equal(logits, reference)
+    rows = store.read(0, N)
+    assert rows.ids[0] == "train-00000.parquet/0" and rows.ids[50] == "train-00001.parquet/0"
+    assert store.meta.corpus.source == {"kind": "parquet", "image_column": "image", "id_column": None}
+    by_name, named = _dump(teacher_ckpt, str(layouts["tables"]) + "/train-{00000..00001}.parquet",
+                           tmp_path / "q.zarr", image_column="image", id_column="name")
+    np.testing.assert_array_equal(by_name, reference)
+    reader = open_reader(named.meta.corpus.root, named.meta.corpus.source)
+    assert reader.read("train-00001.parquet/img77") == open_reader(
+        store.meta.corpus.root, store.meta.corpus.source).read("train-00001.parquet/27")
+
+
+def test_s3_shards_prefix_and_url_listing_dump_the_folder_logits(s3, layouts, images, teacher_ckpt, reference,
+                                                                  tmp_path):
+    import boto3
+
+    client = boto3.client("s3")
+    for tar in sorted(layouts["shards"].glob("*.tar")):
+        client.upload_file(str(tar), "caches", f"wds/{tar.name}")
+    for i, data in enumerate(images):
+        client.put_object(Bucket="caches", Key=f"loose/{i // 30}/{i:09d}.png", Body=data)
+    shards, _ = _dump(teacher_ckpt, "s3://caches/wds/{00000..00002}.tar", tmp_path / "s.zarr")
+    np.testing.assert_array_equal(shards, reference)
+    prefix, store = _dump(teacher_ckpt, "s3://caches/loose/", tmp_path / "l.zarr")
+    np.testing.assert_array_equal(prefix, reference)
+    assert store.meta.corpus.root == "s3://caches/loose" and store.read(0, 1).ids[0] == "0/000000000.png"
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"s3://caches/loose/{i // 30}/{i:09d}.png\n" for i in range(N)))
+    urls, _ = _dump(teacher_ckpt, str(listing), tmp_path / "u.zarr")
+    np.testing.assert_array_equal(urls, reference)
+    # Shards on the object store are read back through the local cache, concurrently.
+    reader = open_reader("s3://caches/wds", {"kind": "webdataset"}, cache_bytes=1 << 20)
+    got = reader.read_many(["00000.tar/000000003", "00002.tar/000000085", "00001.tar/000000041"])
+    assert got == [images[3], images[85], images[41]]
+    reader.close()
+
+
+def test_local_corpora_keep_their_ids_and_listing(layouts, corpus):
+    from logitstore.corpus import list_corpus
+
+    src = open_source(corpus)
+    old = list_corpus(corpus)
+    assert src.ids == old.ids and src.listing_sha256() == old.listing_sha256() and src.record() is None
+
+
+def test_a_bad_source_is_one_line(layouts, tmp_path):
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]) + "/train-00000.parquet",
+                  "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "--image-column")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]),
+                  "--image-column", "pixels", "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "no column 'pixels'")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["folder"]),
+                  "--max-failure-share", "1.5", "--out", str(tmp_path / "x.zarr"))
+    assert proc.returncode == 2 and "--max-failure-share" in proc.stderr
+
+
+def _broken_shard(path: Path, images: list[bytes], good: int, bad: int) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for i in range(good + bad):
+            data = images[i % len(images)] if i % (good + bad) < good else b"not an image at all"
+            w.write({"__key__": f"{i:09d}", "png": data})
+
+
+def test_a_mostly_failing_dump_stops_with_its_first_reasons(tmp_path, images, teacher_ckpt):
+    shard = tmp_path / "dirty.tar"
+    _broken_shard(shard, images, good=300, bad=900)
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(shard),
+                  "--out", str(tmp_path / "d.zarr"), "--num-workers", "0", "--quiet")
+    err = assert_one_line_error(proc, "of the first", "--max-failure-share 0.5", "000000300: UnidentifiedImageError")
+    assert "incomplete" in err
+    from logitstore.store import open_store as open_any
+    partial = open_any(str(tmp_path / "d.zarr"), allow_incomplete=True)
+    assert not partial.meta.complete
+    # Failures go to the growing arrays, not the progress attribute (none is final before a chunk is).
+    assert dict(partial.group.attrs["logitstore_progress"]) == {"rows": 0, "next_source": 0, "n_failures": 0}
+    # A tolerant share lets the same corpus through, recording every failure in the arrays.
+    s = logitstore.dump(str(teacher_ckpt), str(shard), str(tmp_path / "ok.zarr"), num_workers=0,
+                        max_failure_share=0.8)
+    store = open_store(str(tmp_path / "ok.zarr"))
+    assert (s.n_images, s.n_failed) == (300, 900) and len(store.failures()) == 900
+    assert store.failures()[0][0] == "dirty.tar/000000300" and store.failures()[899][0] == "dirty.tar/000001199"
+    assert store.group["failed_ids"].chunks == (4096,)
+
+
+def test_a_dump_whose_images_all_fail_writes_no_complete_store(tmp_path, teacher_ckpt):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"b{i}.png").write_bytes(b"junk")
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(folder),
+                  "--out", str(tmp_path / "e.zarr"), "--num-workers", "0", "--quiet")
+    assert_one_line_error(proc, "all 5 images failed", "b0.png")
+    from logitstore.store import open_store as open_any
+    assert not open_any(str(tmp_path / "e.zarr"), allow_incomplete=True).meta.complete
+
+
+def _weights(res) -> dict:
+    import torch
+
+    ckpt = torch.load(res.checkpoint, weights_only=False)
+    # The student's weights and its optimizer state (the RNG state also counts DataLoader workers' seeds).
+    return {k: v for k, v in ckpt.items() if k != "rng" and isinstance(v, dict)
+            and any(hasattr(t, "dtype") for t in v.values())}
+
+
+def test_students_from_shard_and_table_stores_equal_the_folder_student(s3, layouts, teacher_ckpt, reference,
+                                                                      tmp_path):
+    import boto3
+    import torch
+
+    import trainer
+
+    root = layouts["root"]
+    client = boto3.client("s3")
+    for tar in sorted(layouts["shards"].glob("*.tar")):
+        client.upload_file(str(tar), "caches", f"fit/{tar.name}")
+    stores = {"folder": str(root / "folder.zarr")}
+    for name, images, kw in (("shards", str(layouts["shards"]), {}),
+                             ("tables", str(layouts["tables"]), {"image_column": "image"}),
+                             ("s3", "s3://caches/fit/", {})):
+        stores[name] = str(tmp_path / f"{name}.zarr")
+        logitstore.dump(str(teacher_ckpt), images, stores[name], num_workers=0, batch_size=32, **kw)
+    # No decode cache: every epoch reads each image again from its shard, table or object.
+    fast = dict(student="lenet", batch_size=16, warmup_epochs=0.2, epochs=1, seed=3, cache_images=0, holdout=0.1)
+    runs = {name: trainer.fit([s], tmp_path / f"run-{name}", num_workers=2 if name == "s3" else 0, **fast)
+            for name, s in stores.items()}
+    want = _weights(runs["folder"])
+    assert want
+    for name in ("shards", "tables", "s3"):
+        got = _weights(runs[name])
+        for part in want:
+            for k, v in want[part].items():
+                if hasattr(v, "dtype"):
+                    assert torch.equal(v, got[part][k]), (name, part, k)
+        assert runs[name].final["train_loss"] == runs["folder"].final["train_loss"]
+
+
+def test_show_and_verify_read_pixels_from_shards_and_object_storage(s3, layouts, teacher_ckpt, tmp_path):
+    import boto3
+
+    client = boto3.client("s3")
+    for tar in sorted(layouts["shards"].glob("*.tar")):
+        client.upload_file(str(tar), "caches", f"show/{tar.name}")
+    store = tmp_path / "s.zarr"
+    logitstore.dump(str(teacher_ckpt), str(layouts["shards"]), str(store), num_workers=0)
+    ok = run_cli("logitstore", "verify", str(store), "--images", "s3://caches/show")
+    assert f"{N:,} images matched their digests" in ok.stdout
+    ok = run_cli("logitstore", "verify", str(store), "--images", str(layouts["shards"]) + "/{00000..00002}.tar")
+    assert f"{N:,} images matched their digests" in ok.stdout
+    # Moved elsewhere with one shard replaced: verify names the rows whose bytes differ.
+    client.upload_file(str(layouts["shards"] / "00002.tar"), "caches", "moved/00000.tar")
+    for name in ("00001.tar", "00002.tar"):
+        client.upload_file(str(layouts["shards"] / name), "caches", f"moved/{name}")
+    bad = run_cli("logitstore", "verify", str(store), "--images", "s3://caches/moved", check=False)
+    assert bad.returncode == 1 and "s3://caches/moved/00000.tar/000000000: cannot be read" in bad.stderr
+    out = tmp_path / "sheet.png"
+    run_cli("logitstore", "show", str(store), "--images", "s3://caches/show", "--out", str(out), "--per-class", "2")
+    assert out.stat().st_size > 1000
+
+
+def test_torchrun_over_shards_cuts_at_shards_and_a_killed_rank_resumes_to_the_one_process_store(tmp_path, images):
+    import os
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    import webdataset as wds
+    import zarr
+
+    from logitstore import schema
+    from conftest import save_teacher
+    from test_distributed import _child_with_rank, _env, _segment_rows, _torchrun
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    i = 0
+    for s, n in enumerate((29, 27, 21, 13)):  # bounds at 29, 56, 77: inside teacher batches of 8
+        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as w:
+            for _ in range(n):
+                w.write({"__key__": f"{i:09d}", "png": images[i] if i != 33 else b"broken", "txt": "x"})
+                i += 1
+    ckpt = save_teacher(tmp_path / "slow.pt", arch="nets:slow_cnn", seconds=0.2)
+    args = ["--teacher", str(ckpt), "--images", str(shards), "--batch-size", "8", "--chunk-rows", "8",
+            "--num-workers", "0", "--quiet"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    run_cli("logitstore", "dump", *args, "--out", str(ref))
+
+    cmd = _torchrun(2, *args, "--out", str(out))
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, env=_env(DUMP_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and _segment_rows(out, 1) < 8:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the dump ended before a rank could be killed:\n{proc.stdout.read()}"
+        plan = dict(zarr.open_group(str(out), mode="r").attrs[schema.ATTR_PROGRESS])
+        assert plan["segment_bounds"] == [0, 29, 56, 77, 90]  # one segment a shard
+        victim = _child_with_rank(proc.pid, 1, tag)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = open_store(str(ref)), open_store(str(out))
+    ra, rb = a.read(0, len(a)), b.read(0, len(b))
+    assert len(a) == N - 1 and list(ra.ids) == list(rb.ids)
+    assert ra.logits.tobytes() == rb.logits.tobytes() and np.array_equal(ra.digests, rb.digests)
+    assert a.failures() == b.failures() == [("00001.tar/000000033", a.failures()[0][1])]
+    assert a.meta.fingerprints == b.meta.fingerprints
+
+
+def test_add_teacher_replays_the_views_of_a_table_store(layouts, teacher_ckpt, tmp_path):
+    from logitstore.teacher.add import add_teacher
+
+    out = tmp_path / "t.zarr"
+    logitstore.dump(str(teacher_ckpt), str(layouts["tables"]), str(out), num_workers=0, image_column="image",
+                    views=2, seed=5)
+    s = add_teacher(str(out), str(teacher_ckpt), name="again", num_workers=0)
+    store = open_store(str(out))
+    assert s.rows == N and store.teacher_logits("again", 0, N).tobytes() == store.read(0, N).logits.tobytes()
+
+
+def test_a_listing_mixing_paths_and_urls_is_one_line(layouts, tmp_path):
+    listing = tmp_path / "mixed.txt"
+    listing.write_text(f"{layouts['folder']}/000000000.png\ns3://caches/loose/0/000000001.png\n")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(listing), "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "mixes URLs and local paths")
+
+
+def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
+    (tmp_path / "00000.tar").write_bytes((layouts["shards"] / "00000.tar").read_bytes()[:5000])
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path / "00000.tar"),
+                  "--out", str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "00000.tar: cannot be read")
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path) + "/{00000..00003}.tar",
+                  "--out", str(tmp_path / "y.zarr"))
+    assert_one_line_error(proc, "3 of its 4 files are missing")
+
+
+def test_the_listing_identity_is_composed_of_units_listed_anywhere(layouts):
+    whole = open_source(str(layouts["shards"]))
+    parts = open_source(str(layouts["shards"]), listed=False)
+    assert parts.counts == [] and parts.units == ["00000.tar", "00001.tar", "00002.tar"]
+    listed = {k: parts.list_unit(k) for k in (2, 0, 1)}  # as processes would, each its own units
+    parts.settle([listed[k] for k in range(3)])
+    assert parts.counts == whole.counts == list(SHARD_SIZES)
+    assert parts.listing_sha256() == whole.listing_sha256() and whole.n_listed == N
+
+
+def test_select_and_merge_keep_the_row_sources(layouts, teacher_ckpt, tmp_path):
+    import hashlib
+
+    from logitstore.tools.combine import merge, select
+
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    logitstore.dump(str(teacher_ckpt), str(layouts["shards"]), str(a), num_workers=0)
+    logitstore.dump(str(teacher_ckpt), str(layouts["tables"]), str(b), num_workers=0, image_column="image")
+    select(str(a), str(tmp_path / "s.zarr"), limit=10)
+    picked = open_store(str(tmp_path / "s.zarr"))
+    assert picked.meta.corpus.source == {"kind": "webdataset"}
+    rows = picked.read(0, len(picked))
+    reader = open_reader(picked.meta.corpus.root, picked.meta.corpus.source)
+    assert all(hashlib.sha256(reader.read(i)).digest() == bytes(d) for i, d in zip(rows.ids, rows.digests))
+    with pytest.raises(Exception, match="different kinds of corpus"):
+        merge([str(a), str(b)], str(tmp_path / "m.zarr"))
+
+
+def test_a_row_source_of_an_unknown_kind_is_refused():
+    from logitstore.errors import FormatError
+    from logitstore.schema import row_source
+
+    assert row_source({"kind": "parquet", "image_column": "img", "id_column": None}) == {
+        "kind": "parquet", "image_column": "img", "id_column": None}
+    for bad in ({"kind": "zip"}, {"kind": "parquet"}, "webdataset", {"kind": "parquet", "image_column": 3}):
+        with pytest.raises(FormatError):
+            row_source(bad)
