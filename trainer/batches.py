@@ -255,7 +255,7 @@ class ImageSource(Dataset):
         if fast is not None:
             return {"pixels": fast, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
-        keep, views = [], []
+        keep, originals = [], []
         for i in range(len(req)):
             key = int(req.keys[i])
             if self.cache.is_skipped(key):
@@ -268,11 +268,12 @@ class ImageSource(Dataset):
                     return Failed(ImageError(str(exc)))
                 self.cache.skip(key)
                 continue
-            views.append(self.spec.view(img, req.params[i], self.kind))
+            originals.append(img)
             keep.append(i)
         c, (h, w) = self.spec.pre.channels, self.spec.size
-        pixels = torch.stack(views) if views else torch.zeros(0, c, h, w, dtype=torch.uint8)
         sel = np.asarray(keep, np.int64)
+        pixels = (self.spec.views(originals, req.params[sel], self.kind) if originals
+                  else torch.zeros(0, c, h, w, dtype=torch.uint8))
         return {"pixels": pixels, "logits": targets_tensor(take_field(req.logits, sel)),
                 "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
 

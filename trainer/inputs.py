@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from logitstore.schema import Preprocess
-from logitstore.views import apply_view, normalize
+from logitstore.views import apply_view, apply_views, normalize
 
 from .errors import ClassMismatchError, ConfigError
 
@@ -36,6 +36,12 @@ class InputSpec:
         """uint8 original -> uint8 view: the teacher's exact crop and flip; only the final resize differs."""
         out = None if tuple(self.size) == tuple(self.pre.size) else self.size
         return apply_view(img, params, self.pre, kind, out)
+
+    def views(self, imgs: list[torch.Tensor], params: np.ndarray, kind: str) -> torch.Tensor:
+        """`view` of each original, as one uint8 [N, C, H, W] batch: bit for bit the same pixels, with
+        one resize per group of equal-shaped crops (logitstore.views.apply_views)."""
+        out = None if tuple(self.size) == tuple(self.pre.size) else self.size
+        return apply_views(imgs, params, self.pre, kind, out)
 
     def to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] (already on the device) -> normalised float32 student input."""
