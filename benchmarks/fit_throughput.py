@@ -232,47 +232,61 @@ def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Nam
                         str(args.batch_size)], capture_output=True, text=True, check=True, env=env)
     ceiling_wall = time.perf_counter() - t0
     ceiling = json.loads(r.stdout.strip().splitlines()[-1])
+    out_row = {"ceiling_wall": ceiling_wall, "ceiling_load": ceiling["load_s"], "ceiling_train": ceiling["train_s"],
+               "ceiling_steady": float(np.median(ceiling["rates"][1:]))}
     cmd = [sys.executable, "-m", "trainer", "fit", "--store", str(store), "--out", str(out), "--optimizer", "adamw",
            "--epochs", str(args.epochs), "--overwrite", "--json"]
     if args.batch_size != trainer.FitConfig.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.workers is not None:
         cmd += ["--num-workers", str(args.workers)]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    fit_wall = time.perf_counter() - t0
-    res = json.loads(r.stdout)
-    history = res["history"]
-    return {"ceiling_wall": ceiling_wall, "ceiling_load": ceiling["load_s"], "ceiling_train": ceiling["train_s"],
-            "ceiling_steady": float(np.median(ceiling["rates"][1:])), "fit_wall": fit_wall,
-            "fit_steady": float(np.median([h["samples_per_s"] for h in history[1:]])),
-            "fit_first": history[0]["samples_per_s"], "workers": res["info"].get("workers", "?")}
+    # An earlier checkout of the code (--baseline-tree), run the same way right after: before/after under one load.
+    arms = [("fit", None)] + ([("base", str(args.baseline_tree))] if args.baseline_tree else [])
+    for name, tree in arms:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                           env={**env, "PYTHONPATH": tree} if tree else env)
+        res = json.loads(r.stdout)
+        history = res["history"]
+        out_row.update({f"{name}_wall": time.perf_counter() - t0,
+                        f"{name}_steady": float(np.median([h["samples_per_s"] for h in history[1:]])),
+                        f"{name}_first": history[0]["samples_per_s"], f"{name}_workers": res["info"].get("workers", "?")})
+    return out_row
 
 
 def run_defaults(args: argparse.Namespace) -> None:
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = Console(width=160)
     make_corpus(args.mnist, args.images, w / "corpus")
     make_teacher(w / "teacher.pt", *TEACHER)
     make_store(w / "teacher.pt", w / "corpus", w / "store.zarr")
     runs = []
     for rep in range(args.repeats):
-        console.print(f"[bold]repeat {rep + 1}/{args.repeats}[/]: ceiling, then trainer fit")
+        console.print(f"[bold]repeat {rep + 1}/{args.repeats}[/]: ceiling, then trainer fit"
+                      f"{', then the baseline tree' if args.baseline_tree else ''}")
         runs.append(defaults_vs_ceiling(w / "store.zarr", w / "corpus", w / "runs" / "defaults", args))
         console.print(runs[-1])
+    arms = ["fit"] + (["base"] if args.baseline_tree else [])
     t = Table(title=f"trainer fit (default flags, adamw) against the in-RAM ceiling: lenet, {args.images:,} MNIST "
                     f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}")
-    for col in ("repeat", "ceiling whole s (load + train)", "fit whole s", "whole ratio", "whole vs train only",
-                "ceiling steady/s", "fit steady/s", "steady ratio", "fit epoch 1/s", "workers"):
+    for col in ("run", "repeat", "whole s", "whole ratio", "whole vs ceiling's training", "steady/s", "steady ratio",
+                "epoch 1/s"):
         t.add_column(col, justify="right")
     for i, r in enumerate(runs):
-        t.add_row(str(i + 1), f"{r['ceiling_wall']:.1f} ({r['ceiling_load']:.1f} + {r['ceiling_train']:.1f})",
-                  f"{r['fit_wall']:.1f}", f"{r['ceiling_wall'] / r['fit_wall']:.2f}",
-                  f"{(r['ceiling_wall'] - r['ceiling_load']) / r['fit_wall']:.2f}",
-                  f"{r['ceiling_steady']:,.0f}", f"{r['fit_steady']:,.0f}",
-                  f"{r['fit_steady'] / r['ceiling_steady']:.2f}", f"{r['fit_first']:,.0f}", str(r["workers"]))
+        t.add_row("ceiling", str(i + 1), f"{r['ceiling_wall']:.1f} (load {r['ceiling_load']:.1f})", "1.00", "",
+                  f"{r['ceiling_steady']:,.0f}", "1.00", "")
+        for a in arms:
+            t.add_row(a, str(i + 1), f"{r[a + '_wall']:.1f}", f"{r['ceiling_wall'] / r[a + '_wall']:.2f}",
+                      f"{r['ceiling_train'] / r[a + '_wall']:.2f}", f"{r[a + '_steady']:,.0f}",
+                      f"{r[a + '_steady'] / r['ceiling_steady']:.2f}", f"{r[a + '_first']:,.0f}")
     console.print(t)
+    for a in arms:
+        whole = [r["ceiling_wall"] / r[a + "_wall"] for r in runs]
+        steady = [r[a + "_steady"] / r["ceiling_steady"] for r in runs]
+        console.print(f"{a}: whole-process ratio median {np.median(whole):.2f} (runs {', '.join(f'{x:.2f}' for x in whole)}); "
+                      f"steady-epoch ratio median {np.median(steady):.2f} (runs {', '.join(f'{x:.2f}' for x in steady)}); "
+                      f"workers: {runs[-1][a + '_workers']}")
 
 
 def machine() -> str:
@@ -306,6 +320,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS_fit.md"))
     ap.add_argument("--defaults", action="store_true",
                     help="Only trainer fit's default flags against the in-RAM ceiling, as whole processes (issue 16).")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="With --defaults: also run trainer fit from this checkout (PYTHONPATH), after ours each repeat.")
     args = ap.parse_args()
     if args.defaults:
         args.batch_size = args.batch_size or trainer.FitConfig.batch_size
