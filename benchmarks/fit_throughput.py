@@ -220,6 +220,9 @@ print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() -
 """
 
 
+REPO = str(Path(__file__).resolve().parents[1])
+
+
 def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
     """One alternation: the ceiling process, then `trainer fit` (default flags, --optimizer adamw) as a process.
 
@@ -229,7 +232,7 @@ def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Nam
         env["OMP_NUM_THREADS"] = str(args.threads)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", CEILING_CODE, str(store), str(corpus), str(args.epochs),
-                        str(args.batch_size)], capture_output=True, text=True, check=True, env=env)
+                        str(args.batch_size)], capture_output=True, text=True, check=True, env=env, cwd=REPO)
     ceiling_wall = time.perf_counter() - t0
     ceiling = json.loads(r.stdout.strip().splitlines()[-1])
     out_row = {"ceiling_wall": ceiling_wall, "ceiling_load": ceiling["load_s"], "ceiling_train": ceiling["train_s"],
@@ -244,7 +247,8 @@ def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Nam
     arms = [("fit", None)] + ([("base", str(args.baseline_tree))] if args.baseline_tree else [])
     for name, tree in arms:
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, check=True,
+        # cwd too: `python -m` puts the working directory first on sys.path.
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tree or REPO,
                            env={**env, "PYTHONPATH": tree} if tree else env)
         res = json.loads(r.stdout)
         history = res["history"]

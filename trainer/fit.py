@@ -645,7 +645,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     workers = default_workers(ddp.local_world) if cfg.num_workers is None else cfg.num_workers
     batches = make_batches(data, spec, budget, workers, cfg.skip_mismatched, pin_memory=dev.type == "cuda")
     cache = batches.source.cache
-    worker_choice = f"{workers} (--num-workers)"
+    worker_choice, eval_workers = f"{workers} (--num-workers)", workers  # a labeled folder is decoded every time
     if cfg.num_workers is None and start_epoch < cfg.epochs:
         choice = _measure_workers(workers, batches, data, model, spec, dev, cfg, precision, ddp, start_epoch)
         workers, batches.num_workers = choice.workers, choice.workers
@@ -691,7 +691,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
             if ddp.main:
                 record.update(teacher_agreement(model, batches, held_out, spec, dev, cfg.temperature, precision))
                 if folder is not None:
-                    res = evaluate_model(model, folder, spec, dev, cfg.batch_size, workers, precision)
+                    res = evaluate_model(model, folder, spec, dev, cfg.batch_size, eval_workers, precision)
                     record.update({"eval_top1": res.top1, "eval_top5": res.top5, "eval_n": res.n})
                 save_checkpoint(ckpt_path, {
                     "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": model.state_dict(),
