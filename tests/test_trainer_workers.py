@@ -98,3 +98,19 @@ def test_default_workers_are_measured_logged_and_change_nothing(world: World, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["train_loss"] for r in chosen.history] == [r["train_loss"] for r in fixed.history]
     assert np.isfinite(chosen.final["train_loss"])
+
+
+def test_student_input_is_normalize_bit_for_bit_and_travels_without_device_constants(world: World):
+    import pickle
+
+    from logitstore.views import normalize
+
+    data = open_stores([world.store])
+    spec = make_input_spec(data.pre, None, 3)                      # grey store, RGB student
+    pixels = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    x = spec.to_input(pixels)
+    assert torch.equal(x, normalize(pixels, data.pre).expand(-1, 3, -1, -1))
+    assert torch.equal(spec.to_input(pixels), x) and len(spec._consts) == 1   # made once per device
+    again = pickle.loads(pickle.dumps(spec))
+    assert again == spec and again._consts == {}
+    assert torch.equal(again.to_input(pixels), x)
