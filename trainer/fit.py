@@ -468,7 +468,9 @@ def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Req
     """How often the student's argmax is the teacher's on held-out rows, and the distillation loss there."""
     was_training = model.training
     model.eval()
-    agree = kd = n = 0.0
+    # Summed on the device (in float64, as Python floats would be) and read once at the end: no wait per batch.
+    agree = kd = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
     for batch in batches(requests):
         if len(batch["pixels"]) == 0:
             continue
@@ -479,11 +481,11 @@ def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Req
         with autocast(precision, device):
             out = model(x).float()
         m = len(x)
-        agree += float((out.argmax(1) == teacher_top1(teacher)).sum())
-        kd += float(soft_target_loss(out, teacher, temperature)) * m
+        agree = agree + (out.argmax(1) == teacher_top1(teacher)).sum()
+        kd = kd + soft_target_loss(out, teacher, temperature).double() * m
         n += m
     model.train(was_training)
-    return {"agree": agree / n, "holdout_kd": kd / n, "holdout_n": int(n)} if n else {}
+    return {"agree": float(agree) / n, "holdout_kd": float(kd) / n, "holdout_n": n} if n else {}
 
 
 def fit(stores: Sequence[str | os.PathLike | LogitStore], out: str | os.PathLike, *, progress: bool = False,
