@@ -216,10 +216,7 @@ def choose_workers(spare: int, cold_s: float, warm_s: float, step_s: float, warm
     if cold_s < WORKER_SHARE * step and warm < WORKER_SHARE * step:
         return WorkerChoice(0, False, f"0: the data work is under {WORKER_SHARE:.0%} of a step ({facts})")
     if warm < WORKER_SHARE * step:
-        # Decoding slower than the student: the loop would mostly wait for the first pass, so one more
-        # worker fills its core; the workers idle once the pass is done, so nothing is oversubscribed later.
-        n = min(8, spare + 1) if cold_s > step else spare
-        return WorkerChoice(n, True, f"{n} while decoding, then 0 once the images are cached ({facts})")
+        return WorkerChoice(spare, True, f"{spare} while decoding, then 0 once the images are cached ({facts})")
     return WorkerChoice(spare, False, f"{spare}: the data work is {warm / step:.0%} of a step even when "
                                       f"cached ({facts})")
 
