@@ -223,6 +223,15 @@ print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() -
 REPO = str(Path(__file__).resolve().parents[1])
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process and its own children (DataLoader workers):
+    on a machine other jobs share, the work a run did, which its wall time only shows with their noise."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
     """One alternation: the ceiling process, then `trainer fit` (default flags, --optimizer adamw) as a process.
 
@@ -230,13 +239,13 @@ def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Nam
     env = {**os.environ}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _children_cpu()
     r = subprocess.run([sys.executable, "-c", CEILING_CODE, str(store), str(corpus), str(args.epochs),
                         str(args.batch_size)], capture_output=True, text=True, check=True, env=env, cwd=REPO)
-    ceiling_wall = time.perf_counter() - t0
+    ceiling_wall, ceiling_cpu = time.perf_counter() - t0, _children_cpu() - c0
     ceiling = json.loads(r.stdout.strip().splitlines()[-1])
     out_row = {"ceiling_wall": ceiling_wall, "ceiling_load": ceiling["load_s"], "ceiling_train": ceiling["train_s"],
-               "ceiling_steady": float(np.median(ceiling["rates"][1:]))}
+               "ceiling_steady": float(np.median(ceiling["rates"][1:])), "ceiling_cpu": ceiling_cpu}
     cmd = [sys.executable, "-m", "trainer", "fit", "--store", str(store), "--out", str(out), "--optimizer", "adamw",
            "--epochs", str(args.epochs), "--overwrite", "--json"]
     if args.batch_size != trainer.FitConfig.batch_size:
@@ -246,13 +255,13 @@ def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Nam
     # An earlier checkout of the code (--baseline-tree), run the same way right after: before/after under one load.
     arms = [("fit", None)] + ([("base", str(args.baseline_tree))] if args.baseline_tree else [])
     for name, tree in arms:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         # cwd too: `python -m` puts the working directory first on sys.path.
         r = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tree or REPO,
                            env={**env, "PYTHONPATH": tree} if tree else env)
         res = json.loads(r.stdout)
         history = res["history"]
-        out_row.update({f"{name}_wall": time.perf_counter() - t0,
+        out_row.update({f"{name}_wall": time.perf_counter() - t0, f"{name}_cpu": _children_cpu() - c0,
                         f"{name}_steady": float(np.median([h["samples_per_s"] for h in history[1:]])),
                         f"{name}_first": history[0]["samples_per_s"], f"{name}_workers": res["info"].get("workers", "?")})
     return out_row
@@ -275,22 +284,24 @@ def run_defaults(args: argparse.Namespace) -> None:
     t = Table(title=f"trainer fit (default flags, adamw) against the in-RAM ceiling: lenet, {args.images:,} MNIST "
                     f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}")
     for col in ("run", "repeat", "whole s", "whole ratio", "whole vs ceiling's training", "steady/s", "steady ratio",
-                "epoch 1/s"):
+                "epoch 1/s", "CPU s", "CPU ratio"):
         t.add_column(col, justify="right")
     for i, r in enumerate(runs):
         t.add_row("ceiling", str(i + 1), f"{r['ceiling_wall']:.1f} (load {r['ceiling_load']:.1f})", "1.00", "",
-                  f"{r['ceiling_steady']:,.0f}", "1.00", "")
+                  f"{r['ceiling_steady']:,.0f}", "1.00", "", f"{r['ceiling_cpu']:.1f}", "1.00")
         for a in arms:
             t.add_row(a, str(i + 1), f"{r[a + '_wall']:.1f}", f"{r['ceiling_wall'] / r[a + '_wall']:.2f}",
                       f"{r['ceiling_train'] / r[a + '_wall']:.2f}", f"{r[a + '_steady']:,.0f}",
-                      f"{r[a + '_steady'] / r['ceiling_steady']:.2f}", f"{r[a + '_first']:,.0f}")
+                      f"{r[a + '_steady'] / r['ceiling_steady']:.2f}", f"{r[a + '_first']:,.0f}",
+                      f"{r[a + '_cpu']:.1f}", f"{r['ceiling_cpu'] / r[a + '_cpu']:.2f}")
     console.print(t)
     for a in arms:
         whole = [r["ceiling_wall"] / r[a + "_wall"] for r in runs]
         steady = [r[a + "_steady"] / r["ceiling_steady"] for r in runs]
+        cpu = [r["ceiling_cpu"] / r[a + "_cpu"] for r in runs]
         console.print(f"{a}: whole-process ratio median {np.median(whole):.2f} (runs {', '.join(f'{x:.2f}' for x in whole)}); "
                       f"steady-epoch ratio median {np.median(steady):.2f} (runs {', '.join(f'{x:.2f}' for x in steady)}); "
-                      f"workers: {runs[-1][a + '_workers']}")
+                      f"CPU-time ratio median {np.median(cpu):.2f}; workers: {runs[-1][a + '_workers']}")
 
 
 def machine() -> str:
