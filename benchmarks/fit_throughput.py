@@ -9,6 +9,12 @@ and peak resident memory of `trainer fit` on a store and on one 10x larger.
 
     python -m benchmarks.fit_throughput [--images 10000] [--epochs 4] [--repeats 2]
 
+and, with `--defaults`, only `trainer fit` with its default flags (but --optimizer adamw) against the ceiling
+(the same student and optimizer, same batch size, on tensors already in RAM), each a fresh process,
+alternating: the whole process (wall clock, interpreter start to exit) and its steady epochs (issue 16):
+
+    python -m benchmarks.fit_throughput --defaults [--images 20000] [--epochs 5] [--repeats 2] [--threads 1]
+
 Targets (issue 4): (b) >= 0.95 x (a); (a) close to (0); (b) faster than (c) by about the teacher's
 forward pass; peak RSS on the 10x store within 10% of the small one. Runs are interleaved and the
 best counts (least disturbed by anything else on the machine). Results: benchmarks/RESULTS_fit.md.
@@ -177,6 +183,127 @@ def peak_rss(store: Path, out: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# The ceiling of issue 16: what trainer fit's defaults train (the student, AdamW with fit's own parameter groups
+# and defaults, the loss, the batch size), as a bare loop over tensors already in RAM. It pays for loading
+# them once (decoding the same PNGs, reading the logits), reported apart from its training.
+CEILING_CODE = """
+import json, sys, time
+t_start = time.perf_counter()
+import numpy as np, torch, logitstore
+from pathlib import Path
+from logitstore.corpus import decode_image
+from logitstore.views import normalize
+from trainer.fit import FitConfig, make_optimizer
+from trainer.loss import objective
+from trainer.students import lenet
+store_path, corpus, epochs, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+store = logitstore.open_store(store_path)
+rows = store.read(0, len(store))
+x_all = normalize(torch.stack([decode_image((corpus / i).read_bytes(), "L") for i in rows.ids]),
+                  store.meta.preprocess)
+t_all = torch.from_numpy(rows.logits[:, 0].astype(np.float32))
+labels = torch.full((len(x_all),), -1)
+t_loaded = time.perf_counter()
+torch.manual_seed(0)
+model = lenet(num_classes=10, in_channels=1)
+opt = make_optimizer(model, FitConfig(stores=[], out="-", optimizer="adamw"))
+rates = []
+for epoch in range(epochs):
+    t0 = time.perf_counter()
+    for idx in torch.randperm(len(x_all)).split(batch):
+        loss, _, _ = objective(model(x_all[idx]), t_all[idx], labels[idx], 4.0, 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    rates.append(len(x_all) / (time.perf_counter() - t0))
+print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() - t_loaded, "rates": rates}))
+"""
+
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process and its own children (DataLoader workers):
+    on a machine other jobs share, the work a run did, which its wall time only shows with their noise."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
+    """One alternation: the ceiling process, then `trainer fit` (default flags, --optimizer adamw) as a process.
+
+    Steady epochs are epochs 2.. (the decode cache warm), their median; whole = interpreter start to exit."""
+    env = {**os.environ}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    t0, c0 = time.perf_counter(), _children_cpu()
+    r = subprocess.run([sys.executable, "-c", CEILING_CODE, str(store), str(corpus), str(args.epochs),
+                        str(args.batch_size)], capture_output=True, text=True, check=True, env=env, cwd=REPO)
+    ceiling_wall, ceiling_cpu = time.perf_counter() - t0, _children_cpu() - c0
+    ceiling = json.loads(r.stdout.strip().splitlines()[-1])
+    out_row = {"ceiling_wall": ceiling_wall, "ceiling_load": ceiling["load_s"], "ceiling_train": ceiling["train_s"],
+               "ceiling_steady": float(np.median(ceiling["rates"][1:])), "ceiling_cpu": ceiling_cpu}
+    cmd = [sys.executable, "-m", "trainer", "fit", "--store", str(store), "--out", str(out), "--optimizer", "adamw",
+           "--epochs", str(args.epochs), "--overwrite", "--json"]
+    if args.batch_size != trainer.FitConfig.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.workers is not None:
+        cmd += ["--num-workers", str(args.workers)]
+    # An earlier checkout of the code (--baseline-tree), run the same way right after: before/after under one load.
+    arms = [("fit", None)] + ([("base", str(args.baseline_tree))] if args.baseline_tree else [])
+    for name, tree in arms:
+        t0, c0 = time.perf_counter(), _children_cpu()
+        # cwd too: `python -m` puts the working directory first on sys.path.
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tree or REPO,
+                           env={**env, "PYTHONPATH": tree} if tree else env)
+        res = json.loads(r.stdout)
+        history = res["history"]
+        out_row.update({f"{name}_wall": time.perf_counter() - t0, f"{name}_cpu": _children_cpu() - c0,
+                        f"{name}_steady": float(np.median([h["samples_per_s"] for h in history[1:]])),
+                        f"{name}_first": history[0]["samples_per_s"], f"{name}_workers": res["info"].get("workers", "?")})
+    return out_row
+
+
+def run_defaults(args: argparse.Namespace) -> None:
+    w = args.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    console = Console(width=160)
+    make_corpus(args.mnist, args.images, w / "corpus")
+    make_teacher(w / "teacher.pt", *TEACHER)
+    make_store(w / "teacher.pt", w / "corpus", w / "store.zarr")
+    runs = []
+    for rep in range(args.repeats):
+        console.print(f"[bold]repeat {rep + 1}/{args.repeats}[/]: ceiling, then trainer fit"
+                      f"{', then the baseline tree' if args.baseline_tree else ''}")
+        runs.append(defaults_vs_ceiling(w / "store.zarr", w / "corpus", w / "runs" / "defaults", args))
+        console.print(runs[-1])
+    arms = ["fit"] + (["base"] if args.baseline_tree else [])
+    t = Table(title=f"trainer fit (default flags, adamw) against the in-RAM ceiling: lenet, {args.images:,} MNIST "
+                    f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}")
+    for col in ("run", "repeat", "whole s", "whole ratio", "whole vs ceiling's training", "steady/s", "steady ratio",
+                "epoch 1/s", "CPU s", "CPU ratio"):
+        t.add_column(col, justify="right")
+    for i, r in enumerate(runs):
+        t.add_row("ceiling", str(i + 1), f"{r['ceiling_wall']:.1f} (load {r['ceiling_load']:.1f})", "1.00", "",
+                  f"{r['ceiling_steady']:,.0f}", "1.00", "", f"{r['ceiling_cpu']:.1f}", "1.00")
+        for a in arms:
+            t.add_row(a, str(i + 1), f"{r[a + '_wall']:.1f}", f"{r['ceiling_wall'] / r[a + '_wall']:.2f}",
+                      f"{r['ceiling_train'] / r[a + '_wall']:.2f}", f"{r[a + '_steady']:,.0f}",
+                      f"{r[a + '_steady'] / r['ceiling_steady']:.2f}", f"{r[a + '_first']:,.0f}",
+                      f"{r[a + '_cpu']:.1f}", f"{r['ceiling_cpu'] / r[a + '_cpu']:.2f}")
+    console.print(t)
+    for a in arms:
+        whole = [r["ceiling_wall"] / r[a + "_wall"] for r in runs]
+        steady = [r[a + "_steady"] / r["ceiling_steady"] for r in runs]
+        cpu = [r["ceiling_cpu"] / r[a + "_cpu"] for r in runs]
+        console.print(f"{a}: whole-process ratio median {np.median(whole):.2f} (runs {', '.join(f'{x:.2f}' for x in whole)}); "
+                      f"steady-epoch ratio median {np.median(steady):.2f} (runs {', '.join(f'{x:.2f}' for x in steady)}); "
+                      f"CPU-time ratio median {np.median(cpu):.2f}; workers: {runs[-1][a + '_workers']}")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -199,14 +326,22 @@ def main() -> None:
     ap.add_argument("--rss-images", type=int, default=6000, help="Images in the small store of the RSS test "
                                                                   "(the large one has 10x).")
     ap.add_argument("--epochs", type=int, default=4, help="Per run; the first (cold decode cache) is not counted.")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None, help="[default: 256; with --defaults, trainer fit's]")
     ap.add_argument("--workers", type=int, default=None, help="trainer fit --num-workers [default: its own].")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for every run [default: torch's]; 1 keeps runs comparable on a "
                          "machine that other jobs share (OpenMP spin-waits collapse when cores are oversubscribed).")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS_fit.md"))
+    ap.add_argument("--defaults", action="store_true",
+                    help="Only trainer fit's default flags against the in-RAM ceiling, as whole processes (issue 16).")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="With --defaults: also run trainer fit from this checkout (PYTHONPATH), after ours each repeat.")
     args = ap.parse_args()
+    if args.defaults:
+        args.batch_size = args.batch_size or trainer.FitConfig.batch_size
+        return run_defaults(args)
+    args.batch_size = args.batch_size or 256
     if args.threads:
         torch.set_num_threads(args.threads)
     w = args.workdir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -118,6 +119,42 @@ def apply_view(img: torch.Tensor, params: np.ndarray, pre: Preprocess, kind: str
     top, left, h, w, flip = (int(x) for x in params)
     img = resize(img[:, top:top + h, left:left + w], list(out_size or size), pre)
     return img.flip(-1) if flip else img
+
+
+def apply_views(imgs: Sequence[torch.Tensor], params: np.ndarray, pre: Preprocess, kind: str,
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 [N, C, h, w]: `apply_view` of each original with its row of `params`, bit for bit, with one
+    resize call per group of equal-shaped inputs instead of one per image.
+
+    torch's resize treats every image of a batch alone (the same kernel, the same arithmetic), so
+    stacking equal-shaped crops changes no pixel: a group is the originals of one shape (eval views) or
+    the crops of one height and width (random resized crops, flipped one by one afterwards).
+    tests/test_views_batched.py checks it over random sizes, boxes, flips and every interpolation."""
+    if len(imgs) == 0:
+        raise ValueError("apply_views needs at least one image")
+    if kind == EVAL:
+        inputs = list(imgs)
+    else:
+        inputs = [img[:, int(p[0]):int(p[0]) + int(p[2]), int(p[1]):int(p[1]) + int(p[3])]
+                  for img, p in zip(imgs, params)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    out = None
+    for idx in groups.values():
+        batch = torch.stack([inputs[i] for i in idx]) if len(idx) > 1 else inputs[idx[0]][None]
+        if kind == EVAL:
+            views = apply_view(batch, np.zeros(5, np.int32), pre, kind, out_size)
+        else:
+            views = resize(batch, list(out_size or pre.size), pre)
+        if out is None:
+            out = torch.empty((len(inputs), *views.shape[1:]), dtype=views.dtype)
+        out[idx] = views
+    if kind != EVAL:
+        flip = np.flatnonzero(np.asarray(params)[:, 4])
+        if len(flip):
+            out[flip] = out[flip].flip(-1)
+    return out
 
 
 def describe(pre: Preprocess) -> str:

@@ -18,6 +18,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +309,7 @@ class ImageSource(Dataset):
         if fast is not None:
             return {"pixels": fast, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
-        keep, views = [], []
+        keep, originals = [], []
         fetched = self._prefetch(req)
         for i in range(len(req)):
             key = int(req.keys[i])
@@ -322,11 +323,12 @@ class ImageSource(Dataset):
                     return Failed(ImageError(str(exc)))
                 self.cache.skip(key)
                 continue
-            views.append(self.spec.view(img, req.params[i], self.kind))
+            originals.append(img)
             keep.append(i)
         c, (h, w) = self.spec.pre.channels, self.spec.size
-        pixels = torch.stack(views) if views else torch.zeros(0, c, h, w, dtype=torch.uint8)
         sel = np.asarray(keep, np.int64)
+        pixels = (self.spec.views(originals, req.params[sel], self.kind) if originals
+                  else torch.zeros(0, c, h, w, dtype=torch.uint8))
         return {"pixels": pixels, "logits": targets_tensor(take_field(req.logits, sel)),
                 "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
 
@@ -392,17 +394,42 @@ class _CurrentPass:
 
 class Batches:
     """One DataLoader for every pass of a run (training epochs and held-out passes), so its worker
-    processes persist and each pass reuses what they decoded into the shared cache."""
+    processes persist and each pass reuses what they decoded into the shared cache.
 
-    def __init__(self, source: ImageSource, num_workers: int = 0, pin_memory: bool = False):
-        self.source = source
+    A pass runs in this process, without the DataLoader, when there are no workers, and also once the
+    first pass is done if `in_process_when_warm`: the run found (fit.py `choose_workers`) that after the
+    decode cache is filled a batch's work is too small a share of a student step to pay for handing it
+    over from another process. Either way a pass yields the same batches in the same order.
+    """
+
+    def __init__(self, source: ImageSource, num_workers: int = 0, pin_memory: bool = False,
+                 in_process_when_warm: bool = False):
+        self.source, self.num_workers, self.pin_memory = source, num_workers, pin_memory
+        self.in_process_when_warm = in_process_when_warm
+        self.passes_done = 0
         self._pass = _CurrentPass()
-        self.loader = DataLoader(source, batch_sampler=self._pass, num_workers=num_workers, collate_fn=_as_is,
-                                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                                 prefetch_factor=4 if num_workers > 0 else None)
+        self._loader: DataLoader | None = None
+
+    @property
+    def loader(self) -> DataLoader:
+        # Made on first use, so a run can settle its worker count after measuring (fit.py).
+        if self._loader is None:
+            self._loader = DataLoader(self.source, batch_sampler=self._pass, num_workers=self.num_workers,
+                                      collate_fn=_as_is, pin_memory=self.pin_memory,
+                                      persistent_workers=self.num_workers > 0,
+                                      prefetch_factor=4 if self.num_workers > 0 else None)
+        return self._loader
+
+    def in_process(self) -> bool:
+        """Whether the next pass runs in this process."""
+        return self.num_workers == 0 or (self.in_process_when_warm and self.passes_done > 0)
 
     def __call__(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
         """The batches of one pass over `requests`: {"pixels", "logits", "labels", "keys"} tensors."""
+        if self.in_process():
+            yield from self._here(requests)
+            self.passes_done += 1
+            return
         self._pass.requests = requests
         failed = None
         for batch in self.loader:
@@ -412,10 +439,51 @@ class Batches:
             yield batch
         if failed is not None:
             raise failed.error
+        self.passes_done += 1
+
+    def _here(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
+        for req in requests:
+            batch = self.source.__getitems__(req)
+            if isinstance(batch, Failed):
+                raise batch.error
+            # Page-locked, as the DataLoader's pin_memory would: the loop's copies to the GPU are then
+            # asynchronous (non_blocking), and torch's host allocator keeps each buffer until its copy is done.
+            yield _pinned(batch) if self.pin_memory else batch
+
+
+def _pinned(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: _pinned(v) for k, v in batch.items()}
+    return batch
+
+
+def time_source(source: ImageSource, requests: Iterable[Request], k: int = 2) -> tuple[float, float]:
+    """Seconds per batch that `source` takes in this process on the first `k` of `requests`: cold (their
+    images decoded, and so cached for the run) and then warm (the same batches again, from the cache).
+
+    What fit.py weighs against a student step to choose its workers. A batch that fails (a missing image)
+    is not timed here: the pass itself reports it."""
+    reqs = []
+    for req in requests:
+        reqs.append(req)
+        if len(reqs) == k:
+            break
+    if not reqs:
+        return 0.0, 0.0
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for req in reqs:
+            source.__getitems__(req)
+        times.append((time.perf_counter() - t0) / len(reqs))
+    return times[0], times[1]
 
 
 def make_batches(data: "StoreSet", spec: InputSpec, cache_bytes: int, num_workers: int = 0,
-                 skip_mismatched: bool = False, pin_memory: bool = False) -> Batches:
+                 skip_mismatched: bool = False, pin_memory: bool = False,
+                 in_process_when_warm: bool = False) -> Batches:
     """The pipeline of one run: a decode cache laid out for `data`, and the DataLoader that fills it.
 
     Stores that embed their pixels decode nothing, so their cache is empty (and nothing is read for it).
@@ -428,4 +496,4 @@ def make_batches(data: "StoreSet", spec: InputSpec, cache_bytes: int, num_worker
     source = ImageSource(data.roots, [str(s.location) for s in data.stores], spec, data.view_kind, cache,
                          skip_mismatched, [s.meta.corpus.source for s in data.stores],
                          data.image_storage_options)
-    return Batches(source, num_workers, pin_memory)
+    return Batches(source, num_workers, pin_memory, in_process_when_warm)

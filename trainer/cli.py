@@ -122,7 +122,9 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet, tiny_deit), t
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto: bf16 autocast (and channels_last) on GPU, fp32 on CPU.")
 @click.option("--num-workers", "-j", default=None, type=_number("num_workers"),
-              help="Image decoding processes per training process [default: cores - 1, at most 8].")
+              help="Image decoding processes per training process [default: measured at the start: up to "
+                   "cores - 1 (at most 8) while the decode cache fills, and none once it holds every image, "
+                   "when a batch's work is too small a share of a student step to hand over; logged as 'workers'].")
 @click.option("--seed", default=0, show_default=True, type=_number("seed"),
               help="Seeds the student's initialisation, the chunk order, the shuffles and the view choice.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pt.")

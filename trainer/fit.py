@@ -27,7 +27,8 @@ from logitstore.locations import StoreLock
 from logitstore.store import LogitStore
 
 from . import report
-from .batches import SKIPPED, Batches, Request, default_cache_bytes, make_batches, read_ahead, targets_to
+from .batches import (SKIPPED, Batches, Request, default_cache_bytes, make_batches, read_ahead, targets_to,
+                      time_source)
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
 from .inputs import InputSpec, make_input_spec
@@ -188,9 +189,88 @@ def setup_distributed(device: str | None) -> tuple[Torchrun, torch.device]:
 
 
 def default_workers(local_world: int) -> int:
-    """One core stays with the training loop; the rest decode (decoding only matters in epoch 1)."""
+    """The most workers a process may start: one core stays with the training loop, the rest may decode.
+    How many it does start is measured (`choose_workers`)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, max(0, cores // local_world - 1))
+
+
+# Workers pay for themselves when the work they take off the training loop is at least this share of a
+# student step: below it, handing each batch over from another process (and, on a machine with few
+# cores, the core a worker takes from the student) costs about as much as the work itself.
+WORKER_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class WorkerChoice:
+    """How a run feeds its student: `workers` DataLoader workers for the first pass (the decode cache
+    still cold), and whether the later passes run in the training process (`in_process_when_warm`)."""
+
+    workers: int
+    in_process_when_warm: bool
+    reason: str
+
+
+def choose_workers(spare: int, cold_s: float, warm_s: float, step_s: float, warm_is_cached: bool) -> WorkerChoice:
+    """The workers for a run, from what was measured in this process: seconds per batch to make it with the
+    decode cache cold (`cold_s`: read, check and decode the images, replay the views) and warm (`warm_s`:
+    replay only), and one student step (`step_s`). `spare`: the most workers allowed (default_workers).
+    `warm_is_cached`: later passes find every image of theirs in the cache (it fits, and one process reads
+    every training row each epoch); else they decode too, and count as cold. A pure function of its
+    inputs, so the choice can be checked and is logged with them."""
+    warm = warm_s if warm_is_cached else cold_s
+    step = max(step_s, 1e-9)
+    facts = (f"a batch takes {1e3 * cold_s:.1f} ms cold, {1e3 * warm:.1f} ms warm, the student step "
+             f"{1e3 * step_s:.1f} ms; {spare} spare core(s)")
+    if spare == 0:
+        return WorkerChoice(0, False, f"0: no core to spare ({facts})")
+    if cold_s < WORKER_SHARE * step and warm < WORKER_SHARE * step:
+        return WorkerChoice(0, False, f"0: the data work is under {WORKER_SHARE:.0%} of a step ({facts})")
+    if warm < WORKER_SHARE * step:
+        return WorkerChoice(spare, True, f"{spare} while decoding, then 0 once the images are cached ({facts})")
+    return WorkerChoice(spare, False, f"{spare}: the data work is {warm / step:.0%} of a step even when "
+                                      f"cached ({facts})")
+
+
+def student_step_seconds(model: nn.Module, batch: dict[str, Any], spec: InputSpec, device: torch.device,
+                         cfg: FitConfig, precision: str, repeats: int = 3) -> float:
+    """Seconds of one training step of `model` on `batch` (the best of `repeats` after a first one), on a
+    copy with its own optimizer, and the RNG state restored: the run trains exactly as if unmeasured."""
+    import copy
+
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    twin = copy.deepcopy(model).train()
+    opt = make_optimizer(twin, cfg)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    pixels = batch["pixels"].to(device)
+    teacher, labels = targets_to(batch["logits"], device), batch["labels"].to(device)
+    best = math.inf
+    try:
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            x = spec.to_input(pixels)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(precision, device):
+                out = twin(x)
+            loss, _, _ = objective(out, teacher, labels, cfg.temperature, cfg.alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return best
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -313,8 +393,9 @@ class EpochMeter:
 
     def add(self, step: int, n: int, loss: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor) -> None:
         self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step)
-        self.sums += torch.stack([loss.detach().double() * n, soft.double() * n, hard.double() * n,
-                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+        # n is added as a Python number: a tensor made from it would be a host-to-device copy every step.
+        self.sums[:3] += torch.stack([loss.detach().double(), soft.double(), hard.double()]) * n
+        self.sums[3] += n
 
     def diverged(self) -> bool:
         """Whether a loss of this process was not finite so far (waits for the device)."""
@@ -400,7 +481,9 @@ def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Req
     """How often the student's argmax is the teacher's on held-out rows, and the distillation loss there."""
     was_training = model.training
     model.eval()
-    agree = kd = n = 0.0
+    # Summed on the device (in float64, as Python floats would be) and read once at the end: no wait per batch.
+    agree = kd = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
     for batch in batches(requests):
         if len(batch["pixels"]) == 0:
             continue
@@ -411,11 +494,11 @@ def teacher_agreement(model: nn.Module, batches: Batches, requests: Sequence[Req
         with autocast(precision, device):
             out = model(x).float()
         m = len(x)
-        agree += float((out.argmax(1) == teacher_top1(teacher)).sum())
-        kd += float(soft_target_loss(out, teacher, temperature)) * m
+        agree = agree + (out.argmax(1) == teacher_top1(teacher)).sum()
+        kd = kd + soft_target_loss(out, teacher, temperature).double() * m
         n += m
     model.train(was_training)
-    return {"agree": agree / n, "holdout_kd": kd / n, "holdout_n": int(n)} if n else {}
+    return {"agree": float(agree) / n, "holdout_kd": float(kd) / n, "holdout_n": n} if n else {}
 
 
 def fit(stores: Sequence[str | os.PathLike | LogitStore], out: str | os.PathLike, *, progress: bool = False,
@@ -479,6 +562,28 @@ def _diverged(cfg: FitConfig, epoch: int, step: int, steps: int, saved_epoch: in
         f"finite (NaN or inf). Likely causes: a learning rate too high for this student (--lr {lr:g}; try a "
         f"lower --lr, a longer --warmup-epochs or --clip-grad), or a store holding non-finite logits (check it "
         f"with `logitstore verify STORE`); {kept}")
+
+
+def _measure_workers(spare: int, batches: Batches, data: Any, model: nn.Module, spec: InputSpec,
+                     dev: torch.device, cfg: FitConfig, precision: str, ddp: Torchrun, epoch: int) -> WorkerChoice:
+    """Time this run's first batches (decoded into the cache, where the epoch finds them) and a student
+    step, once, and choose the workers from that (`choose_workers`)."""
+    if spare == 0:
+        return choose_workers(0, 0.0, 0.0, 0.0, True)
+    requests = data.requests(epoch, cfg.batch_size, cfg.seed, ddp.rank, ddp.world, cfg.shuffle_blocks)
+    first = []
+    for req in requests:
+        first.append(req)
+        if len(first) == 2:
+            break
+    requests.close()
+    cold, warm = time_source(batches.source, first)
+    sample = batches.source.__getitems__(first[0]) if first else None
+    if not isinstance(sample, dict) or len(sample["pixels"]) < 2:  # nothing to time (or a failure, met later)
+        return WorkerChoice(spare, False, f"{spare}: nothing could be timed")
+    step = student_step_seconds(model, sample, spec, dev, cfg, precision)
+    cached = batches.source.cache.n_cacheable == len(data) and ddp.world == 1
+    return choose_workers(spare, cold, warm, step, cached)
 
 
 def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, progress: bool) -> FitResult:
@@ -574,13 +679,19 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     workers = default_workers(ddp.local_world) if cfg.num_workers is None else cfg.num_workers
     batches = make_batches(data, spec, budget, workers, cfg.skip_mismatched, pin_memory=dev.type == "cuda")
     cache = batches.source.cache
+    worker_choice, eval_workers = f"{workers} (--num-workers)", workers  # a labeled folder is decoded every time
+    if cfg.num_workers is None and start_epoch < cfg.epochs:
+        choice = _measure_workers(workers, batches, data, model, spec, dev, cfg, precision, ddp, start_epoch)
+        workers, batches.num_workers = choice.workers, choice.workers
+        batches.in_process_when_warm, worker_choice = choice.in_process_when_warm, choice.reason
     held_out = data.holdout_requests(cfg.batch_size) if ddp.main else []
 
     info = {"stores": ", ".join(cfg.stores), "images": f"{len(data):,} ({data.n_train:,} train, "
             f"{data.n_held_out:,} held out, {len(data.holdout) if data.holdout is not None else 0:,} scored)",
             "student": f"{arch} ({sum(p.numel() for p in model.parameters()):,} parameters)",
             "device": f"{dev} ({precision}), {ddp.world} process(es) x {workers} worker(s)",
-            "decode cache": f"{human_bytes(cache.nbytes)} of {human_bytes(cache.needed)} needed"}
+            "decode cache": f"{human_bytes(cache.nbytes)} of {human_bytes(cache.needed)} needed",
+            "workers": worker_choice}
     if weights_note:
         info["student weights"] = weights_note
     if ema is not None:
@@ -619,7 +730,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
                 kept = model if ema is None else ema.module  # the model users take away is measured
                 record.update(teacher_agreement(kept, batches, held_out, spec, dev, cfg.temperature, precision))
                 if folder is not None:
-                    res = evaluate_model(kept, folder, spec, dev, cfg.batch_size, workers, precision)
+                    res = evaluate_model(kept, folder, spec, dev, cfg.batch_size, eval_workers, precision)
                     record.update({"eval_top1": res.top1, "eval_top5": res.top5, "eval_n": res.n})
                 save_checkpoint(ckpt_path, {
                     "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": kept.state_dict(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from logitstore.schema import Preprocess
-from logitstore.views import apply_view, normalize
+from logitstore.views import apply_view, apply_views
 
 from .errors import ClassMismatchError, ConfigError
 
@@ -31,15 +31,34 @@ class InputSpec:
     pre: Preprocess
     size: tuple[int, int]
     channels: int
+    # mean and std per device, made once: a tensor made from a Python list on a GPU is a blocking copy
+    # (it waits for every queued kernel), which `normalize` would pay on every batch.
+    _consts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers get the spec without the device constants (a spawned worker must not touch the GPU).
+        return {**self.__dict__, "_consts": {}}
 
     def view(self, img: torch.Tensor, params: np.ndarray | None, kind: str) -> torch.Tensor:
         """uint8 original -> uint8 view: the teacher's exact crop and flip; only the final resize differs."""
         out = None if tuple(self.size) == tuple(self.pre.size) else self.size
         return apply_view(img, params, self.pre, kind, out)
 
+    def views(self, imgs: list[torch.Tensor], params: np.ndarray, kind: str) -> torch.Tensor:
+        """`view` of each original, as one uint8 [N, C, H, W] batch: bit for bit the same pixels, with
+        one resize per group of equal-shaped crops (logitstore.views.apply_views)."""
+        out = None if tuple(self.size) == tuple(self.pre.size) else self.size
+        return apply_views(imgs, params, self.pre, kind, out)
+
     def to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] (already on the device) -> normalised float32 student input."""
-        x = normalize(pixels, self.pre)
+        consts = self._consts.get(pixels.device)
+        if consts is None:
+            consts = self._consts[pixels.device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+                for v in (self.pre.mean, self.pre.std))
+        # logitstore.views.normalize, operation for operation (the same float32 values, bit for bit).
+        x = pixels.float().div_(255.0).sub_(consts[0]).div_(consts[1])
         if self.channels != self.pre.channels:  # grey -> RGB: what PIL's convert("RGB") would give
             x = x.expand(-1, self.channels, -1, -1).contiguous()
         return x
