@@ -4,7 +4,8 @@ Run it only when releasing a new format version (then add, never replace, a gold
 The rows are synthetic and fixed, so the bytes depend only on the format and the codecs.
 One store per kind of teacher target and version: full logits (1.0), top-K and sampled classes (1.1),
 all three again with the metadata checksum (1.2), and with a registry teacher's preprocessing (1.3:
-bicubic, antialias, a [h, w] resize, the floor centre crop). The writer rebuilds the current version's
+bicubic, antialias, a [h, w] resize, the floor centre crop), and with chunk records, statistics and
+failures written as they come (1.4; one of them a corpus read from Parquet, `corpus.source`). The writer rebuilds the current version's
 stores byte for byte; the older ones are kept to prove they still read.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ _FULL, _TOPK = schema.TargetSpec(), schema.TargetSpec(schema.TARGET_TOPK, 2, (1.
 _SAMPLE = schema.TargetSpec(schema.TARGET_SAMPLE, 4, (1.0, 4.0), 4.0)
 TARGETS = {"v1.0": _FULL, "v1.1-topk": _TOPK, "v1.1-sample": _SAMPLE,
            "v1.2": _FULL, "v1.2-topk": _TOPK, "v1.2-sample": _SAMPLE,
-           "v1.3": _FULL, "v1.3-topk": _TOPK, "v1.3-sample": _SAMPLE}
+           "v1.3": _FULL, "v1.3-topk": _TOPK, "v1.3-sample": _SAMPLE,
+           "v1.4": _FULL, "v1.4-topk": _TOPK, "v1.4-sample": _SAMPLE, "v1.4-parquet": _FULL}
 # The stores this writer writes today (the current version's).
 KINDS = {name: t for name, t in TARGETS.items() if name.split("-")[0] == f"v{schema.FORMAT_VERSION}"}
 
@@ -37,6 +39,13 @@ def golden_preprocess(name: str) -> schema.Preprocess:
     return schema.Preprocess((8, 8), (10, 9), (0.5,), (0.25,), "L", "bicubic", True, "center_floor")
 
 
+def golden_corpus(name: str) -> schema.CorpusInfo:
+    if name.endswith("-parquet"):
+        return schema.CorpusInfo("/data/table.parquet", "parquet", "cd" * 32, 11,
+                                 source={"kind": "parquet", "image_column": "image", "id_column": None})
+    return schema.CorpusInfo("/data/corpus", "directory", "cd" * 32, 11)
+
+
 def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
     targets = TARGETS[name]
     return schema.StoreMeta(
@@ -44,7 +53,7 @@ def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
         preprocess=golden_preprocess(name),
         views=schema.ViewSpec(2, "random_resized_crop", (0.5, 1.0), (0.75, 4 / 3), 0.5),
         teacher=schema.TeacherInfo("pkg.mod:net", "checkpoint", "teacher.pt", "ab" * 32, {"width": 4}),
-        corpus=schema.CorpusInfo("/data/corpus", "directory", "cd" * 32, 11),
+        corpus=golden_corpus(name),
         dtype="float16", precision="fp32", seed=3, chunk_rows=4, batch_size=4,
         created="2026-11-25T00:00:00+00:00", versions={"logitstore": "golden"}, targets=targets)
 
