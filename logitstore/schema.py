@@ -21,7 +21,8 @@ FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # 1.1 added sparse teacher targets (`targets`); 1.2 added the metadata checksum
 # (fingerprints["metadata"]), which a complete 1.2 store must carry; 1.3 added the registries'
 # preprocessing (interpolation, antialias, crop rule, a [h, w] resize); 1.4 chunk records and stored
-# statistics (RECORDS_SINCE below). Every new store is 1.4.
+# statistics (RECORDS_SINCE below), row sources (corpus.source) and failure arrays that grow while
+# writing. Every new store is 1.4.
 METADATA_CHECKSUM_SINCE = (1, 2)
 SIZES_CHECKED_SINCE = (1, 3)  # readers refuse impossible image and view sizes (R6) in stores from 1.3 on
 UNSEALED_KEYS = ("created", "versions")  # provenance, outside the checksum
@@ -46,6 +47,7 @@ ATTR_PROGRESS = "logitstore_progress"
 # assembles them into the row arrays (docs/DESIGN.md, "Distributed writing").
 PROGRESS_SEGMENT_ROWS = "segment_rows"
 PROGRESS_PHASE = "phase"
+PROGRESS_N_FAILURES = "n_failures"  # 1.4: entries of the failure arrays that are final (W2)
 PHASE_SEGMENTS, PHASE_ASSEMBLY, PHASE_ASSEMBLED = "segments", "assembly", "assembled"
 SEGMENTS = "_segments"
 

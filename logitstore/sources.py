@@ -789,6 +789,12 @@ class SourceReader:
             return index
         return _RowIndex()
 
+    def __enter__(self) -> "SourceReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

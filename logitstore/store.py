@@ -186,8 +186,8 @@ class LogitStore:
                             for name in (schema.FAILED_IDS, schema.FAILED_REASONS))
             return [(str(i), str(r)) for i, r in zip(ids, reasons)]
         progress = self.group.attrs.get(schema.ATTR_PROGRESS) or {}
-        if "n_failures" in progress:  # 1.4: the failure arrays grow as the dump goes; the progress counts them
-            n = int(progress["n_failures"])
+        if schema.PROGRESS_N_FAILURES in progress:  # 1.4: the failure arrays grow as the dump goes
+            n = int(progress[schema.PROGRESS_N_FAILURES])
             ids, reasons = (self.read_array(name, 0, n) for name in (schema.FAILED_IDS, schema.FAILED_REASONS))
             return [(str(i), str(r)) for i, r in zip(ids, reasons)]
         return [(str(i), str(r)) for i, r in progress.get("failures", [])]

@@ -72,7 +72,7 @@ class Progress:
 
 # Failures are appended to the failed_ids / failed_reasons arrays as they come (format 1.4: W2), in chunks
 # of this many entries; the progress attribute keeps only their count, so it stays small on a dirty corpus.
-PROGRESS_N_FAILURES = "n_failures"
+PROGRESS_N_FAILURES = schema.PROGRESS_N_FAILURES
 FAILURE_CHUNK = 4096
 FIRST_FAILURES = 1000  # kept in memory for the dump's summary
 
@@ -485,7 +485,8 @@ def _open_writer(path: str, meta: StoreMeta, overwrite: bool, storage_options: d
         if isinstance(legacy, list):
             failure_arrays(group, 0, legacy)
         progress.failures = [list(f) for f in stored_failures(group, min(progress.n_failures, FIRST_FAILURES))]
-        if progress.rows == 0 and not set(row_array_names(meta)) <= array_names(path, group):
+        needed = set(row_array_names(meta)) | ({schema.CHUNK_SHA256} if meta.has_records else set())
+        if progress.rows == 0 and not needed <= array_names(path, group):
             create_arrays(group, meta, hi - lo)  # killed while creating them: nothing to keep
         return StoreWriter(group, replace(meta, created=old.created), progress, end=hi, segment=span is not None)
     retire_root(group.store)

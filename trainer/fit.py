@@ -256,7 +256,7 @@ def student_step_seconds(model: nn.Module, batch: dict[str, Any], spec: InputSpe
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
                 out = twin(x)
-            loss, _, _ = objective(out, teacher, labels, cfg.temperature, cfg.alpha)
+            loss, _, _ = objective(out, teacher, labels, cfg.temperature, cfg.alpha, cfg.distill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad > 0:

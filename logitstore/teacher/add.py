@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -132,10 +134,13 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     n = len(store)
     ids, digests, params = (store.read_array(a, 0, n) for a in (schema.IDS, schema.DIGESTS, schema.VIEW_PARAMS))
     root = images_root(images) if images else meta.corpus.root
+    unit_dir = None
     if meta.corpus.source is not None or is_url(root):  # shards, tables, object storage: read by id
         paths, moved = [str(i) for i in ids], 0
-        ds = _Replay(paths, digests, params, pre, meta.views.kind, open_reader(root, meta.corpus.source,
-                                                                                storage_options))
+        # One cache of fetched units for this process and its loader workers, removed at the end.
+        unit_dir = tempfile.mkdtemp(prefix="logitstore-units-")
+        ds = _Replay(paths, digests, params, pre, meta.views.kind,
+                     open_reader(root, meta.corpus.source, storage_options, cache_dir=unit_dir))
     else:
         paths, moved = _resolve_paths(store, images)
         ds = _Replay(paths, digests, params, pre, meta.views.kind)
@@ -199,6 +204,10 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
         group.attrs[schema.ATTR_ROOT] = meta.sealed().to_dict()  # listing the teacher is the last write
     finally:
         lock.release()
+        if ds.reader is not None:
+            ds.reader.close()
+        if unit_dir is not None:
+            shutil.rmtree(unit_dir, ignore_errors=True)
     return AddTeacherSummary(store_path, name, written, moved, time.perf_counter() - t0)
 
 

@@ -6,8 +6,8 @@ image's row is only known once every earlier image has been read. Each process t
 whole segments (fixed runs of `segment_rows` listing positions, dealt round robin) as ordinary
 resumable stores under `_segments/<k>/`: one writer per segment, whole chunks, progress after
 written chunks, exactly like a single-process dump. When every segment is done the row offsets are
-known; each process then writes the final chunks k with k % world == rank, so no chunk ever has
-two writers. Rank 0 alone writes the root metadata. A process that dies loses only the chunks it had
+known; each process then writes whole blocks of RECORDS_PER_CHUNK final chunks (block j when
+j % world == rank), so no chunk, and no chunk of the 1.4 records, ever has two writers. Rank 0 alone writes the root metadata. A process that dies loses only the chunks it had
 not committed; the same command (with any number of processes) finishes what is missing.
 
 torch.distributed (gloo: the dump needs no collective on the GPU) only carries small Python
@@ -37,7 +37,8 @@ from ..rows import Rows
 from ..store import LogitStore, open_store, row_array_names
 from .job import DumpJob, make_summary, run_into
 from ..records import Statistics, Written, chunk_records, corpus_hash_of, record_names
-from ..writer import check_resumable, create_arrays, every_chunk_written, finalize_store, open_writer, write_rows
+from ..writer import (FIRST_FAILURES, PROGRESS_N_FAILURES, append_failures, check_resumable, create_arrays,
+                      every_chunk_written, failure_arrays, finalize_store, open_writer, stored_failures, write_rows)
 
 # Segments per process when the segment size is not given: enough that processes finish close
 # together and a dead one loses little, few enough that a segment is many chunks long.
@@ -162,7 +163,7 @@ def dump_distributed(job: DumpJob, out: str, ctx: Torchrun, *, overwrite: bool =
         if plan[schema.PROGRESS_PHASE] == schema.PHASE_ASSEMBLY:
             comm.outcome(lambda: _assemble(out, meta, plan["offsets"], ctx, so))
         final = comm.outcome(lambda: _finish(out, n_seg, so), True)[0]
-        failures = [(str(i), str(r)) for i, r in plan.get("failures", [])]
+        failures = stored_failures(open_group(out, "r", so), min(final.corpus.n_failed, FIRST_FAILURES))
         nbytes = stored_bytes(open_group(out, "r", so).store) if ctx.rank == 0 else 0
         return make_summary(job, out, final, resumed, time.perf_counter() - t0, nbytes, failures)
     finally:
@@ -239,11 +240,17 @@ def _plan_assembly(out: str, meta: StoreMeta, n_seg: int, so: dict[str, Any] | N
     """Rank 0, once every segment is done: row offsets, failures, and the final arrays, created empty."""
     parts = _segments(out, n_seg, so)
     offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
-    failures = [list(f) for p in parts for f in p.failures()]
     group = open_group(out, mode="a", storage_options=so)
     create_arrays(group, meta, offsets[-1])
+    # The segments' failures go into the final failure arrays, in listing order, as a one-process dump's
+    # do (W2): the progress keeps only their count, so it stays small on a dirty corpus.
+    arrays, n_failures = failure_arrays(group, 0), 0
+    for part in parts:
+        found = part.failures()
+        append_failures(arrays, n_failures, found)
+        n_failures += len(found)
     p = {**dict(group.attrs[schema.ATTR_PROGRESS]), schema.PROGRESS_PHASE: schema.PHASE_ASSEMBLY,
-         "offsets": offsets, "failures": failures}
+         "offsets": offsets, PROGRESS_N_FAILURES: n_failures}
     if meta.has_records:  # integer counts: the segments' sum is what one process would have counted
         total = Statistics(meta.num_classes)
         for part in parts:
@@ -306,4 +313,6 @@ def _finish(out: str, n_seg: int, so: dict[str, Any] | None) -> StoreMeta:
         records = group[schema.CHUNK_SHA256][:math.ceil(n / meta.chunk_rows)]
         written = Written(records, Statistics.from_dict(p.get(schema.STATISTICS), meta.num_classes),
                           "sha256:" + corpus_hash_of(group, n).hexdigest())
-    return finalize_store(group, meta, n, p["failures"], written=written)
+    legacy = p.get("failures")  # an assembly planned by logitstore before 1.4 listed its failures itself
+    return finalize_store(group, meta, n, legacy if isinstance(legacy, list) else None,
+                          int(p.get(PROGRESS_N_FAILURES, 0)), written=written)

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from ..errors import DestinationError
 from ..store import LogitStore, open_store
 from .inspect_store import info as store_info
-from .show import contact_sheet, literal
+from .show import contact_sheet, corpus_location, literal
 
 MAX_BARS = 40  # classes drawn in the top-1 plot; a 1000-class teacher gets its most predicted ones
 
@@ -109,19 +109,20 @@ def _num(x: float | int | None, digits: int = 4) -> str:
     return f"{x:,.{digits}f}"
 
 
-def _sheet(store: LogitStore, images: str | None) -> tuple[str | None, str, str]:
+def _sheet(store: LogitStore, images: str | None,
+           storage_options: dict[str, Any] | None) -> tuple[str | None, str, str]:
     """(PNG data URI or None, where its pictures came from, a note)."""
     recorded = store.meta.corpus.root
-    corpus_there = Path(images or recorded).expanduser().is_dir()
+    where, corpus_there = corpus_location(store, images)
     if images is None and not corpus_there and not store.meta.embedded_pixels:
         return None, "none", (f"no contact sheet: the corpus is not at {recorded} (pass --images) and the store "
                               "embeds no pixels")
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "sheet.png"
-        contact_sheet(store, images, png, per_class=6, max_classes=20, title=" ")
+        contact_sheet(store, images, png, per_class=6, max_classes=20, title=" ", storage_options=storage_options)
         data = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
     if images is not None or corpus_there:
-        return data, "corpus", f"images read from {images or recorded}, each checked against its stored digest"
+        return data, "corpus", f"images read from {where}, each checked against its stored digest"
     return data, "embedded pixels", "images are the pixels embedded in the store (the corpus is not here)"
 
 
@@ -136,7 +137,7 @@ def write_card(store: LogitStore | str, out: str | os.PathLike, *, images: str |
     if not isinstance(store, LogitStore):
         store = open_store(store, storage_options=storage_options)
     d = store_info(store)
-    sheet, source, note = _sheet(store, images)
+    sheet, source, note = _sheet(store, images, storage_options)
     report = CardReport(out=str(out), store=store.location, images=d["images"], contact_sheet=source,
                         contact_sheet_note=note)
 

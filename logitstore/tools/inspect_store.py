@@ -5,8 +5,9 @@ import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -33,7 +34,8 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
     A 1.4 store answers from the statistics its writer kept (no row is read; percentiles from a
     1000-bin histogram, so within 1/1000 of the range); older ones are read through once."""
     m = store.meta
-    kept = m.statistics
+    # A copy in flight carries its source's complete statistics over rows it does not have yet.
+    kept = m.statistics if m.complete else None
     if kept is None and m.has_records and not m.complete:  # an unfinished 1.4 dump: its running counts
         p = store.group.attrs.get(schema.ATTR_PROGRESS) or {}
         if p.get(schema.STATISTICS) and int(p.get("rows", -1)) == len(store):
@@ -168,10 +170,11 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
         rep.notes.append(f"sampled {len(chosen)} of {store.n_chunks} chunks (seed {seed}): the corpus fingerprint, "
                          "ids unique across the store and added teachers' whole-array fingerprints are checked "
                          "only by a full verify")
-    if store.meta.has_records:
-        _verify_records(store, rep, chosen, sample is None, images, storage_options, max_problems, workers)
-    else:
-        _verify_by_reading(store, rep, chosen, sample is None, images, storage_options, max_problems)
+    with _image_checker(store, images, storage_options) as check_images:
+        if store.meta.has_records:
+            _verify_records(store, rep, chosen, sample is None, check_images, max_problems, workers)
+        else:
+            _verify_by_reading(store, rep, chosen, sample is None, check_images, max_problems)
     if store.meta.complete:
         for name in schema.FAILURE_ARRAYS:
             try:
@@ -183,10 +186,13 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
     return rep
 
 
-def _image_checker(store: LogitStore, images: str | None, storage_options: dict[str, Any] | None) -> Any:
-    """A function checking a chunk's images against their digests (None without `images`)."""
+@contextmanager
+def _image_checker(store: LogitStore, images: str | None, storage_options: dict[str, Any] | None) -> Iterator[Any]:
+    """A function checking a chunk's images against their digests (None without `images`); the corpus
+    reader (and its cache of remote units) is closed on exit."""
     if not images:
-        return None
+        yield None
+        return
     root = images_root(images)
     reader = open_reader(root, store.meta.corpus.source, storage_options)
 
@@ -199,11 +205,12 @@ def _image_checker(store: LogitStore, images: str | None, storage_options: dict[
             rep.images_checked += 1
             if sha256_bytes(data) != digest.tobytes():
                 rep.problems.append(f"{path}: its bytes differ from the digest stored when it was dumped")
-    return check
+    with reader:
+        yield check
 
 
-def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], full: bool, images: str | None,
-                    storage_options: dict[str, Any] | None, max_problems: int, workers: int | None) -> None:
+def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], full: bool, check_images: Any,
+                    max_problems: int, workers: int | None) -> None:
     """1.4: every chosen chunk of every row array (and added teacher) against its record, in parallel;
     the records against fingerprints.contents; in a full pass the corpus fingerprint and unique ids."""
     m, loc = store.meta, store.location
@@ -261,7 +268,6 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
                for name, p in problems]
         return k, out, ids, got.get(schema.DIGESTS), stream
 
-    check_images = _image_checker(store, images, storage_options)
     seen: set[str] = set()
     corpus, teachers = hashlib.sha256(), {t.name: hashlib.sha256() for t in m.extra_teachers}
     threads = workers or min(8, os.cpu_count() or 1)
@@ -294,10 +300,9 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
                 rep.problems.append(f"{loc}: teacher {t.name!r} logits differ from their fingerprint")
 
 
-def _verify_by_reading(store: LogitStore, rep: VerifyReport, chosen: list[int], full: bool, images: str | None,
-                       storage_options: dict[str, Any] | None, max_problems: int) -> None:
+def _verify_by_reading(store: LogitStore, rep: VerifyReport, chosen: list[int], full: bool, check_images: Any,
+                       max_problems: int) -> None:
     """Stores before 1.4: each chosen chunk read in turn; the fingerprints recomputed in a full pass."""
-    check_images = _image_checker(store, images, storage_options)
     seen: set[str] = set()
     hasher = RowHasher()
     for k in chosen:

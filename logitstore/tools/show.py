@@ -7,6 +7,7 @@ predictions over the whole store.
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..corpus import decode_image, sha256_bytes
 from ..sources import images_root as _images_root, is_url, open_reader
-from ..errors import CorpusError, IntegrityError, LogitStoreError, OptionError
+from ..errors import CorpusError, IntegrityError, OptionError
 from .inspect_store import predictions
 from ..store import LogitStore, open_store
 from ..views import apply_view
@@ -41,17 +42,36 @@ def _top1(store: LogitStore) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(preds), np.concatenate(confs)
 
 
-def _teacher_views(store: LogitStore, root: str, wanted: list[int]) -> dict[int, np.ndarray]:
+def corpus_location(store: LogitStore, images: str | os.PathLike | None) -> tuple[str, bool]:
+    """(the root a store's ids are under: `images` or the recorded one, whether it can be read here):
+    a local folder that exists, or any URL (an object store is not probed before it is read)."""
+    root = _images_root(images) if images is not None else store.meta.corpus.root
+    return root, is_url(root) or Path(root).expanduser().is_dir()
+
+
+def _rows_by_chunk(store: LogitStore, wanted: list[int]) -> dict[int, list[int]]:
+    by_chunk: dict[int, list[int]] = {}
+    for r in sorted(wanted):
+        by_chunk.setdefault(r // store.chunk_rows, []).append(r)
+    return by_chunk
+
+
+def _teacher_views(store: LogitStore, root: str, wanted: list[int],
+                   storage_options: dict[str, Any] | None = None) -> dict[int, np.ndarray]:
     """The first view of each wanted row as uint8 HxW (L) or HxWx3 (RGB), digest-checked.
 
     Each chunk holding a wanted row is read once.
     """
     out: dict[int, np.ndarray] = {}
-    by_chunk: dict[int, list[int]] = {}
-    for r in sorted(wanted):
-        by_chunk.setdefault(r // store.chunk_rows, []).append(r)
+    by_chunk = _rows_by_chunk(store, wanted)
+    with open_reader(root, store.meta.corpus.source, storage_options) as reader:
+        _read_views(store, root, reader, by_chunk, out)
+    return out
+
+
+def _read_views(store: LogitStore, root: str, reader: Any, by_chunk: dict[int, list[int]],
+                out: dict[int, np.ndarray]) -> None:
     pre, kind = store.meta.preprocess, store.meta.views.kind
-    reader = open_reader(root, store.meta.corpus.source)
     for k, rows_in_chunk in by_chunk.items():
         first, _ = store.chunk_bounds(k)
         rows = store.read_chunk(k)
@@ -71,7 +91,6 @@ def _teacher_views(store: LogitStore, root: str, wanted: list[int]) -> dict[int,
                                      "--images points at a different or modified corpus")
             arr = apply_view(img, rows.view_params[i, 0], pre, kind).numpy().transpose(1, 2, 0)
             out[r] = arr[:, :, 0] if arr.shape[2] == 1 else arr
-    return out
 
 
 def literal(text: str) -> str:
@@ -83,10 +102,7 @@ def literal(text: str) -> str:
 def _embedded_views(store: LogitStore, wanted: list[int]) -> dict[int, np.ndarray]:
     """The first view of each wanted row from the pixels the store embeds (the teacher's exact input)."""
     out: dict[int, np.ndarray] = {}
-    by_chunk: dict[int, list[int]] = {}
-    for r in sorted(wanted):
-        by_chunk.setdefault(r // store.chunk_rows, []).append(r)
-    for k, rows_in_chunk in by_chunk.items():
+    for k, rows_in_chunk in _rows_by_chunk(store, wanted).items():
         first, _ = store.chunk_bounds(k)
         pixels = store.read_chunk(k).pixels
         for r in rows_in_chunk:
@@ -97,7 +113,7 @@ def _embedded_views(store: LogitStore, wanted: list[int]) -> dict[int, np.ndarra
 
 def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.PathLike | None,
                   out_png: str | os.PathLike, per_class: int = 8, seed: int = 0, max_classes: int = 20,
-                  title: str | None = None) -> SheetSummary:
+                  title: str | None = None, storage_options: dict[str, Any] | None = None) -> SheetSummary:
     """Draw `per_class` random images of each class the teacher predicts, with its confidence, and
     its top-1 class histogram, into one PNG. With more than `max_classes` classes only the most
     predicted ones get a row.
@@ -113,8 +129,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
         raise OptionError(f"per_class ({per_class}) and max_classes ({max_classes}) must be at least 1")
     if not isinstance(store, LogitStore):
         store = open_store(store)
-    root = _images_root(images_root) if images_root is not None else store.meta.corpus.root
-    here = is_url(root) or Path(root).expanduser().is_dir()
+    root, here = corpus_location(store, images_root)
     embedded = images_root is None and not here and store.meta.embedded_pixels
     if not here and not embedded:
         raise CorpusError(f"{root}: no such folder; pass --images, the corpus root the store was dumped from")
@@ -128,7 +143,7 @@ def contact_sheet(store: LogitStore | str | os.PathLike, images_root: str | os.P
     rng = np.random.default_rng(seed)
     picks = {int(c): rng.permutation(np.nonzero(pred == c)[0])[:per_class] for c in drawn}
     wanted = [int(r) for p in picks.values() for r in p]
-    views = _embedded_views(store, wanted) if embedded else _teacher_views(store, root, wanted)
+    views = _embedded_views(store, wanted) if embedded else _teacher_views(store, root, wanted, storage_options)
 
     cell = 0.9
     n_rows = len(drawn)
