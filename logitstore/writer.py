@@ -133,6 +133,25 @@ def lossy_arrays(meta: StoreMeta) -> tuple[str, ...]:
     return tuple(name for name, (_, dtype) in meta.target_arrays().items() if dtype == meta.dtype)
 
 
+def round_lossy(values: np.ndarray, keep_bits: int) -> np.ndarray:
+    """`values` as --keep-bits stores them: the BitRound filter's own rounding, which is idempotent, so
+    records and statistics computed on these are those of the stored, decoded values."""
+    from numcodecs import BitRound
+
+    return BitRound(keepbits=keep_bits).encode(values).view(values.dtype).reshape(values.shape)
+
+
+def stored_values(rows: Rows, meta: StoreMeta) -> Rows:
+    """`rows` as a store with `meta` gives them back (only --keep-bits changes values on the way)."""
+    if meta.keep_bits is None:
+        return rows
+    lossy = lossy_arrays(meta)
+    if rows.targets is not None:
+        return replace(rows, targets={k: round_lossy(v, meta.keep_bits) if k in lossy else v
+                                      for k, v in rows.targets.items()})
+    return replace(rows, logits=round_lossy(rows.logits, meta.keep_bits)) if schema.LOGITS in lossy else rows
+
+
 def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows) -> None:
     """Rows into every row array at [a, a + len(rows))."""
     b = a + len(rows)
@@ -285,7 +304,8 @@ class StoreWriter:
     def _write_rows(self, rows: Rows) -> None:
         # Records and statistics are computed on a second thread while zarr encodes and writes the same
         # rows (hashlib and NumPy release the GIL): finalize then reads nothing back.
-        account = self._accountant.submit(self._account, rows) if self._accountant is not None else None
+        account = (self._accountant.submit(self._account, stored_values(rows, self.meta))
+                   if self._accountant is not None else None)
         write_rows(self._arrays, self.progress.rows, rows)
         if account is not None:
             recs = account.result()

@@ -231,11 +231,14 @@ def test_copies_merges_and_selections_keep_valid_records(tmp_path, reference):
         assert list(d["class_histogram"].values()) == np.bincount(top, minlength=10).tolist()
 
 
-def test_an_added_teacher_gets_records_and_its_agreement(tmp_path, corpus, teacher_ckpt):
+@pytest.mark.parametrize("keep_bits", [None, 5])
+def test_an_added_teacher_gets_records_and_its_agreement(tmp_path, corpus, teacher_ckpt, keep_bits):
+    # --keep-bits rounds on the way into the store: records, statistics and fingerprints are of the
+    # stored values, so a lossy store and its added teacher verify too.
     from conftest import save_teacher
 
     store = tmp_path / "e.zarr"
-    logitstore.dump(str(teacher_ckpt), str(corpus), str(store), num_workers=0, chunk_rows=32)
+    logitstore.dump(str(teacher_ckpt), str(corpus), str(store), num_workers=0, chunk_rows=32, keep_bits=keep_bits)
     other = save_teacher(tmp_path / "t2.pt", seed=3)
     r = invoke("logitstore", "dump", "--teacher", str(other), "--out", str(store), "--add-teacher",
                "--teacher-name", "second", "--num-workers", "0", "--quiet")
@@ -245,7 +248,9 @@ def test_an_added_teacher_gets_records_and_its_agreement(tmp_path, corpus, teach
     b = st.teacher_logits("second", 0, len(st))[:, 0].astype(np.float32).argmax(1)
     d = info(st)
     assert d["teacher_agreement"] == [{"name": "second", "agreement": pytest.approx(float((a == b).mean()))}]
-    assert verify(st).ok
+    assert d["class_histogram"] == {c: int((a == k).sum()) for k, c in enumerate(st.classes)}
+    rep = verify(st)
+    assert rep.ok, rep.problems
     zarr.open_array(str(store / "teachers" / "second" / "logits"), mode="r+")[40] = 0
     rep = verify(logitstore.open_store(store))
     assert any("teacher 'second' chunk 1 (rows 32-63) differs from its record" in p for p in rep.problems)

@@ -32,7 +32,7 @@ from ..schema import ExtraTeacher, Preprocess
 from ..sources import SourceReader, images_root, is_url, open_reader
 from ..store import LogitStore, open_store
 from ..views import apply_view
-from ..writer import chunk_codecs, logits_filters
+from ..writer import chunk_codecs, logits_filters, round_lossy
 
 
 @dataclass
@@ -178,7 +178,9 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
                 check_logits(logits.reshape(len(logits), -1), meta.dtype, list(ids[seen:seen + len(logits)]),
                               meta.keep_bits)
                 seen += len(logits)
-                buffer.append(logits.numpy().astype(np_dtype))
+                stored = logits.numpy().astype(np_dtype)
+                # Hashed and compared as stored: --keep-bits rounds on the way in.
+                buffer.append(stored if meta.keep_bits is None else round_lossy(stored, meta.keep_bits))
                 # Whole chunks only, as the dump writer does.
                 while buffer and (seen - written >= meta.chunk_rows or seen == len(store)):
                     block = np.concatenate(buffer)
