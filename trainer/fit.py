@@ -232,6 +232,24 @@ def choose_workers(spare: int, cold_s: float, warm_s: float, step_s: float, warm
                                       f"cached ({facts})")
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], pixels: torch.Tensor,
+               teacher: Any, labels: torch.Tensor, spec: InputSpec, device: torch.device, cfg: FitConfig,
+               precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step of the student on a batch already on `device`: (loss, soft, hard), unsynced."""
+    x = spec.to_input(pixels)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(precision, device):
+        out = model(x)
+    loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha, cfg.distill)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+    optimizer.step()
+    return loss, soft, hard
+
+
 def student_step_seconds(model: nn.Module, batch: dict[str, Any], spec: InputSpec, device: torch.device,
                          cfg: FitConfig, precision: str, repeats: int = 3) -> float:
     """Seconds of one training step of `model` on `batch` (the best of `repeats` after a first one), on a
@@ -251,17 +269,7 @@ def student_step_seconds(model: nn.Module, batch: dict[str, Any], spec: InputSpe
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            x = spec.to_input(pixels)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(precision, device):
-                out = twin(x)
-            loss, _, _ = objective(out, teacher, labels, cfg.temperature, cfg.alpha, cfg.distill)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            opt.step()
+            train_step(twin, opt, params, pixels, teacher, labels, spec, device, cfg, precision)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i > 0:
@@ -425,19 +433,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: 
         n = len(pixels)
         if not _every_rank_has_rows(n, cfg, ddp, device):  # a batch lost every image (--skip-mismatched)
             continue
-        x = spec.to_input(pixels)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         teacher = targets_to(batch["logits"], device)
         labels = batch["labels"].to(device, non_blocking=True)
-        with autocast(precision, device):
-            out = model(x)
-        loss, soft, hard = objective(out, teacher, labels, cfg.temperature, cfg.alpha, cfg.distill)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        optimizer.step()
+        loss, soft, hard = train_step(model, optimizer, params, pixels, teacher, labels, spec, device, cfg, precision)
         scheduler.step()
         if ema is not None:
             ema.update()
