@@ -480,12 +480,18 @@ def select(store: str, out: str, min_confidence: float | None, max_entropy: floa
 @click.option("--max-classes", default=20, show_default=True, type=_count(1, 1000),
               help="Rows drawn when the teacher has more classes (the most predicted ones).")
 @click.option("--seed", default=0, show_default=True, type=_count(0), help="Which images are drawn.")
-def show(store: str, images: str | None, out: str, per_class: int, max_classes: int, seed: int) -> None:
+@storage_option_flag
+def show(store: str, images: str | None, out: str, per_class: int, max_classes: int, seed: int,
+         storage_option: tuple[str, ...]) -> None:
     """A contact sheet: sample images grouped by the teacher's top-1 class, with its confidence and
-    the class histogram. Use it to judge whether an unlabeled corpus will teach anything."""
+    the class histogram. Use it to judge whether an unlabeled corpus will teach anything.
+    --storage-option applies to the store and to a corpus on object storage."""
+    from .store import open_store
     from .tools.show import contact_sheet
 
-    summary = contact_sheet(store, images, out, per_class=per_class, seed=seed, max_classes=max_classes)
+    so = parse_storage_options(storage_option)
+    summary = contact_sheet(open_store(store, storage_options=so), images, out, per_class=per_class, seed=seed,
+                            max_classes=max_classes, storage_options=so)
     top = sorted(summary.class_counts.items(), key=lambda kv: -kv[1])[:5]
     n = max(1, summary.images)
     click.echo(f"wrote {summary.out}: {summary.images:,} images; most predicted: "

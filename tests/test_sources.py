@@ -259,6 +259,12 @@ def test_show_and_verify_read_pixels_from_shards_and_object_storage(s3, layouts,
     out = tmp_path / "sheet.png"
     run_cli("logitstore", "show", str(store), "--images", "s3://caches/show", "--out", str(out), "--per-class", "2")
     assert out.stat().st_size > 1000
+    # A store and a corpus that need storage options (no AWS_ENDPOINT_URL): show takes --storage-option.
+    run_cli("logitstore", "copy", str(store), "s3://caches/show-store.zarr")
+    out2 = tmp_path / "sheet2.png"
+    run_cli("logitstore", "show", "s3://caches/show-store.zarr", "--images", "s3://caches/show", "--out", str(out2),
+            "--per-class", "2", "--storage-option", f"endpoint_url={s3}", env={"AWS_ENDPOINT_URL": None})
+    assert out2.stat().st_size > 1000
 
 
 def test_torchrun_over_shards_cuts_at_shards_and_a_killed_rank_resumes_to_the_one_process_store(tmp_path, images):
