@@ -841,43 +841,6 @@ def _table_group(local: str, column: str, row: int) -> tuple[int, list[Any]]:
     return 0, table.column(column).to_pylist()
 
 
-def prefetched(items: Iterator[Any], depth: int = 256) -> Iterator[Any]:
-    """`items` produced by a background thread, up to `depth` ahead, so reading overlaps the teacher."""
-    import queue
-
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for it in items:
-                while not stop.is_set():
-                    try:
-                        q.put(it, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # raised again in the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=run, name="logitstore-source", daemon=True)
-    t.start()
-    try:
-        while True:
-            it = q.get()
-            if it is done:
-                return
-            if isinstance(it, BaseException):
-                raise it
-            yield it
-    finally:
-        stop.set()
-
-
 def open_reader(root: str, record: dict[str, Any] | None, storage_options: dict[str, Any] | None = None,
                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None) -> SourceReader:
     """A reader of the rows of a store whose corpus is at `root` (a folder or URL; --images may say where

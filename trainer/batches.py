@@ -14,10 +14,8 @@ never open a store, so nothing of zarr's (its event-loop thread, open files) cro
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from logitstore.prefetch import read_ahead  # noqa: F401  (trainer.batches.read_ahead, as before)
 from logitstore.corpus import decode_image, describe_failure, sha256_bytes
 from logitstore.sources import DEFAULT_CACHE_BYTES as DEFAULT_UNIT_CACHE_BYTES, SourceReader, is_url, open_reader
 from logitstore.rows import concat_rows, take_field, take_rows
@@ -331,51 +330,6 @@ class ImageSource(Dataset):
                   else torch.zeros(0, c, h, w, dtype=torch.uint8))
         return {"pixels": pixels, "logits": targets_tensor(take_field(req.logits, sel)),
                 "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
-
-
-_DONE = object()
-
-
-def read_ahead(items: Iterable[Any], depth: int = 4) -> Iterator[Any]:
-    """Iterate `items` in a background thread, up to `depth` items ahead.
-
-    Used on `StoreSet.requests`: a group of chunks is then read (zarr decompresses and checksums
-    with the GIL released) while the student trains on the previous batches, instead of the
-    training loop stalling at every group boundary. The order is unchanged.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as exc:  # re-raised in the consumer, where it has a meaning
-            put(Failed(exc))
-
-    thread = threading.Thread(target=run, name="trainer-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()  # a consumer that stops early (an error, a break) releases the thread
 
 
 def _as_is(batch: Any) -> Any:

@@ -25,7 +25,8 @@ from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionEr
 from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
-from ..sources import Item, Member, Source, open_source, prefetched
+from ..prefetch import read_ahead
+from ..sources import Item, Member, Source, open_source
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
 from .load import class_names, prepare_teacher, to_device
@@ -248,7 +249,7 @@ class DumpJob:
         b = self.batch_size
         end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
-        for item in prefetched(self.corpus.items((start // b) * b)):
+        for item in read_ahead(self.corpus.items((start // b) * b), depth=256):
             if item.pos >= end:
                 break
             batch.append(item)
