@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -42,6 +43,30 @@ def _child_with_rank(parent: int, rank: int, tag: str) -> int | None:
         if ppid == parent and f"DUMP_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
             return int(pid)
     return None
+
+
+def kill_rank_one(cmd: list[str], out: Path, rows: int, before_kill: Callable[[], None] = lambda: None
+                  ) -> subprocess.Popen:
+    """Run a 2-process torchrun dump `cmd` into `out` and SIGKILL rank 1 once its segment holds `rows` rows
+    (mid-segment; torchrun then stops rank 0); `before_kill` looks at the store first. The ended process."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, env=_env(DUMP_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and _segment_rows(out, 1) < rows:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the dump ended before a rank could be killed:\n{proc.stdout.read()}"
+        before_kill()
+        victim = _child_with_rank(proc.pid, 1, tag)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc
 
 
 def _segment_rows(out: Path, k: int) -> int:
@@ -81,22 +106,7 @@ def test_torchrun_dump_with_a_killed_rank_resumes_to_the_single_process_store(tm
 
     # 121 listed files in segments of 32 positions: rank 0 dumps segments 0 and 2, rank 1 segments 1 and 3.
     cmd = _torchrun(2, *args, "--out", str(out), "--segment-rows", "32")
-    tag = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, env=_env(DUMP_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and _segment_rows(out, 1) < 16:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the dump ended before a rank could be killed:\n{proc.stdout.read()}"
-        victim = _child_with_rank(proc.pid, 1, tag)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)  # rank 1 dies mid-segment; torchrun then stops rank 0
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = kill_rank_one(cmd, out, 16)
     assert proc.returncode != 0
     kept = _segment_rows(out, 1)
     assert 16 <= kept < 32 and kept % 16 == 0  # whole committed chunks of the killed rank's segment survive

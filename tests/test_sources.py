@@ -268,18 +268,14 @@ def test_show_and_verify_read_pixels_from_shards_and_object_storage(s3, layouts,
 
 
 def test_torchrun_over_shards_cuts_at_shards_and_a_killed_rank_resumes_to_the_one_process_store(tmp_path, images):
-    import os
-    import signal
     import subprocess
-    import time
-    import uuid
 
     import webdataset as wds
     import zarr
 
     from logitstore import schema
     from conftest import save_teacher
-    from test_distributed import _child_with_rank, _env, _segment_rows, _torchrun
+    from test_distributed import _env, _torchrun, kill_rank_one
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -296,24 +292,12 @@ def test_torchrun_over_shards_cuts_at_shards_and_a_killed_rank_resumes_to_the_on
     run_cli("logitstore", "dump", *args, "--out", str(ref))
 
     cmd = _torchrun(2, *args, "--out", str(out))
-    tag = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, env=_env(DUMP_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and _segment_rows(out, 1) < 8:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the dump ended before a rank could be killed:\n{proc.stdout.read()}"
+
+    def one_segment_a_shard() -> None:
         plan = dict(zarr.open_group(str(out), mode="r").attrs[schema.ATTR_PROGRESS])
-        assert plan["segment_bounds"] == [0, 29, 56, 77, 90]  # one segment a shard
-        victim = _child_with_rank(proc.pid, 1, tag)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        assert plan["segment_bounds"] == [0, 29, 56, 77, 90]
+
+    proc = kill_rank_one(cmd, out, 8, one_segment_a_shard)
     assert proc.returncode != 0
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
