@@ -28,8 +28,8 @@ from rich.table import Table
 import logitstore
 from logitstore.tools.transfer import copy_store
 
-from .fit_throughput import CLASSES, PRE, make_corpus
-from .s3_throughput import start_server
+from .fit_throughput import make_corpus
+from .s3_throughput import lenet_teacher, start_server
 
 
 class LatencyProxy:
@@ -81,14 +81,8 @@ class LatencyProxy:
 
 
 def make_store(tmp: Path, mnist: Path, images: int, chunk_rows: int) -> Path:
-    from trainer.students import lenet
-
     make_corpus(mnist, images, tmp / "images")
-    torch.manual_seed(0)
-    teacher = tmp / "teacher.pt"
-    torch.save({"arch": "trainer.students:lenet", "arch_kwargs": {"num_classes": 10, "in_channels": 1},
-                "state_dict": lenet(num_classes=10, in_channels=1).state_dict(), "classes": CLASSES,
-                "preprocess": PRE}, teacher)
+    teacher = lenet_teacher(tmp / "teacher.pt")
     store = tmp / "store.zarr"
     logitstore.dump(str(teacher), str(tmp / "images"), str(store), num_workers=0, chunk_rows=chunk_rows, views=4,
                     progress=False)

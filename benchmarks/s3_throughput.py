@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +51,17 @@ def start_server() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
+def lenet_teacher(path: Path) -> Path:
+    """A LeNet-5 teacher checkpoint with seed-0 random weights: its logits are all the benchmarks need."""
+    from trainer.students import lenet
+
+    torch.manual_seed(0)
+    torch.save({"arch": "trainer.students:lenet", "arch_kwargs": {"num_classes": 10, "in_channels": 1},
+                "state_dict": lenet(num_classes=10, in_channels=1).state_dict(), "classes": CLASSES,
+                "preprocess": PRE}, path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10000)
@@ -70,13 +80,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp_s:
             tmp = Path(tmp_s)
             make_corpus(args.mnist, args.images, tmp / "images")
-            from trainer.students import lenet
-
-            torch.manual_seed(0)
-            teacher = tmp / "teacher.pt"
-            torch.save({"arch": "trainer.students:lenet", "arch_kwargs": {"num_classes": 10, "in_channels": 1},
-                        "state_dict": lenet(num_classes=10, in_channels=1).state_dict(), "classes": CLASSES,
-                        "preprocess": PRE}, teacher)
+            teacher = lenet_teacher(tmp / "teacher.pt")
             local = tmp / "store.zarr"
             logitstore.dump(str(teacher), str(tmp / "images"), str(local), num_workers=1, batch_size=256)
             url = "s3://bench/store.zarr"
