@@ -216,8 +216,8 @@ def _draw_mix(rng: np.random.Generator, policy: MixPolicy, height: int, width: i
 def sample_extras(spec: ViewSpec, seed: int, image_id: str, size: Sequence[int]
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The image's 1.5 view arrays ([V, ...] each, schema.view_extra_arrays) and, for mixing, each view's
-    partner draw u ([V] float64, -1 where the view is not mixed): the partner is settled in the dump's
-    batch (`choose_partners`), the one place the other rows are known."""
+    partner draw u ([V] float64, -1 where the view is not mixed): the partner is settled with the other
+    images of its mix group (`mix_group`), once the dump knows which of them could be read."""
     height, width = int(size[0]), int(size[1])
     v = spec.count
     rng = rng_for(seed, image_id)
@@ -236,24 +236,36 @@ def sample_extras(spec: ViewSpec, seed: int, image_id: str, size: Sequence[int]
     return out, u
 
 
-def choose_partners(u: np.ndarray, mix: np.ndarray, lam: np.ndarray) -> None:
-    """Settle each mixed view's partner among the n rows of one dump batch, in place: `u` [n, V] draws,
-    `mix` [n, V, 5] gets the partner's row offset (0: not mixed, its box cleared, lambda 1)."""
-    n = len(u)
-    rows = np.arange(n)[:, None]
-    mixed = (u >= 0) & (n > 1)
-    j = np.minimum((np.clip(u, 0, None) * (n - 1)).astype(np.int64), max(0, n - 2))
-    partner = np.where(j < rows, j, j + 1)
-    mix[..., 0] = np.where(mixed, partner - rows, 0)
-    mix[~mixed, 1:] = 0
-    lam[~mixed] = np.float32(1.0)
+def partner_rank(u: float, rank: int, n: int) -> int:
+    """The partner of the member of rank `rank` among the n readable images of its mix group, from its
+    draw u in [0, 1): another member, uniformly; -1 (not mixed) for u < 0 or a group of one."""
+    if u < 0 or n < 2:
+        return -1
+    j = min(int(u * (n - 1)), n - 2)
+    return j if j < rank else j + 1
 
 
-def mix_batch(pixels: torch.Tensor, mix: np.ndarray, lam: np.ndarray) -> torch.Tensor:
-    """uint8 [n, V, C, H, W] pre-mix views of one dump batch -> the mixed views the teacher sees."""
-    out = pixels.clone()
-    for i, v in zip(*np.nonzero(mix[..., 0])):
-        out[i, v] = mix_view(pixels[i, v], pixels[i + int(mix[i, v, 0]), v], float(lam[i, v]), mix[i, v, 1:])
+def mix_group(premix: Sequence[torch.Tensor], partner_u: np.ndarray, mix: np.ndarray, lam: np.ndarray,
+              rows: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """One mix group of the dump: the pre-mix views [V, C, H, W] of its readable images in listing order,
+    their partner draws [n, V] and mix arrays ([n, V, 5], [n, V]: partner offsets set here in place, box
+    and lambda cleared where a view is not mixed) -> {rank: that image's views as the teacher sees them},
+    for the members `rows` (all by default)."""
+    n = len(premix)
+    out = {}
+    for r in (range(n) if rows is None else rows):
+        views = premix[r]
+        mixed = None
+        for v in range(views.shape[0]):
+            p = partner_rank(float(partner_u[r, v]), r, n)
+            if p < 0:
+                mix[r, v] = 0
+                lam[r, v] = np.float32(1.0)
+                continue
+            mix[r, v, 0] = p - r
+            mixed = views.clone() if mixed is None else mixed
+            mixed[v] = mix_view(views[v], premix[p][v], float(lam[r, v]), mix[r, v, 1:])
+        out[r] = views if mixed is None else mixed
     return out
 
 

@@ -106,7 +106,8 @@ AUGMENT_OPS_KNOWN = ("identity", "shear_x", "shear_y", "translate_x", "translate
                      "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 AUGMENT_KINDS = ("rand_augment", "trivial_augment_wide")
 AUGMENT_BINS = 31
-MIX_PARTNER_RULES = ("dump_batch",)  # the partner is another row of the same dump batch (|offset| < batch_size)
+MIX_PARTNER_RULES = ("group",)  # the partner is another row of the same group of `group` listing positions
+MAX_MIX_GROUP = 4096
 MODES = ("RGB", "L")
 # The one resize of 1.0-1.2, still valid: bilinear with antialiasing, centre crop as "center". It
 # carries no `antialias` or `crop` key, so older stores and checkpoints keep their bytes and checksums.
@@ -400,18 +401,19 @@ class MixPolicy:
     cutmix_alpha: float
     prob: float = 1.0
     switch_prob: float = 0.5       # with both on: the share of mixed views that use cutmix
-    partner: str = "dump_batch"
+    partner: str = "group"
+    group: int = 64                # listing positions [k * group, (k + 1) * group) mix among themselves
 
     def to_dict(self) -> dict[str, Any]:
         return {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha, "prob": self.prob,
-                "switch_prob": self.switch_prob, "partner": self.partner}
+                "switch_prob": self.switch_prob, "partner": self.partner, "group": self.group}
 
     @classmethod
     def from_dict(cls, d: Any) -> "MixPolicy":
-        d = _policy(d, "mix", ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "partner"))
+        d = _policy(d, "mix", ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "partner", "group"))
         out = cls(number(d["mixup_alpha"], "views.mix.mixup_alpha"), number(d["cutmix_alpha"], "views.mix.cutmix_alpha"),
                   number(d["prob"], "views.mix.prob"), number(d["switch_prob"], "views.mix.switch_prob"),
-                  text(d["partner"], "views.mix.partner", 64))
+                  text(d["partner"], "views.mix.partner", 64), whole(d["group"], "views.mix.group", 2, MAX_MIX_GROUP))
         if out.partner not in MIX_PARTNER_RULES:
             raise FormatError(f"views.mix partner {out.partner!r} is not understood (known: "
                               f"{', '.join(MIX_PARTNER_RULES)}; docs/FORMAT.md, 1.5: augmented views)")
@@ -866,7 +868,9 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
 
 
 def chunk_rows_for(row_bytes: int) -> int:
-    """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192]."""
+    """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192];
+    fewer than 256 rows only where a row alone exceeds 16 KiB (hundreds of views per image, 1.5), so a
+    chunk stays near 4 MiB instead of growing to hundreds of MiB (it is never under 4 MiB there)."""
     target = (4 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
-    return int(min(8192, max(256, rows)))
+    return int(min(8192, rows if row_bytes > 16 << 10 else max(256, rows)))

@@ -352,8 +352,8 @@ class StoreSet:
 
     def _extras(self, s: int, a: int, b: int, views: np.ndarray) -> dict[str, np.ndarray] | None:
         """1.5 augmented views: each row's arrays for its view and, where it is mixed, its partner's key,
-        id, digest and pre-mix view arrays for the same view index (the partner is a row of the same dump
-        batch, so a window a batch wider than [a, b) holds every partner). None for a plain store, or
+        id, digest and pre-mix view arrays for the same view index (the partner is a row of the same mix
+        group, views.mix.group listing positions, so a window a group wider than [a, b) holds every partner). None for a plain store, or
         where embedded pixels already are the mixed inputs."""
         spec = self.stores[s].meta.views
         if self.embedded or not spec.augmented:

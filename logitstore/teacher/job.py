@@ -23,7 +23,7 @@ from ..device import resolve_device, resolve_precision
 from ..failures import FailureWatch
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
 from ..schema import AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
-from ..augment import AUGMENT_NAMES, choose_partners, mix_batch, premix_views, sample_extras
+from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
 from ..prefetch import read_ahead
@@ -31,6 +31,7 @@ from ..sources import Item, Member, Source, open_source
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
 from .load import class_names, prepare_teacher, to_device
+from .mixing import span, with_partners
 
 # --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
 # default, where importance weights are then exactly 1 (lowest variance). Colder proposals make the
@@ -79,6 +80,7 @@ class DumpConfig:
     mixup: float = 0.0                # mixup's Beta alpha (0: off)
     cutmix: float = 0.0               # cutmix's Beta alpha (0: off)
     mix_prob: float = 1.0
+    mix_group: int = 64               # partners come from listing positions [k * G, (k + 1) * G)
     keep_bits: int | None = None
     topk: int | None = None
     sample: int | None = None
@@ -106,9 +108,6 @@ class DumpConfig:
         schema.check_keep_bits(self.keep_bits, self.dtype)
         if self.augment not in ("none", *AUGMENT_NAMES):
             raise OptionError(f"--augment {self.augment!r}: one of none, {', '.join(AUGMENT_NAMES)}")
-        if (self.mixup or self.cutmix) and self.batch_size > 32767:
-            raise OptionError(f"--batch-size {self.batch_size}: --mixup/--cutmix pick partners in the dump's batch "
-                              "and store their offset as int16; use a batch size of at most 32767")
 
     def view_spec(self) -> ViewSpec:
         """--views and the augmentation flags as the stored view policy (1.5 fields only where used)."""
@@ -116,7 +115,8 @@ class DumpConfig:
             AUGMENT_NAMES[self.augment], self.augment_ops if self.augment == "rand-augment" else 1,
             self.augment_magnitude if self.augment == "rand-augment" else 0)
         erasing = ErasingPolicy(float(self.erase)) if self.erase else None
-        mix = MixPolicy(float(self.mixup), float(self.cutmix), float(self.mix_prob)) if (self.mixup or self.cutmix) else None
+        mix = MixPolicy(float(self.mixup), float(self.cutmix), float(self.mix_prob),
+                                                      group=int(self.mix_group)) if (self.mixup or self.cutmix) else None
         if self.views == 1 and augment is None and erasing is None and mix is None:
             return ViewSpec(1, "eval")
         return ViewSpec(self.views, "random_resized_crop", tuple(self.crop_scale), tuple(self.crop_ratio),
@@ -137,7 +137,7 @@ DUMP_LIMITS = {
     "max_failure_share": limits.real(0, 1),
     "augment_ops": limits.count(1, 16), "augment_magnitude": limits.count(0, schema.AUGMENT_BINS - 1),
     "erase": limits.real(0, 1), "mixup": limits.real(0), "cutmix": limits.real(0),
-    "mix_prob": limits.real(0, 1, lo_open=True),
+    "mix_prob": limits.real(0, 1, lo_open=True), "mix_group": limits.count(2, schema.MAX_MIX_GROUP),
 }
 
 
@@ -278,16 +278,23 @@ class DumpJob:
         restarts at the boundary of the batch that holds its first missing image, so every image is
         seen in the same batch as in an uninterrupted run and the logits match bit for bit."""
         b = self.batch_size
-        return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
+        first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
+        return [list(range(p, min(p + b, stop))) for p in range(first, stop, b)]
+
+    @property
+    def mix_group(self) -> int | None:
+        mix = self.meta.views.mix
+        return None if mix is None else mix.group
 
     def streamed_batches(self, start: int, stop: int) -> Iterator[list[Item]]:
         """The batches of an uninterrupted run that hold positions [start, stop), each position with its
         bytes, streamed from the source in listing order (shards, tables, URLs). Whole batches, also past
         `stop` (a segment that ends inside a batch: `run` keeps only its own positions)."""
         b = self.batch_size
+        first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
         end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
-        for item in read_ahead(self.corpus.items((start // b) * b), depth=256):
+        for item in read_ahead(self.corpus.items(first), depth=256):
             if item.pos >= end:
                 break
             batch.append(item)
@@ -339,16 +346,12 @@ class DumpJob:
                     if meta.precision in ("bf16", "fp16") else None)
         np_dtype = np.float16 if meta.dtype == "float16" else np.float32
         v = meta.views.count
-        for batch in loader:
+        for batch in (loader if self.mix_group is None else with_partners(loader, self.mix_group)):
             failures = [f for f in batch["failures"] if start <= f[0] < stop]
             ok = batch["ok"]
             rows = _failures_only(failures, v, meta.views)
             # A resumed run re-reads a batch it may have kept; a segment may share a batch with the next.
             if ok and ((ok["source"] >= start) & (ok["source"] < stop)).any():
-                if meta.views.mix is not None:  # partners among the whole batch's rows (fixed batches: W1)
-                    ex = ok["extras"]
-                    choose_partners(ok["partner_u"], ex[schema.MIX_PARAMS], ex[schema.MIX_LAMBDA])
-                    ok["pixels"] = mix_batch(ok["pixels"], ex[schema.MIX_PARAMS], ex[schema.MIX_LAMBDA])
                 logits = forward(self.model, ok["pixels"], pre, dev, autocast)
                 keep = (ok["source"] >= start) & (ok["source"] < stop)
                 ids = [i for i, k in zip(ok["ids"], keep) if k]
