@@ -37,6 +37,12 @@ def test_golden_store_reads_back_its_values(path):
             assert values.dtype == batches[0].targets[name].dtype, name
             assert np.array_equal(values, np.concatenate([b.targets[name] for b in batches])), name
     assert np.array_equal(rows.view_params, np.concatenate([b.view_params for b in batches]))
+    if batches[0].view_extras is not None:  # 1.5 augmented views
+        assert sorted(rows.view_extras) == sorted(batches[0].view_extras)
+        for name, values in rows.view_extras.items():
+            assert np.array_equal(values, np.concatenate([b.view_extras[name] for b in batches])), name
+    else:
+        assert rows.view_extras is None
     assert np.array_equal(rows.digests, np.concatenate([b.digests for b in batches]))
     assert st.failures() == [("img06.png", "UnidentifiedImageError: cannot identify image file")]
     assert st.meta.classes == ("cat", "dog", "bird") and st.meta.views.count == 2

@@ -28,9 +28,22 @@ _SAMPLE = schema.TargetSpec(schema.TARGET_SAMPLE, 4, (1.0, 4.0), 4.0)
 TARGETS = {"v1.0": _FULL, "v1.1-topk": _TOPK, "v1.1-sample": _SAMPLE,
            "v1.2": _FULL, "v1.2-topk": _TOPK, "v1.2-sample": _SAMPLE,
            "v1.3": _FULL, "v1.3-topk": _TOPK, "v1.3-sample": _SAMPLE,
-           "v1.4": _FULL, "v1.4-topk": _TOPK, "v1.4-sample": _SAMPLE, "v1.4-parquet": _FULL}
-# The stores this writer writes today (the current version's).
-KINDS = {name: t for name, t in TARGETS.items() if name.split("-")[0] == f"v{schema.FORMAT_VERSION}"}
+           "v1.4": _FULL, "v1.4-topk": _TOPK, "v1.4-sample": _SAMPLE, "v1.4-parquet": _FULL,
+           "v1.5-augment": _FULL}
+
+
+def golden_views(name: str) -> schema.ViewSpec:
+    """1.5: RandAugment, erasing and mixup/cutmix in groups of 4 for the -augment store; plain views otherwise."""
+    extras = {}
+    if name.endswith("-augment"):
+        extras = dict(augment=schema.AugmentPolicy("rand_augment", 2, 9), erasing=schema.ErasingPolicy(0.25),
+                      mix=schema.MixPolicy(0.2, 1.0, group=4))
+    return schema.ViewSpec(2, "random_resized_crop", (0.5, 1.0), (0.75, 4 / 3), 0.5, **extras)
+
+
+# The stores this writer writes today: the version it records for each (1.4 for a store without 1.5 views).
+KINDS = {name: t for name, t in TARGETS.items()
+         if name.split("-")[0] == f"v{schema.version_for(t, golden_views(name))}"}
 
 
 def golden_preprocess(name: str) -> schema.Preprocess:
@@ -51,7 +64,7 @@ def golden_meta(name: str = "v1.0") -> schema.StoreMeta:
     return schema.StoreMeta(
         format_version=name[1:].split("-")[0], complete=False, classes=("cat", "dog", "bird"),
         preprocess=golden_preprocess(name),
-        views=schema.ViewSpec(2, "random_resized_crop", (0.5, 1.0), (0.75, 4 / 3), 0.5),
+        views=golden_views(name),
         teacher=schema.TeacherInfo("pkg.mod:net", "checkpoint", "teacher.pt", "ab" * 32, {"width": 4}),
         corpus=golden_corpus(name),
         dtype="float16", precision="fp32", seed=3, chunk_rows=4, batch_size=4,
@@ -71,8 +84,19 @@ def golden_rows(name: str = "v1.0") -> list[Rows]:
     if schema.parse_version(name[1:].split("-")[0]) >= schema.SIZES_CHECKED_SINCE:
         params[..., 2:4] = np.maximum(params[..., 2:4], 1)  # readers refuse a view of no pixels (R6)
     targets = encode_targets(golden_meta(name), torch.from_numpy(logits.astype(np.float32)), ids)
+    extras = None
+    if name.endswith("-augment"):  # 1.5, from its own generator so the other stores' rows stay as they were
+        r2 = np.random.default_rng(15)
+        ops = np.stack([r2.integers(0, 14, size=(n, 2, 2)), r2.integers(-9, 10, size=(n, 2, 2))], axis=-1).astype(np.int8)
+        erase = np.zeros((n, 2, 5), np.int16)
+        erase[::3, :, :4] = (1, 2, 3, 4)
+        mix = np.zeros((n, 2, 5), np.int16)
+        mix[0::2, :, 0], mix[1::2, :, 0] = 1, -1  # pairs of rows within groups of 4 positions
+        mix[::4, 1, 1:] = (2, 2, 4, 4)
+        lam = np.where(mix[..., 0] != 0, r2.uniform(0, 1, size=(n, 2)), 1.0).astype(np.float32)
+        extras = {schema.AUGMENT_OPS: ops, schema.ERASE_BOXES: erase, schema.MIX_PARAMS: mix, schema.MIX_LAMBDA: lam}
     full = Rows(np.array(ids, dtype=object), None if targets else logits, digests, hw, params, None, targets,
-                source=source)
+                source=source, view_extras=extras)
     first, rest = full.take(slice(0, 6)), full.take(slice(6, None))
     return [first, replace(rest, failures=[(6, "img06.png", "UnidentifiedImageError: cannot identify image file")])]
 
