@@ -187,6 +187,8 @@ def dump(as_json: bool, **kw: Any) -> None:
               crop_ratio=_floats(kw["crop_ratio"], "--crop-ratio", 2),
               temperatures=_floats(kw["temperatures"], "--temperatures"))
     add, name = kw.pop("add_teacher"), kw.pop("teacher_name")
+    if add and (kw["augment"] != "none" or kw["erase"] or kw["mixup"] or kw["cutmix"]):
+        raise click.UsageError("--add-teacher replays the store's own views; drop --augment/--erase/--mixup/--cutmix")
     if add:
         _add_teacher(kw, name, as_json)
         return

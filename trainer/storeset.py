@@ -35,6 +35,10 @@ from .order import Segment, epoch_share, epoch_views, group_order, spread
 # 512 rows cost 8% of a LeNet epoch on MNIST in benchmarks/fit_throughput.py; 2048 rows keep it
 # under 1 us a sample, and a buffer of 8 blocks of 1000-class float16 logits under 40 MiB.
 MIN_BLOCK_ROWS = 2048
+# ... unless its rows are large (hundreds of views per image, format 1.5): then a block is whole chunks of
+# about this many bytes of targets, so a shuffle group of 8 stays near 512 MiB however many views a row holds
+# (unchanged for rows up to 32 KiB, e.g. 16 views of 1000-class float16 logits).
+BLOCK_BYTES = 64 << 20
 
 # A held-out pass scores the tails of at most max(this many, this share of) the blocks, evenly
 # spaced: at 5 million 1000-class rows every tail would mean decoding all 2,442 chunks (10 GB) per
@@ -137,6 +141,11 @@ def sparse_temperature_index(store: LogitStore, temperature: float) -> int:
                       "with --temperatures that include it (or full logits, which serve any T)")
 
 
+def _target_row_bytes(meta: schema.StoreMeta) -> int:
+    """Bytes of one row's targets, every view (what a block read decodes per row)."""
+    return max(1, sum(meta.views.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values()))
+
+
 def check_compatible(stores: Sequence[LogitStore]) -> None:
     """Refuse stores whose rows cannot be read as one dataset, naming both and the first difference.
 
@@ -214,7 +223,8 @@ class StoreSet:
             raise StoreMismatchError(f"{self.stores[0].location}: the store holds no images")
         self.label_map = labels
         self.labels_from_folders = labels_from_folders and labels is None
-        self.block_rows = [s.chunk_rows * max(1, -(-min_block_rows // s.chunk_rows)) for s in self.stores]
+        self.block_rows = [s.chunk_rows * max(1, -(-min(min_block_rows, BLOCK_BYTES // _target_row_bytes(s.meta))
+                                                   // s.chunk_rows)) for s in self.stores]
         # Each block's tail is held out of training: tails spread the held-out slice over the whole
         # listing, so a class-sorted corpus still trains on every class (a whole held-out block
         # could swallow whole classes). A tail costs decoding its whole chunk on every held-out
