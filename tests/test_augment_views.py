@@ -204,3 +204,20 @@ def test_dump_and_fit_end_to_end_on_a_mix_store_with_the_cli(setup, tmp_path):
     warning = [ln for ln in proc.stderr.splitlines() if "views repeat" in ln]
     assert len(warning) == 1 and "--epochs 3" in warning[0]
     assert invoke("logitstore", "verify", str(store)).returncode == 0
+
+
+def test_distributed_segments_store_the_same_mixed_views(setup, tmp_path):
+    """Segments of a distributed dump (here all run by this process) cut mix groups: each reads whole
+    groups around its positions, so the store equals the single-process one."""
+    from logitstore.device import Torchrun
+    from logitstore.teacher.distributed import dump_distributed
+    from logitstore.teacher.job import DumpConfig, prepare_dump
+
+    out = str(tmp_path / "dist.zarr")
+    kw = {**COMMON, **KINDS["all"], "chunk_rows": 7}
+    job = prepare_dump(DumpConfig(str(setup["teacher"]), str(setup["corpus"]), out, **kw))
+    dump_distributed(job, out, Torchrun(), segment_rows=14)
+    ref, got = (logitstore.open_store(p).read(0, N_IMAGES) for p in (setup["stores"]["all"], out))
+    assert list(got.ids) == list(ref.ids) and np.array_equal(got.pixels, ref.pixels)
+    for name in ref.view_extras:
+        assert np.array_equal(got.view_extras[name], ref.view_extras[name]), name
