@@ -221,3 +221,19 @@ def test_distributed_segments_store_the_same_mixed_views(setup, tmp_path):
     assert list(got.ids) == list(ref.ids) and np.array_equal(got.pixels, ref.pixels)
     for name in ref.view_extras:
         assert np.array_equal(got.view_extras[name], ref.view_extras[name]), name
+
+
+def test_copy_zip_and_merge_keep_the_view_arrays_and_their_replay(setup, tmp_path):
+    src = setup["stores"]["all"]
+    ref = logitstore.open_store(src).read(0, N_IMAGES)
+    zipped = tmp_path / "all.zip"
+    assert invoke("logitstore", "copy", str(src), str(zipped)).returncode == 0
+    assert invoke("logitstore", "verify", str(zipped)).returncode == 0
+    merged = tmp_path / "merged.zarr"
+    assert invoke("logitstore", "merge", str(src), str(zipped), "-o", str(merged), "--prefix", "a,b").returncode == 0
+    got = logitstore.open_store(merged).read(0, 2 * N_IMAGES)
+    for name, values in ref.view_extras.items():  # offsets stay valid: each source's rows stay in order
+        assert np.array_equal(got.view_extras[name], np.concatenate([values, values])), name
+    assert invoke("logitstore", "verify", str(merged)).returncode == 0
+    assert_one_line_error(invoke("logitstore", "merge", str(src), str(zipped), "-o", str(tmp_path / "d.zarr"),
+                                 "--prefix", "a,b", "--dedupe"), "--dedupe", "mixed views")

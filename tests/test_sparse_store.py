@@ -30,7 +30,7 @@ def test_topk_store_keeps_exact_top_probabilities_and_tail_mass(tmp_path, corpus
     out = tmp_path / "topk.zarr"
     logitstore.dump(str(teacher_ckpt), str(corpus), str(out), num_workers=0, dtype="float32", views=2, topk=3)
     st = logitstore.open_store(out)
-    assert st.meta.format_version == schema.FORMAT_VERSION and st.meta.targets.kind == "topk" and st.meta.targets.k == 3
+    assert st.meta.format_version == schema.version_for(st.meta.targets, st.meta.views) and st.meta.targets.kind == "topk" and st.meta.targets.k == 3
     t = st[:].targets
     assert t[schema.TOPK_INDICES].dtype == np.uint16 and t[schema.TAIL_LSE].dtype == np.float32
     order = np.argsort(-full, axis=-1, kind="stable")[..., :3]
