@@ -237,3 +237,17 @@ def test_copy_zip_and_merge_keep_the_view_arrays_and_their_replay(setup, tmp_pat
     assert invoke("logitstore", "verify", str(merged)).returncode == 0
     assert_one_line_error(invoke("logitstore", "merge", str(src), str(zipped), "-o", str(tmp_path / "d.zarr"),
                                  "--prefix", "a,b", "--dedupe"), "--dedupe", "mixed views")
+
+
+def test_impossible_stored_view_values_are_refused_naming_the_array(setup, tmp_path):
+    import zarr
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(setup["stores"]["all"], bad)
+    ops = zarr.open_array(str(bad / schema.AUGMENT_OPS), mode="r+")
+    ops[0, 0, 0, 0] = 99  # no such op: a replay would index out of the table
+    proc = invoke("trainer", "fit", "--store", str(bad), "--images", str(setup["corpus"]), "--out",
+                  str(tmp_path / "r"), "--epochs", "1", "--num-workers", "0")
+    assert proc.returncode != 0 and "augment_ops" in proc.stderr and "outside views.augment" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert invoke("logitstore", "verify", str(bad)).returncode != 0  # its chunk record no longer matches
