@@ -348,11 +348,12 @@ class StoreWriter:
         self._pending_failures = [f for f in self._pending_failures if f[0] >= next_source]
         append_failures(self._failed, self.progress.n_failures, [(i, r) for _, i, r in done])
         first = self.progress.failures + [[i, r] for _, i, r in done[:max(0, FIRST_FAILURES - len(self.progress.failures))]]
-        self.progress = Progress(rows, next_source, first, self.progress.n_failures + len(done),
-                                 self._stats.to_dict() if self._accountant is not None else None)
+        self.progress = Progress(rows, next_source, first, self.progress.n_failures + len(done))
         now = time.monotonic()
         self._behind = not (force or now - self._committed_at >= COMMIT_INTERVAL_S)
         if not self._behind:
+            if self._accountant is not None:  # built only when recorded (3 x 1000 counts: not every write)
+                self.progress.statistics = self._stats.to_dict()
             self.group.attrs[schema.ATTR_PROGRESS] = self.progress.to_dict()
             self._committed_at = now
 
