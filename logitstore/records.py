@@ -122,12 +122,12 @@ def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np
 # Rows of logits converted at a time: 128 x 1000 float32 (0.5 MB, twice) stay in the L2 cache; measured
 # at 5.9 ms of CPU per 2048 x 1000 chunk against 13.6 ms for the whole chunk at once (float64: ~30 ms).
 # (Whole 2048-row blocks, 16x fewer NumPy calls so fewer GIL hand-overs, cost 1.3 ms more CPU a chunk and
-# put the statistics behind the zarr write in the writer: benchmarks/RESULTS.md, "records off the GIL".)
+# left the statistics the longer of the two threads: benchmarks/RESULTS.md, "Where the 1.4 writer's CPU goes".)
 STAT_BLOCK_ROWS = 128
-# float16 -> float32 through torch (F16C: 0.65 ms a chunk; NumPy's cast: 2.1 ms, one value at a time) in
-# pieces of this many rows: below torch's grain size (32,768 values), so no intra-op threads wake up. The
-# conversion is exact either way, so the statistics keep their bits.
-CONVERT_ROWS = 32
+# float16 -> float32 through torch (F16C: 0.65 ms a 2048 x 1000 chunk; NumPy's cast: 2.1 ms, one value at a
+# time) in pieces of at most this many values: below torch's grain size (32,768), so no intra-op threads wake
+# up beside zarr's. The conversion is exact either way, so the statistics keep their bits.
+CONVERT_VALUES = 32_000
 
 
 def first_view_predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,10 +161,11 @@ def half_to_float(z: np.ndarray, x: np.ndarray) -> Any:
     import torch
 
     zt, xt = torch.from_numpy(z), torch.from_numpy(x)
+    step = max(1, CONVERT_VALUES // max(1, z.shape[1]))
 
     def convert(a: int, b: int) -> None:
-        for i in range(a, b, CONVERT_ROWS):
-            j = min(b, i + CONVERT_ROWS)
+        for i in range(a, b, step):
+            j = min(b, i + step)
             xt[i - a:j - a].copy_(zt[i:j])
     return convert
 

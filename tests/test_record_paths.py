@@ -125,3 +125,14 @@ def test_ids_and_corpus_bytes_equal_a_join_per_row():
     assert bytes(records.corpus_entries(strided)) == row_by_row(cases[0])
     h = hashlib.sha256(records.corpus_entries(cases[3])).hexdigest()
     assert h == hashlib.sha256(row_by_row(cases[3])).hexdigest()
+
+
+def test_wide_logits_convert_row_by_row_with_the_same_bits():
+    z = (np.random.default_rng(3).standard_normal((70, 1, 40_000)) * 8).astype(np.float16)  # > 32,000 values a row
+    z[5, 0, 123] = 65504
+    frozen = z.copy()
+    frozen.flags.writeable = False
+    fast, plain = (records.first_view_predictions(rows_of(a), meta()) for a in (z, frozen))
+    for a, b in zip(fast, plain):
+        assert np.array_equal(a, b)
+    assert fast[2][5] == 123 and fast[0][5] == 1.0
