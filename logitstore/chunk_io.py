@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
@@ -78,4 +79,3 @@ class ChunkWriter:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False)
-
