@@ -27,7 +27,7 @@ def array_bytes(name: str, values: np.ndarray) -> bytes | memoryview:
     """The bytes a record hashes: ids as UTF-8 each followed by 0x00, any other array little-endian, C order
     (a view of the array's own memory when it is that already: hashing needs no copy)."""
     if name == schema.IDS:
-        return b"".join(str(i).encode("utf-8") + b"\0" for i in values)
+        return ids_bytes(values)
     if values.size == 0:
         return b""
     return memoryview(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))).cast("B")
@@ -61,9 +61,34 @@ def contents_fingerprint(records: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(records, np.uint8).tobytes()).hexdigest()
 
 
-def corpus_entries(rows: Rows) -> bytes:
-    """What fingerprints.corpus hashes for these rows (every version): id UTF-8, 0x00, digest."""
-    return b"".join(str(i).encode("utf-8") + b"\0" + d.tobytes() for i, d in zip(rows.ids, rows.digests))
+def ids_bytes(ids: Sequence[Any]) -> bytes:
+    """Each id as UTF-8 followed by 0x00, all in one string: one join and one encode (a Python loop per
+    row held the GIL the zarr thread writing the same rows needs)."""
+    return ("\0".join(map(str, ids)) + "\0").encode("utf-8") if len(ids) else b""
+
+
+def corpus_entries(rows: Rows) -> bytes | memoryview:
+    """What fingerprints.corpus hashes for these rows (every version): id UTF-8, 0x00, digest.
+
+    Laid out with NumPy from one encoded string of the ids: runs of id bytes and of 32 digest bytes
+    alternate, so one mask places both (2x faster than a join per row, which also held the GIL)."""
+    n = len(rows)
+    digests = rows.digests
+    blob = ids_bytes(rows.ids)
+    b = np.frombuffer(blob, np.uint8)
+    ends = np.flatnonzero(b == 0)  # each id's 0x00
+    if len(ends) != n or digests.dtype != np.uint8 or digests.shape[1:] != (32,):
+        # an id holding 0x00 itself (no id does), or digests of another form: row by row
+        return b"".join(str(i).encode("utf-8") + b"\0" + d.tobytes() for i, d in zip(rows.ids, digests))
+    if n == 0:
+        return b""
+    runs = np.empty(2 * n, np.int64)
+    runs[0::2], runs[1::2] = np.diff(ends, prepend=-1), 32  # id i with its 0x00, then digest i
+    is_digest = np.repeat(np.tile(np.array([False, True]), n), runs)
+    out = np.empty(len(b) + 32 * n, np.uint8)
+    out[~is_digest] = b
+    out[is_digest] = digests.reshape(-1)
+    return memoryview(out)
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -98,7 +123,13 @@ def predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np
 
 # Rows of logits converted at a time: 128 x 1000 float32 (0.5 MB, twice) stay in the L2 cache; measured
 # at 5.9 ms of CPU per 2048 x 1000 chunk against 13.6 ms for the whole chunk at once (float64: ~30 ms).
+# (Whole 2048-row blocks, 16x fewer NumPy calls so fewer GIL hand-overs, cost 1.3 ms more CPU a chunk and
+# left the statistics the longer of the two threads: benchmarks/RESULTS.md, "Where the 1.4 writer's CPU goes".)
 STAT_BLOCK_ROWS = 128
+# float16 -> float32 through torch (F16C: 0.65 ms a 2048 x 1000 chunk; NumPy's cast: 2.1 ms, one value at a
+# time) in pieces of at most this many values: below torch's grain size (32,768), so no intra-op threads wake
+# up beside zarr's. The conversion is exact either way, so the statistics keep their bits.
+CONVERT_VALUES = 32_000
 
 
 def first_view_predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,16 +142,34 @@ def first_view_predictions(rows: Rows, meta: StoreMeta) -> tuple[np.ndarray, np.
     n, c = z.shape
     top, s, dot = np.empty(n, np.int64), np.empty(n), np.empty(n)
     x, e = np.empty((STAT_BLOCK_ROWS, c), np.float32), np.empty((STAT_BLOCK_ROWS, c), np.float32)
+    at = np.arange(STAT_BLOCK_ROWS)
+    convert = half_to_float(z, x)
     for a in range(0, n, STAT_BLOCK_ROWS):
         b = min(n, a + STAT_BLOCK_ROWS)
         xb, eb = x[:b - a], e[:b - a]
-        np.copyto(xb, z[a:b], casting="same_kind")
+        convert(a, b)
         top[a:b] = t = xb.argmax(axis=1)
-        np.subtract(xb, xb[np.arange(b - a), t][:, None], out=xb)
+        np.subtract(xb, xb[at[:b - a], t][:, None], out=xb)
         np.exp(xb, out=eb)
         s[a:b] = eb.sum(axis=1, dtype=np.float64)
         dot[a:b] = np.einsum("ij,ij->i", eb, xb)
     return 1.0 / s, np.log(s) - dot / s, top
+
+
+def half_to_float(z: np.ndarray, x: np.ndarray) -> Any:
+    """convert(a, b): rows [a, b) of `z` into x[:b - a], exactly (float32 holds every float16 and float32 as is)."""
+    if z.dtype != np.float16 or not z.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        return lambda a, b: np.copyto(x[:b - a], z[a:b], casting="same_kind")
+    import torch
+
+    zt, xt = torch.from_numpy(z), torch.from_numpy(x)
+    step = max(1, CONVERT_VALUES // max(1, z.shape[1]))
+
+    def convert(a: int, b: int) -> None:
+        for i in range(a, b, step):
+            j = min(b, i + step)
+            xt[i - a:j - a].copy_(zt[i:j])
+    return convert
 
 
 def bin_of(values: np.ndarray, hi: float) -> np.ndarray:

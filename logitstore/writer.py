@@ -29,6 +29,7 @@ from .fingerprint import row_fingerprints
 from .records import (Statistics, Written, chunk_records, contents_fingerprint, corpus_entries, corpus_hash_of,
                       failures_by_reason, record_names)
 from .locations import stored_bytes
+from .chunk_io import ChunkWriter
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
@@ -154,11 +155,14 @@ def stored_values(rows: Rows, meta: StoreMeta) -> Rows:
     return replace(rows, logits=round_lossy(rows.logits, meta.keep_bits)) if schema.LOGITS in lossy else rows
 
 
-def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows) -> None:
-    """Rows into every row array at [a, a + len(rows))."""
+def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows, chunks: ChunkWriter | None = None) -> None:
+    """Rows into every row array at [a, a + len(rows)); the targets' whole chunks through `chunks` when given
+    (the same bytes, without zarr's per-chunk Python: logitstore/chunk_io.py)."""
     b = a + len(rows)
     for name, values in rows.target_arrays().items():
-        arrays[name][a:b] = values
+        done = chunks.write(arrays[name], a, values) if chunks is not None else 0
+        if done < len(values):
+            arrays[name][a + done:b] = values[done:]
     arrays[schema.IDS][a:b] = np.array(list(rows.ids), dtype=object)
     arrays[schema.DIGESTS][a:b] = rows.digests
     arrays[schema.IMAGE_HW][a:b] = rows.image_hw
@@ -230,6 +234,7 @@ class StoreWriter:
         self._per_write = max(1, min(CHUNKS_PER_WRITE, WRITE_BYTES // max(1, chunk_bytes)))  # chunks a write
         self._ended = False        # the writer thread has taken close()'s end marker
         self._records_open(meta.has_records)
+        self._chunks = ChunkWriter()  # the targets' whole chunks, encoded beside zarr (same bytes)
         self._thread = threading.Thread(target=self._run, name="logitstore-writer", daemon=True)
         self._thread.start()
 
@@ -254,6 +259,7 @@ class StoreWriter:
         finally:
             if self._accountant is not None:
                 self._accountant.shutdown(wait=False)
+            self._chunks.shutdown()
             if self.lock is not None:
                 self.lock.release()
         return self.meta
@@ -310,7 +316,7 @@ class StoreWriter:
         # rows (hashlib and NumPy release the GIL): finalize then reads nothing back.
         account = (self._accountant.submit(self._account, stored_values(rows, self.meta))
                    if self._accountant is not None else None)
-        write_rows(self._arrays, self.progress.rows, rows)
+        write_rows(self._arrays, self.progress.rows, rows, self._chunks)
         if account is not None:
             recs = account.result()
             k0 = self.progress.rows // self.meta.chunk_rows
@@ -352,11 +358,12 @@ class StoreWriter:
         self._pending_failures = [f for f in self._pending_failures if f[0] >= next_source]
         append_failures(self._failed, self.progress.n_failures, [(i, r) for _, i, r in done])
         first = self.progress.failures + [[i, r] for _, i, r in done[:max(0, FIRST_FAILURES - len(self.progress.failures))]]
-        self.progress = Progress(rows, next_source, first, self.progress.n_failures + len(done),
-                                 self._stats.to_dict() if self._accountant is not None else None)
+        self.progress = Progress(rows, next_source, first, self.progress.n_failures + len(done))
         now = time.monotonic()
         self._behind = not (force or now - self._committed_at >= COMMIT_INTERVAL_S)
         if not self._behind:
+            if self._accountant is not None:  # built only when recorded (3 x 1000 counts: not every write)
+                self.progress.statistics = self._stats.to_dict()
             self.group.attrs[schema.ATTR_PROGRESS] = self.progress.to_dict()
             self._committed_at = now
 

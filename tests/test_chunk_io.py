@@ -1,0 +1,71 @@
+"""Chunks the writer encodes itself (logitstore/chunk_io.py) are the very files zarr writes for the same
+values; arrays of another codec chain, and rows short of a whole chunk, are left to zarr."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from logitstore.chunk_io import ChunkWriter, zstd_level
+from logitstore.writer import chunk_codecs, every_chunk_written, logits_filters
+
+R = 64
+
+
+def arrays(root: Path, dtype: str = "float16", filters: list | None = None) -> tuple[zarr.Array, zarr.Array]:
+    made = []
+    for name in ("ours", "zarrs"):
+        g = zarr.open_group(str(root / name), mode="w")
+        made.append(every_chunk_written(g.create_array("logits", shape=(5 * R, 2, 37), chunks=(R, 2, 37), dtype=dtype,
+                                                       fill_value=0, compressors=chunk_codecs(), filters=filters)))
+    return made[0], made[1]
+
+
+def chunk_files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("c/*/*/*"))}
+
+
+def teacher_values(n: int, dtype: str) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    v = np.round(rng.standard_normal((n, 2, 37)) * 6).astype(dtype)  # compressible: each Zstd level differs
+    v[3, 0, :4] = [np.finfo(dtype).max, -np.finfo(dtype).max, 0, np.finfo(dtype).tiny]
+    return v
+
+
+def test_whole_chunks_are_zarrs_bytes_and_the_rest_goes_to_zarr(tmp_path):
+    for dtype in ("float16", "float32"):
+        ours, theirs = arrays(tmp_path / dtype, dtype)
+        values = teacher_values(4 * R + 9, dtype)
+        w = ChunkWriter()
+        try:
+            assert zstd_level(ours) == 3
+            assert w.write(ours, 0, values[:2 * R + 5]) == 2 * R  # two whole chunks; 5 rows left for zarr
+            ours[2 * R:2 * R + 5] = values[2 * R:2 * R + 5]
+            assert w.write(ours, 2 * R + 5, values[2 * R + 5:]) == 0  # not on a chunk boundary: zarr's
+            ours[2 * R + 5:4 * R + 9] = values[2 * R + 5:]
+            assert w.write(ours, 4 * R, values[:2 * R]) == 0  # past the array's end (5 chunks): left to zarr
+        finally:
+            w.shutdown()
+        theirs[:4 * R + 9] = values
+        a, b = chunk_files(tmp_path / dtype / "ours"), chunk_files(tmp_path / dtype / "zarrs")
+        assert len(a) == 5 and a.keys() == b.keys()
+        for key in a:
+            assert a[key] == b[key], key
+        again = zarr.open_array(str(tmp_path / dtype / "ours"), path="logits", mode="r")
+        assert np.array_equal(again[:4 * R + 9], values)
+
+
+def test_other_codec_chains_are_left_to_zarr(tmp_path):
+    rounded, _ = arrays(tmp_path / "bits", filters=logits_filters(7))
+    assert zstd_level(rounded) is None
+    g = zarr.open_group(str(tmp_path / "plain"), mode="w")
+    plain = g.create_array("x", shape=(2 * R, 4), chunks=(R, 4), dtype="float32", fill_value=0)  # zarr's default codecs
+    assert zstd_level(plain) is None
+    w = ChunkWriter()
+    try:
+        assert w.write(rounded, 0, teacher_values(R, "float16")) == 0
+        assert w.write(plain, 0, np.ones((R, 4), np.float32)) == 0
+    finally:
+        w.shutdown()
+    assert not list((tmp_path / "bits").rglob("c/*/*/*"))
