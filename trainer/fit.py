@@ -754,8 +754,9 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
             if cfg.stop_after is not None and epoch - start_epoch >= cfg.stop_after:
                 break
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps)
+            # Stores with embedded pixels: one batch at a time, so no more pixel batches wait than before.
             requests = read_ahead_in_runs(data.requests(epoch, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
-                                                        cfg.shuffle_blocks))
+                                                        cfg.shuffle_blocks), 1 if data.embedded else READ_AHEAD_RUN)
             meter = EpochMeter(dev, ddp.world)
             epoch_batches = batches(requests)
             if ddp.main:  # only rank 0 draws the bar; the other ranks need not wait for their devices
