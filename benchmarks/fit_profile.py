@@ -72,7 +72,8 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "trainer", "fit", "--store", str(args.store), "--out", str(out),
                                  "--optimizer", "adamw", "--epochs", str(args.epochs), "--overwrite", "--json"],
                                 cwd=tree, env=env, stdout=subprocess.PIPE, text=True)
-        while proc.poll() is None and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size):
+        metrics = out / "metrics.jsonl"
+        while proc.poll() is None and not (metrics.is_file() and metrics.stat().st_size):
             time.sleep(0.1)
         subprocess.run([spy, "record", "--pid", str(proc.pid), "--rate", str(args.rate), "--nonblocking",
                         "--format", "raw", "-o", str(raw)], capture_output=True)

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from trainer.fit import EpochMeter, clip_grad_norm, read_ahead_in_runs, runs_of
+from logitstore.prefetch import read_ahead_in_runs, runs_of
+from trainer.fit import EpochMeter, clip_grad_norm
 from trainer.students import lenet
 
 

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,11 @@ from logitstore.destination import check_local_destination
 from logitstore.device import TRAIN_PRECISIONS, Torchrun, autocast, resolve_device, resolve_precision, torchrun_env
 from logitstore.limits import Limit
 from logitstore.locations import StoreLock
+from logitstore.prefetch import read_ahead_in_runs
 from logitstore.store import LogitStore
 
 from . import report
-from .batches import (SKIPPED, Batches, Request, default_cache_bytes, make_batches, read_ahead, targets_to,
+from .batches import (SKIPPED, Batches, Request, default_cache_bytes, make_batches, targets_to,
                       time_source)
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
@@ -395,41 +396,10 @@ def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Torchrun, device: torch.de
     return bool(has.item())
 
 
-# Batches a read-ahead thread hands over at a time (`read_ahead_in_runs`).
+# Batches the epoch's read-ahead thread hands over at a time: one queue hand-off (two thread wake-ups, and
+# the training thread waiting for the GIL while the reader runs) per step cost a steady step of a small
+# student ~4% (py-spy, benchmarks/RESULTS.md, issue 16).
 READ_AHEAD_RUN = 8
-
-
-def runs_of(items: Iterable[Any], k: int) -> Iterator[list[Any]]:
-    """`items` in lists of `k` (the last may be shorter). An error of `items` comes after the list of the
-    items before it, so a consumer meets every item, then the error, in the same order as from `items`."""
-    it = iter(items)
-    while True:
-        run: list[Any] = []
-        try:
-            while len(run) < k:
-                run.append(next(it))
-        except StopIteration:
-            if run:
-                yield run
-            return
-        except BaseException:
-            if run:
-                yield run
-            raise
-        yield run
-
-
-def read_ahead_in_runs(items: Iterable[Any], k: int = READ_AHEAD_RUN) -> Iterator[Any]:
-    """`items` read ahead in a background thread (`read_ahead`), handed over `k` at a time: one queue
-    hand-off (two thread wake-ups, and the training thread waiting for the GIL while the reader runs) per
-    k steps instead of per step, which cost a steady step of a small student ~4% (py-spy,
-    benchmarks/RESULTS.md). The same items in the same order; stopping early releases the thread."""
-    runs = read_ahead(runs_of(items, k))
-    try:
-        for run in runs:
-            yield from run
-    finally:
-        runs.close()
 
 
 # A non-finite loss is looked for every this many steps, where the progress bar reads the running
