@@ -94,8 +94,11 @@ def make_teacher(path: Path, arch: str, kwargs: dict) -> None:
 def make_store(teacher: Path, images: Path, out: Path, chunk_rows: int | None = None) -> None:
     if out.is_dir():
         try:
-            logitstore.open_store(out)
-            return
+            # Reused only if it covers the corpus as it is now: make_corpus rewrites the corpus when --images
+            # changes, and a store of the earlier size would silently train on that many rows.
+            if len(logitstore.open_store(out)) == sum(1 for _ in images.rglob("*.png")):
+                return
+            shutil.rmtree(out)
         except logitstore.LogitStoreError:
             shutil.rmtree(out)
     logitstore.dump(str(teacher), str(images), str(out), batch_size=256, overwrite=True, chunk_rows=chunk_rows)
