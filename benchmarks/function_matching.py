@@ -116,6 +116,47 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return int(words[0]) << 32 | int(words[1])
 
 
+@torch.no_grad()
+def teacher_views(teacher: torch.nn.Module, imgs: list[torch.Tensor], params: np.ndarray, spec: InputSpec,
+                  kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views `params` of `imgs` (uint8, as the dump and the trainer replay them) and the teacher's logits
+    on them: what a dump stores for those views, computed on the spot."""
+    pixels = apply_views(imgs, params, spec.pre, kind)
+    return pixels, teacher(spec.to_input(pixels))
+
+
+def fresh_views(imgs: list[torch.Tensor], ids: np.ndarray, view: ViewSpec, spec: InputSpec, seed: int) -> torch.Tensor:
+    """One new view of each image (uint8 [n, C, H, W]) under the dump's policy `view` (count 1), its parameters
+    drawn from generators seeded by (`seed`, id), as a dump with that seed would draw them. Mixing (issue 15's
+    augment module) pairs each image with a partner from this batch, as timm's in-batch mixup does; the dump
+    pairs it within its fixed mix group of the listing instead."""
+    params = np.concatenate([sample_view_params(*img.shape[-2:], view, seed, i) for img, i in zip(imgs, ids)])
+    if not getattr(view, "augmented", False):
+        return apply_views(imgs, params, spec.pre, view.kind)
+    from logitstore import augment, schema
+
+    drawn = [augment.sample_extras(view, seed, i, spec.pre.size) for i in ids]
+    extras = {k: np.stack([d[0][k] for d in drawn]) for k in drawn[0][0]}  # [n, 1, ...] each
+    first = lambda name: extras[name][:, 0] if name in extras else None  # noqa: E731
+    premix = augment.premix_views(imgs, params, first(schema.AUGMENT_OPS), first(schema.ERASE_BOXES), spec.pre,
+                                  view)
+    if view.mix is None:
+        return premix
+    u = np.stack([d[1] for d in drawn])  # [n, 1]
+    mixed = augment.mix_group([p[None] for p in premix], u, extras[schema.MIX_PARAMS], extras[schema.MIX_LAMBDA])
+    return torch.stack([mixed[r][0] for r in range(len(imgs))])
+
+
+def family_view(family: str, args: argparse.Namespace) -> ViewSpec:
+    """One random view under a family's policy, built by the dump's own DumpConfig (two views, then one: a dump
+    of a single plain view stores the eval view, not a crop)."""
+    cfg = DumpConfig("", "", "", views=2, crop_scale=tuple(args.crop_scale), flip_prob=args.flip_prob,
+                     **FAMILIES[family])
+    spec = cfg.view_spec() if hasattr(cfg, "view_spec") else ViewSpec(
+        2, RANDOM_RESIZED_CROP, cfg.crop_scale, cfg.crop_ratio, cfg.flip_prob)
+    return dataclasses.replace(spec, count=1)
+
+
 def online(teacher: torch.nn.Module, ids: np.ndarray, imgs: list[torch.Tensor], spec: InputSpec, view: ViewSpec,
            cfg: FitConfig, classes: int) -> tuple[torch.nn.Module, list[float]]:
     """Distil with the teacher in memory: every step draws new views, runs the teacher on them, and takes one
@@ -128,7 +169,6 @@ def online(teacher: torch.nn.Module, ids: np.ndarray, imgs: list[torch.Tensor], 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
     params = [p for p in model.parameters() if p.requires_grad]
-    one = dataclasses.replace(view, count=1)
     no_labels = torch.full((cfg.batch_size,), NO_LABEL, dtype=torch.int64)
     teacher.eval()
     seconds = []
@@ -138,9 +178,7 @@ def online(teacher: torch.nn.Module, ids: np.ndarray, imgs: list[torch.Tensor], 
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(ids))
         for step in range(steps):
             rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            s = step_seed(cfg.seed, epoch, step)
-            vp = np.concatenate([sample_view_params(*imgs[r].shape[-2:], one, s, ids[r]) for r in rows])
-            pixels = apply_views([imgs[r] for r in rows], vp, spec.pre, view.kind)
+            pixels = fresh_views([imgs[r] for r in rows], ids[rows], view, spec, step_seed(cfg.seed, epoch, step))
             with torch.no_grad():
                 logits = teacher(spec.to_input(pixels))
             train_step(model, optimizer, params, pixels, logits, no_labels[:len(rows)], spec, dev, cfg, "fp32")
@@ -155,17 +193,22 @@ def online(teacher: torch.nn.Module, ids: np.ndarray, imgs: list[torch.Tensor], 
 @dataclasses.dataclass
 class Arm:
     name: str
-    family: str                # "online", or a FAMILIES key
-    views: int                 # stored views (0 for online: unlimited)
+    family: str                # a FAMILIES key
+    views: int                 # stored views; 0: online (fresh views every step)
     top1: list[float] = dataclasses.field(default_factory=list)
     epoch_s: list[float] = dataclasses.field(default_factory=list)
     dump_s: float = 0.0
     store_bytes: int = 0
 
 
+def suffix(family: str) -> str:
+    """An arm's name after "online" / "offline V": nothing for plain crops, else what the family adds."""
+    return "" if family == "crops" else f", {family.split(' + ')[1]}"
+
+
 def offline_arm(family: str, v: int, args: argparse.Namespace, teacher: Path, letters: Path,
                 test: tuple[torch.Tensor, torch.Tensor], stores: Path, runs: Path) -> Arm:
-    arm = Arm(f"offline {v}" + ("" if family == "crops" else f", {family.split(' + ')[1]}"), family, v)
+    arm = Arm(f"offline {v}{suffix(family)}", family, v)
     store = stores / f"{family.replace(' ', '').replace('/', '_').replace('+', '_')}_v{v}.zarr"
     opts = {} if v == 1 and family == "crops" else {"crop_scale": tuple(args.crop_scale), "flip_prob": args.flip_prob}
     d = dump_store(teacher, letters, store, False, views=v, seed=0, **opts, **FAMILIES[family])
@@ -207,19 +250,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "arms": []}
 
     ids, imgs = corpus_pixels(plain, letters)
-    view = ViewSpec(1, RANDOM_RESIZED_CROP, tuple(args.crop_scale), meta.views.ratio, args.flip_prob)
-    arm = Arm("online", "online", 0)
-    for seed in range(args.seeds):
-        cfg = FitConfig(stores=[], out="", student=STUDENT, epochs=args.epochs, seed=seed)
-        model, seconds = online(teacher, ids, imgs, spec, view, cfg, len(meta.classes))
-        arm.top1.append(top1(model, *test))
-        arm.epoch_s.append(statistics.median(seconds))
-        console.print(f"  online seed {seed}: top-1 {arm.top1[-1]:.2%}, {arm.epoch_s[-1]:.2f} s/epoch")
-    result["arms"].append(dataclasses.asdict(arm))
-
     families = [f for f in args.families if dump_accepts(FAMILIES[f])]
     result["skipped_families"] = [f for f in args.families if f not in families]
     for family in families:
+        arm = Arm(f"online{suffix(family)}", family, 0)
+        console.print(f"[bold]{arm.name}[/bold]")
+        for seed in range(args.seeds):
+            cfg = FitConfig(stores=[], out="", student=STUDENT, epochs=args.epochs, seed=seed)
+            model, seconds = online(teacher, ids, imgs, spec, family_view(family, args), cfg, len(meta.classes))
+            arm.top1.append(top1(model, *test))
+            arm.epoch_s.append(statistics.median(seconds))
+            console.print(f"  {arm.name} seed {seed}: top-1 {arm.top1[-1]:.2%}, {arm.epoch_s[-1]:.2f} s/epoch")
+        result["arms"].append(dataclasses.asdict(arm))
         for v in args.views:
             console.print(f"[bold]{family}, {v} view(s)[/bold]")
             result["arms"].append(dataclasses.asdict(offline_arm(family, v, args, teacher_pt, letters, test,
@@ -235,22 +277,24 @@ def spread(xs: list[float]) -> str:
 def print_table(result: dict[str, Any]) -> None:
     a = result["args"]
     arms = result["arms"]
-    base = next(x for x in arms if x["family"] == "online")
-    on_acc, on_s = statistics.mean(base["top1"]), statistics.median(base["epoch_s"])
+    online_of = {x["family"]: x for x in arms if x["views"] == 0}
     table = Table(title=f"function matching: LeNet-5 from the MNIST teacher on {a['letters']:,} letters, "
                         f"{a['epochs']} epochs, {a['seeds']} seeds; MNIST test top-1 (teacher "
-                        f"{100 * result['teacher_top1']:.2f}%)")
+                        f"{100 * result['teacher_top1']:.2f}%); 'vs online' and 'x online': against the online "
+                        "arm of the same views")
     for col in ("arm", "views", "top-1 % (mean)", "min-max", "vs online (points)", "s / epoch", "x online",
                 "dump s", "store"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for x in arms:
+        base = online_of[x["family"]]
         acc, sec = statistics.mean(x["top1"]), statistics.median(x["epoch_s"])
-        online_row = x["family"] == "online"
-        table.add_row(x["name"], "fresh" if online_row else str(x["views"]), f"{100 * acc:.2f}", spread(x["top1"]),
-                      "" if online_row else f"{100 * (acc - on_acc):+.2f}", f"{sec:.2f}",
-                      f"{sec / on_s:.2f}", "" if online_row else f"{x['dump_s']:.1f}",
-                      "" if online_row else human_bytes(x["store_bytes"]))
-    Console(width=160).print(table)
+        on_acc, on_s = statistics.mean(base["top1"]), statistics.median(base["epoch_s"])
+        is_online = x["views"] == 0
+        table.add_row(x["name"], "fresh" if is_online else str(x["views"]), f"{100 * acc:.2f}", spread(x["top1"]),
+                      "" if is_online else f"{100 * (acc - on_acc):+.2f}", f"{sec:.2f}",
+                      f"{sec / on_s:.2f}", "" if is_online else f"{x['dump_s']:.1f}",
+                      "" if is_online else human_bytes(x["store_bytes"]))
+    Console(width=170).print(table)
     skipped = result.get("skipped_families")
     if skipped:
         print(f"not run (this checkout's dump lacks their options): {', '.join(skipped)}")
@@ -265,22 +309,25 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
     a = result["args"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    base = next(x for x in result["arms"] if x["family"] == "online")
-    on = [100 * t for t in base["top1"]]
-    ax.axhspan(min(on), max(on), color="tab:gray", alpha=0.2, lw=0)
-    ax.axhline(statistics.mean(on), color="tab:gray", ls="--", label="online (fresh views every step), min-max")
+    colors = dict(zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green")))
     for family in FAMILIES:
-        arms = [x for x in result["arms"] if x["family"] == family]
+        arms = [x for x in result["arms"] if x["family"] == family and x["views"] > 0]
+        base = [x for x in result["arms"] if x["family"] == family and x["views"] == 0]
         if not arms:
             continue
+        c = colors[family]
+        if base:
+            on = [100 * t for t in base[0]["top1"]]
+            ax.axhspan(min(on), max(on), color=c, alpha=0.12, lw=0)
+            ax.axhline(statistics.mean(on), color=c, ls="--", lw=1, label=f"online{suffix(family)} (min-max band)")
         v = [x["views"] for x in arms]
         mean = np.array([100 * statistics.mean(x["top1"]) for x in arms])
         lo = mean - [100 * min(x["top1"]) for x in arms]
         hi = [100 * max(x["top1"]) for x in arms] - mean
-        ax.errorbar(v, mean, yerr=[lo, hi], marker="o", capsize=3, label=f"offline, {family}")
+        ax.errorbar(v, mean, yerr=[lo, hi], marker="o", capsize=3, color=c, label=f"offline{suffix(family)}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(a["views"], [str(v) for v in a["views"]])
-    ax.set_xlabel("views stored per image (1 = the image as it is)")
+    ax.set_xlabel("views stored per image (plain crops: 1 = the image as it is)")
     ax.set_ylabel("MNIST test top-1 (%)")
     ax.set_title(f"LeNet-5 from the MNIST teacher on {a['letters']:,} letters, {a['epochs']} epochs, "
                  f"{a['seeds']} seeds", fontsize=10)
