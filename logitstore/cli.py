@@ -121,6 +121,23 @@ PRETRAINED_HELP = ("timm:NAME: its pretrained weights from this machine's Huggin
 @click.option("--crop-scale", default="0.08,1.0", show_default=True, help="Random crop area range (V>1).")
 @click.option("--crop-ratio", default="0.75,1.3333333", show_default=True, help="Random crop aspect range (V>1).")
 @click.option("--flip-prob", default=0.5, show_default=True, type=_dump_number("flip_prob"), help="Horizontal flip probability (V>1).")
+@click.option("--augment", default="none", show_default=True,
+              type=click.Choice(["none", "rand-augment", "trivial-augment"]),
+              help="Format 1.5: RandAugment or TrivialAugmentWide on each random view, its ops and magnitudes "
+                   "stored and replayed by the trainer (docs/FORMAT.md, 1.5: augmented views).")
+@click.option("--augment-ops", default=2, show_default=True, type=_dump_number("augment_ops"),
+              help="--augment rand-augment: ops per view.")
+@click.option("--augment-magnitude", default=9, show_default=True, type=_dump_number("augment_magnitude"),
+              help="--augment rand-augment: magnitude bin, 0..30.")
+@click.option("--erase", default=0.0, show_default=True, type=_dump_number("erase"),
+              help="Random erasing probability per view (box and constant fill stored).")
+@click.option("--mixup", default=0.0, show_default=True, type=_dump_number("mixup"),
+              help="Mixup Beta alpha (0: off): the teacher sees the view mixed with another image's; partner, "
+                   "lambda stored.")
+@click.option("--cutmix", default=0.0, show_default=True, type=_dump_number("cutmix"),
+              help="CutMix Beta alpha (0: off); with --mixup too, half the mixed views use each.")
+@click.option("--mix-prob", default=1.0, show_default=True, type=_dump_number("mix_prob"),
+              help="Share of views that --mixup/--cutmix mix. Any augmentation makes --views 1 a random view.")
 @click.option("--chunk-rows", default=None, type=_dump_number("chunk_rows"), help="Rows per chunk [default: ~4 MiB of logits].")
 @click.option("--keep-bits", default=None, type=_dump_number("keep_bits"),
               help="Lossy logits: keep this many mantissa bits (BitRound); see benchmarks/RESULTS.md for "
@@ -287,7 +304,8 @@ def info(store: str, as_json: bool, allow_incomplete: bool, storage_option: tupl
     for k, v in [
         ("format", f"{d['format_version']} ({'complete' if d['complete'] else 'INCOMPLETE'})"),
         ("images / listed / failed", f"{d['images']:,} / {d['listed']:,} / {d['failed']:,}"),
-        ("views", f"{d['views']['count']} ({d['views']['kind']})"),
+        ("views", f"{d['views']['count']} ({d['views']['kind']})"
+                  + "".join(f", {k}" for k in ("augment", "erasing", "mix") if d["views"].get(k))),
         ("classes", f"{d['num_classes']}: {', '.join(d['classes'][:8])}{' ...' if d['num_classes'] > 8 else ''}"),
         ("logits", f"{d['dtype']} (teacher ran in {d['precision']}), {d['chunk_rows']} rows per chunk"
                    + _describe_targets(d["targets"])),

@@ -23,7 +23,8 @@ class RowHasher:
             self._corpus.update(entry)
             self._contents.update(entry)
         targets = list(rows.targets.values()) if rows.targets is not None else [rows.logits]
-        for arr in (*targets, rows.image_hw, rows.view_params, rows.pixels):
+        extras = list((rows.view_extras or {}).values())  # 1.5 augmented views
+        for arr in (*targets, rows.image_hw, rows.view_params, *extras, rows.pixels):
             if arr is None:
                 continue
             self._contents.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())

@@ -39,6 +39,8 @@ def row_values(rows: Rows, name: str) -> np.ndarray:
         return rows.ids
     if name in (schema.DIGESTS, schema.IMAGE_HW, schema.VIEW_PARAMS, schema.PIXELS):
         return getattr(rows, name)
+    if rows.view_extras is not None and name in rows.view_extras:
+        return rows.view_extras[name]
     return rows.target_arrays()[name]
 
 

@@ -67,6 +67,7 @@ class Rows:
     targets: dict[str, np.ndarray] | None = None  # sparse stores: their target arrays
     source: np.ndarray | None = None  # [n] int64 listing positions, for a writer
     failures: list[tuple[int, str, str]] = field(default_factory=list)
+    view_extras: dict[str, np.ndarray] | None = None  # 1.5 augmented views: schema.view_extra_arrays by name
 
     def __len__(self) -> int:
         return len(self.ids)

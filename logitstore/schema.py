@@ -16,13 +16,15 @@ from typing import Any
 from .errors import FormatError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 4
+FORMAT_MINOR = 5
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # 1.1 added sparse teacher targets (`targets`); 1.2 added the metadata checksum
 # (fingerprints["metadata"]), which a complete 1.2 store must carry; 1.3 added the registries'
 # preprocessing (interpolation, antialias, crop rule, a [h, w] resize); 1.4 chunk records and stored
 # statistics (RECORDS_SINCE below), row sources (corpus.source) and failure arrays that grow while
-# writing. Every new store is 1.4.
+# writing. 1.5 added augmented views (views.augment / erasing / mix and their row arrays, AUGMENTED_SINCE);
+# a store that uses none of them is still written as 1.4, so 1.4 readers keep reading it.
+AUGMENTED_SINCE = (1, 5)
 METADATA_CHECKSUM_SINCE = (1, 2)
 SIZES_CHECKED_SINCE = (1, 3)  # readers refuse impossible image and view sizes (R6) in stores from 1.3 on
 UNSEALED_KEYS = ("created", "versions")  # provenance, outside the checksum
@@ -58,6 +60,11 @@ DIGESTS = "digests"          # [N, 32] uint8, sha256 of the file bytes
 IMAGE_HW = "image_hw"        # [N, 2] int32, decoded height, width (after EXIF orientation)
 VIEW_PARAMS = "view_params"  # [N, V, 5] int32: top, left, height, width, flip
 PIXELS = "pixels"            # [N, V, ch, H, W] uint8, only with --embed-images
+# 1.5 augmented views (docs/FORMAT.md, "1.5: augmented views"); each only where its policy is recorded.
+AUGMENT_OPS = "augment_ops"  # [N, V, K, 2] int8: op index into views.augment.ops, signed magnitude bin
+ERASE_BOXES = "erase_boxes"  # [N, V, 5] int16: top, left, height, width, fill; height 0 = not erased
+MIX_PARAMS = "mix_params"    # [N, V, 5] int16: partner row offset (0 = not mixed), cutmix top, left, height, width
+MIX_LAMBDA = "mix_lambda"    # [N, V] float32: weight of the row's own view (1 where not mixed)
 TEACHERS = "teachers"        # group: teachers/<name>/logits [N, V, C], added teachers
 FAILED_IDS = "failed_ids"    # [F] string
 FAILED_REASONS = "failed_reasons"  # [F] string
@@ -94,6 +101,13 @@ def float16_limit(keep_bits: int | None) -> float:
         return FLOAT16_MAX
     return 2.0 ** 15 * (2.0 - 2.0 ** -keep_bits)
 VIEW_KINDS = ("eval", "random_resized_crop")
+# 1.5: the augmentation ops a store may name (views.augment.ops), in torchvision's RandAugment order.
+AUGMENT_OPS_KNOWN = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
+                     "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+AUGMENT_KINDS = ("rand_augment", "trivial_augment_wide")
+AUGMENT_BINS = 31
+MIX_PARTNER_RULES = ("group",)  # the partner is another row of the same group of `group` listing positions
+MAX_MIX_GROUP = 4096
 MODES = ("RGB", "L")
 # The one resize of 1.0-1.2, still valid: bilinear with antialiasing, centre crop as "center". It
 # carries no `antialias` or `crop` key, so older stores and checkpoints keep their bytes and checksums.
@@ -268,10 +282,23 @@ class ViewSpec:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
+    # 1.5: augmented views (docs/FORMAT.md, "1.5: augmented views"); None where not used, and then not written.
+    augment: "AugmentPolicy | None" = None
+    erasing: "ErasingPolicy | None" = None
+    mix: "MixPolicy | None" = None
+
+    @property
+    def augmented(self) -> bool:
+        """Whether any 1.5 augmentation is recorded (the row arrays of view_extra_arrays exist)."""
+        return self.augment is not None or self.erasing is not None or self.mix is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "kind": self.kind, "scale": list(self.scale),
-                "ratio": list(self.ratio), "flip_prob": self.flip_prob}
+        d = {"count": self.count, "kind": self.kind, "scale": list(self.scale),
+             "ratio": list(self.ratio), "flip_prob": self.flip_prob}
+        for key in ("augment", "erasing", "mix"):  # additive: a 1.4 store's dict (and checksum) is unchanged
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key).to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
@@ -286,7 +313,128 @@ class ViewSpec:
             raise FormatError(f"views kind {spec.kind!r} is not understood (known: {', '.join(VIEW_KINDS)})")
         if spec.count < 1 or (spec.kind == "eval" and spec.count != 1):
             raise FormatError(f"views count {spec.count} does not fit kind {spec.kind!r}")
+        extras = {k: d[k] for k in ("augment", "erasing", "mix") if d.get(k) is not None}
+        if extras:
+            if spec.kind != "random_resized_crop":
+                raise FormatError(f"views {', '.join(extras)} need random_resized_crop views, not {spec.kind!r} "
+                                  "(docs/FORMAT.md, 1.5: augmented views)")
+            spec = dataclasses.replace(
+                spec, augment=AugmentPolicy.from_dict(extras["augment"]) if "augment" in extras else None,
+                erasing=ErasingPolicy.from_dict(extras["erasing"]) if "erasing" in extras else None,
+                mix=MixPolicy.from_dict(extras["mix"]) if "mix" in extras else None)
         return spec
+
+
+def _policy(d: Any, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A 1.5 policy object: exactly `keys`, nothing this reader does not understand (R3)."""
+    if not isinstance(d, dict) or set(d) != set(keys):
+        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise FormatError(f"views.{name} must be an object with exactly {', '.join(keys)} (got {got}; "
+                          "docs/FORMAT.md, 1.5: augmented views)")
+    return d
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """views.augment (1.5): RandAugment or TrivialAugmentWide; each view's ops and magnitude bins are stored
+    in AUGMENT_OPS as indices into `ops`."""
+
+    kind: str                 # rand_augment | trivial_augment_wide
+    num_ops: int              # ops per view (K); 1 for trivial_augment_wide
+    magnitude: int            # rand_augment: the bin of every op (0..bins-1); trivial_augment_wide: 0 (drawn per op)
+    bins: int = AUGMENT_BINS
+    ops: tuple[str, ...] = AUGMENT_OPS_KNOWN
+    fill: int = 0             # pixels uncovered by a geometric op
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_ops": self.num_ops, "magnitude": self.magnitude, "bins": self.bins,
+                "ops": list(self.ops), "fill": self.fill}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "AugmentPolicy":
+        d = _policy(d, "augment", ("kind", "num_ops", "magnitude", "bins", "ops", "fill"))
+        kind = text(d["kind"], "views.augment.kind", 64)
+        if kind not in AUGMENT_KINDS:
+            raise FormatError(f"views.augment kind {kind!r} is not understood (known: {', '.join(AUGMENT_KINDS)}; "
+                              "docs/FORMAT.md, 1.5: augmented views)")
+        ops = d["ops"]
+        if not isinstance(ops, list) or not 1 <= len(ops) <= 64:
+            raise FormatError("views.augment.ops must be a list of 1..64 op names (docs/FORMAT.md, R3)")
+        unknown = [o for o in ops if o not in AUGMENT_OPS_KNOWN]
+        if unknown:
+            raise FormatError(f"views.augment op {str(unknown[0])[:40]!r} is not understood (known: "
+                              f"{', '.join(AUGMENT_OPS_KNOWN)}); use a logitstore release that knows it")
+        bins = whole(d["bins"], "views.augment.bins", 2, 127)
+        return cls(kind, whole(d["num_ops"], "views.augment.num_ops", 1, 16),
+                   whole(d["magnitude"], "views.augment.magnitude", 0, bins - 1), bins, tuple(ops),
+                   whole(d["fill"], "views.augment.fill", 0, 255))
+
+
+@dataclass(frozen=True)
+class ErasingPolicy:
+    """views.erasing (1.5): random erasing, each view's box and constant fill stored in ERASE_BOXES."""
+
+    prob: float
+    scale: tuple[float, float] = (0.02, 0.33)
+    ratio: tuple[float, float] = (0.3, 3.3)
+    fill: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prob": self.prob, "scale": list(self.scale), "ratio": list(self.ratio), "fill": self.fill}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ErasingPolicy":
+        d = _policy(d, "erasing", ("prob", "scale", "ratio", "fill"))
+        out = cls(number(d["prob"], "views.erasing.prob"), numbers(d["scale"], "views.erasing.scale", 2),
+                  numbers(d["ratio"], "views.erasing.ratio", 2), whole(d["fill"], "views.erasing.fill", 0, 255))
+        if not (0 < out.prob <= 1 and 0 < out.scale[0] <= out.scale[1] <= 1 and 0 < out.ratio[0] <= out.ratio[1]):
+            raise FormatError(f"views.erasing {d} out of range: 0 < prob <= 1, 0 < scale <= 1, 0 < ratio "
+                              "(docs/FORMAT.md, R3)")
+        return out
+
+
+@dataclass(frozen=True)
+class MixPolicy:
+    """views.mix (1.5): mixup and cutmix with another row; partner, box and lambda stored per view."""
+
+    mixup_alpha: float
+    cutmix_alpha: float
+    prob: float = 1.0
+    switch_prob: float = 0.5       # with both on: the share of mixed views that use cutmix
+    partner: str = "group"
+    group: int = 64                # listing positions [k * group, (k + 1) * group) mix among themselves
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha, "prob": self.prob,
+                "switch_prob": self.switch_prob, "partner": self.partner, "group": self.group}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "MixPolicy":
+        d = _policy(d, "mix", ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "partner", "group"))
+        out = cls(number(d["mixup_alpha"], "views.mix.mixup_alpha"), number(d["cutmix_alpha"], "views.mix.cutmix_alpha"),
+                  number(d["prob"], "views.mix.prob"), number(d["switch_prob"], "views.mix.switch_prob"),
+                  text(d["partner"], "views.mix.partner", 64), whole(d["group"], "views.mix.group", 2, MAX_MIX_GROUP))
+        if out.partner not in MIX_PARTNER_RULES:
+            raise FormatError(f"views.mix partner {out.partner!r} is not understood (known: "
+                              f"{', '.join(MIX_PARTNER_RULES)}; docs/FORMAT.md, 1.5: augmented views)")
+        if not (out.mixup_alpha >= 0 and out.cutmix_alpha >= 0 and out.mixup_alpha + out.cutmix_alpha > 0
+                and 0 < out.prob <= 1 and 0 <= out.switch_prob <= 1):
+            raise FormatError(f"views.mix {d} out of range: alphas >= 0, one of them > 0, 0 < prob <= 1, "
+                              "0 <= switch_prob <= 1 (docs/FORMAT.md, R3)")
+        return out
+
+
+def view_extra_arrays(views: ViewSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """1.5: name -> (shape after [N, V], dtype) of the row arrays an augmented view policy adds, in hashing order."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    if views.augment is not None:
+        out[AUGMENT_OPS] = ((views.augment.num_ops, 2), "int8")
+    if views.erasing is not None:
+        out[ERASE_BOXES] = ((5,), "int16")
+    if views.mix is not None:
+        out[MIX_PARAMS] = ((5,), "int16")
+        out[MIX_LAMBDA] = ((), "float32")
+    return out
 
 
 @dataclass(frozen=True)
@@ -494,9 +642,12 @@ class TargetSpec:
                                   f"stored temperatures {list(self.temperatures)}")
 
 
-def version_for(targets: TargetSpec) -> str:
+def version_for(targets: TargetSpec, views: "ViewSpec | None" = None) -> str:
     """The format version a writer records: the current one for every kind of target (the metadata
-    checksum came with 1.2, the full preprocessing with 1.3)."""
+    checksum came with 1.2, the full preprocessing with 1.3); 1.4 when no 1.5 augmentation is used, so
+    readers of 1.4 keep reading every store that does not need 1.5."""
+    if views is None or not views.augmented:
+        return f"{FORMAT_MAJOR}.{RECORDS_SINCE[1]}"
     return FORMAT_VERSION
 
 
@@ -717,7 +868,9 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
 
 
 def chunk_rows_for(row_bytes: int) -> int:
-    """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192]."""
+    """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192];
+    fewer than 256 rows only where a row alone exceeds 16 KiB (hundreds of views per image, 1.5), so a
+    chunk stays near 4 MiB instead of growing to hundreds of MiB (it is never under 4 MiB there)."""
     target = (4 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
-    return int(min(8192, max(256, rows)))
+    return int(min(8192, rows if row_bytes > 16 << 10 else max(256, rows)))

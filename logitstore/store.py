@@ -31,7 +31,7 @@ def row_nbytes(arrays: dict[str, zarr.Array]) -> int:
 
 def row_array_names(meta: StoreMeta) -> tuple[str, ...]:
     """Every array with one entry per row: the teacher's targets first, then ids, digests, sizes, views."""
-    names = (*meta.target_arrays(), *schema.ROW_ARRAYS[1:])
+    names = (*meta.target_arrays(), *schema.ROW_ARRAYS[1:], *schema.view_extra_arrays(meta.views))
     return (*names, schema.PIXELS) if meta.embedded_pixels else names
 
 
@@ -112,6 +112,11 @@ class LogitStore:
         else:
             if arr.dtype.kind == "f" and not np.isfinite(values).all():
                 self._refuse_non_finite(name, values, a, arr.chunks[0])
+            if name in _AUGMENTED and len(values):
+                problem = _augmented_problem(name, values, self.meta)
+                if problem:
+                    raise IntegrityError(f"{self.location}: array '{name}' rows {a}-{b - 1} {problem} (docs/FORMAT.md, "
+                                         "1.5: augmented views): restore the store from its source")
             if name in _SIZES and self._sizes_checked and len(values) and not _sizes_ok(name, values):
                 raise IntegrityError(f"{self.location}: array '{name}' rows {a}-{b - 1} hold impossible image or "
                                      "view sizes (a height or width below 1, a negative offset, a flip not 0 or 1; "
@@ -147,8 +152,10 @@ class LogitStore:
         out = {name: self._read_array(name, arr, a, b) for name, arr in self.arrays.items()
                if pixels or name != schema.PIXELS}
         targets = {name: out[name] for name in self.meta.target_arrays()} if self.meta.sparse else None
+        extras = {name: out[name] for name in schema.view_extra_arrays(self.meta.views) if name in out} or None
         return Rows(np.asarray(out[schema.IDS], dtype=object), out.get(schema.LOGITS), out[schema.DIGESTS],
-                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS], out.get(schema.PIXELS), targets)
+                    out[schema.IMAGE_HW], out[schema.VIEW_PARAMS], out.get(schema.PIXELS), targets,
+                    view_extras=extras)
 
     @property
     def teacher_names(self) -> list[str]:
@@ -207,6 +214,7 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
         schema.DIGESTS: ((32,), (r, 32), ("uint8",)),
         schema.IMAGE_HW: ((2,), (r, 2), ("int32",)),
         schema.VIEW_PARAMS: ((v, 5), (r, v, 5), ("int32",)),
+        **{name: ((v, *tail), (r, v, *tail), (dtype,)) for name, (tail, dtype) in schema.view_extra_arrays(meta.views).items()},
     }
     if meta.embedded_pixels:
         pre = meta.preprocess
@@ -230,6 +238,28 @@ def _validate_arrays(location: str, group: zarr.Group, meta: StoreMeta) -> None:
 
 
 _SIZES = (schema.IMAGE_HW, schema.VIEW_PARAMS)
+_AUGMENTED = (schema.AUGMENT_OPS, schema.ERASE_BOXES, schema.MIX_PARAMS, schema.MIX_LAMBDA)
+
+
+def _augmented_problem(name: str, values: np.ndarray, meta: StoreMeta) -> str | None:
+    """What is impossible in a 1.5 view array (an op the policy does not list, a box outside the input,
+    a lambda outside [0, 1]), or None; a replay would otherwise index out of range or crash mid-epoch."""
+    h, w = meta.preprocess.size
+    if name == schema.AUGMENT_OPS:
+        ops, bins = values[..., 0], values[..., 1]
+        pol = meta.views.augment
+        if not ((ops >= 0) & (ops < len(pol.ops))).all() or not (np.abs(bins.astype(np.int16)) < pol.bins).all():
+            return f"name an op or magnitude bin outside views.augment ({len(pol.ops)} ops, {pol.bins} bins)"
+        return None
+    if name == schema.MIX_LAMBDA:
+        return None if ((values >= 0) & (values <= 1)).all() else "hold a mix lambda outside [0, 1]"
+    box = values[..., 1:5] if name == schema.MIX_PARAMS else values[..., :4]
+    t, l, bh, bw = (box[..., i].astype(np.int64) for i in range(4))
+    if not ((t >= 0) & (l >= 0) & (bh >= 0) & (bw >= 0) & (t + bh <= h) & (l + bw <= w)).all():
+        return f"hold a box outside the {h}x{w} input"
+    if name == schema.ERASE_BOXES and not ((values[..., 4] >= 0) & (values[..., 4] <= 255)).all():
+        return "hold an erasing fill outside 0..255"
+    return None
 
 
 def array_names(loc: str, group: zarr.Group) -> set[str]:

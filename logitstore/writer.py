@@ -114,6 +114,8 @@ def create_arrays(group: zarr.Group, meta: StoreMeta, capacity: int) -> None:
         schema.DIGESTS: ((capacity, 32), (r, 32), "uint8", 0),
         schema.IMAGE_HW: ((capacity, 2), (r, 2), "int32", 0),
         schema.VIEW_PARAMS: ((capacity, v, 5), (r, v, 5), "int32", 0),
+        **{name: ((capacity, v, *tail), (r, v, *tail), dtype, 0)
+           for name, (tail, dtype) in schema.view_extra_arrays(meta.views).items()},
     }
     if meta.embedded_pixels:
         pre = meta.preprocess
@@ -161,6 +163,8 @@ def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows) -> None:
     arrays[schema.DIGESTS][a:b] = rows.digests
     arrays[schema.IMAGE_HW][a:b] = rows.image_hw
     arrays[schema.VIEW_PARAMS][a:b] = rows.view_params
+    for name, values in (rows.view_extras or {}).items():
+        arrays[name][a:b] = values
     if schema.PIXELS in arrays:
         arrays[schema.PIXELS][a:b] = rows.pixels
 

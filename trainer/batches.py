@@ -30,6 +30,9 @@ from logitstore.prefetch import read_ahead  # noqa: F401  (trainer.batches.read_
 from logitstore.corpus import decode_image, describe_failure, sha256_bytes
 from logitstore.sources import DEFAULT_CACHE_BYTES as DEFAULT_UNIT_CACHE_BYTES, SourceReader, is_url, open_reader
 from logitstore.rows import concat_rows, take_field, take_rows
+from logitstore import schema
+from logitstore.augment import mix_view, premix_views
+from logitstore.schema import ViewSpec
 from logitstore.views import EVAL, resize
 
 from .errors import ImageError
@@ -56,6 +59,10 @@ class Request:
                           # a sparse store's target arrays instead (see Targets)
     labels: np.ndarray    # [n] int64: class index, or NO_LABEL
     pixels: np.ndarray | None = None  # [n, ch, H, W] uint8: that view, embedded in the store
+    # 1.5 augmented views (not with embedded pixels): that view's stored arrays by schema name
+    # (augment_ops [n, K, 2], erase_boxes [n, 5], mix_params [n, 5], mix_lambda [n]) and, for mixing, the
+    # partner's key, id, digest and own view arrays under "partner_" + name (storeset.py `_extras`).
+    extras: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -204,7 +211,9 @@ class ImageSource(Dataset):
     def __init__(self, roots: Sequence[Path | str | None], locations: Sequence[str], spec: InputSpec, kind: str,
                  cache: DecodeCache, skip_mismatched: bool = False,
                  sources: Sequence[dict[str, Any] | None] | None = None,
-                 storage_options: dict[str, Any] | None = None, unit_cache_bytes: int = DEFAULT_UNIT_CACHE_BYTES):
+                 storage_options: dict[str, Any] | None = None, unit_cache_bytes: int = DEFAULT_UNIT_CACHE_BYTES,
+                 views: ViewSpec | None = None):
+        self.views = views  # the stores' view policy: what a 1.5 augmented view replays
         self.roots = [None if r is None else r if is_url(str(r)) else Path(r) for r in roots]
         self.locations = list(locations)
         self.spec, self.kind, self.cache, self.skip_mismatched = spec, kind, cache, skip_mismatched
@@ -304,6 +313,8 @@ class ImageSource(Dataset):
                 pixels = resize(pixels, list(self.spec.size), self.spec.pre)
             return {"pixels": pixels, "logits": targets_tensor(req.logits),
                     "labels": torch.from_numpy(req.labels), "keys": torch.from_numpy(req.keys)}
+        if req.extras is not None:
+            return self._augmented(req)
         fast = self._identity_gather(req.keys)
         if fast is not None:
             return {"pixels": fast, "logits": targets_tensor(req.logits),
@@ -328,6 +339,57 @@ class ImageSource(Dataset):
         sel = np.asarray(keep, np.int64)
         pixels = (self.spec.views(originals, req.params[sel], self.kind) if originals
                   else torch.zeros(0, c, h, w, dtype=torch.uint8))
+        return {"pixels": pixels, "logits": targets_tensor(take_field(req.logits, sel)),
+                "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
+
+
+    def _augmented(self, req: Request) -> dict[str, Any] | Failed:
+        """A 1.5 store's views: each original's stored crop, flip, ops and erasing, mixed with its partner's
+        pre-mix view of the same index, with the dump's own functions (logitstore/augment.py); then the
+        student's size. A row whose image or partner's image cannot be had is left out (--skip-mismatched)."""
+        ex, spec = req.extras, self.views
+        mixed = ex[schema.MIX_PARAMS][:, 0] != 0 if schema.MIX_PARAMS in ex else np.zeros(len(req), bool)
+        fetched = self._prefetch(req)
+        keep, originals, partners = [], [], []
+        for i in range(len(req)):
+            key = int(req.keys[i])
+            pkey = int(ex["partner_keys"][i]) if mixed[i] else key
+            if self.cache.is_skipped(key) or self.cache.is_skipped(pkey):
+                continue
+            failing = key
+            try:
+                img = self._original(key, int(req.stores[i]), str(req.ids[i]), req.digests[i], fetched.get(i))
+                failing = pkey
+                partner = (self._original(pkey, int(req.stores[i]), str(ex["partner_ids"][i]),
+                                          ex["partner_digests"][i]) if mixed[i] else None)
+            except ImageError as exc:
+                if not self.skip_mismatched:
+                    return Failed(ImageError(str(exc)))
+                self.cache.skip(failing)
+                continue
+            keep.append(i)
+            originals.append(img)
+            partners.append(partner)
+        sel = np.asarray(keep, np.int64)
+        pre, (h, w) = self.spec.pre, self.spec.size
+        if not keep:
+            return {"pixels": torch.zeros(0, pre.channels, h, w, dtype=torch.uint8),
+                    "logits": targets_tensor(take_field(req.logits, sel)),
+                    "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
+        get = lambda name, prefix="": None if prefix + name not in ex else ex[prefix + name][sel]  # noqa: E731
+        pixels = premix_views(originals, req.params[sel], get(schema.AUGMENT_OPS), get(schema.ERASE_BOXES), pre, spec)
+        pm = [j for j, p in enumerate(partners) if p is not None]
+        if pm:
+            psel = sel[pm]
+            pviews = premix_views([partners[j] for j in pm], ex["partner_params"][psel],
+                                  None if "partner_" + schema.AUGMENT_OPS not in ex else ex["partner_" + schema.AUGMENT_OPS][psel],
+                                  None if "partner_" + schema.ERASE_BOXES not in ex else ex["partner_" + schema.ERASE_BOXES][psel],
+                                  pre, spec)
+            mix, lam = ex[schema.MIX_PARAMS][psel], ex[schema.MIX_LAMBDA][psel]
+            for k, j in enumerate(pm):
+                pixels[j] = mix_view(pixels[j], pviews[k], float(lam[k]), mix[k, 1:])
+        if tuple(self.spec.size) != tuple(pre.size):  # the student's size: the teacher's input, resized
+            pixels = resize(pixels, list(self.spec.size), pre)
         return {"pixels": pixels, "logits": targets_tensor(take_field(req.logits, sel)),
                 "labels": torch.from_numpy(req.labels[sel]), "keys": torch.from_numpy(req.keys[sel])}
 
@@ -449,5 +511,5 @@ def make_batches(data: "StoreSet", spec: InputSpec, cache_bytes: int, num_worker
     cache = DecodeCache(shapes, len(data), needed)
     source = ImageSource(data.roots, [str(s.location) for s in data.stores], spec, data.view_kind, cache,
                          skip_mismatched, [s.meta.corpus.source for s in data.stores],
-                         data.image_storage_options)
+                         data.image_storage_options, views=data.views)
     return Batches(source, num_workers, pin_memory, in_process_when_warm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from logitstore.augment import describe_policy
 from logitstore.cli_common import human_bytes, progress_bar
 from logitstore.destination import check_local_destination
 from logitstore.device import TRAIN_PRECISIONS, Torchrun, autocast, resolve_device, resolve_precision, torchrun_env
@@ -602,6 +604,9 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
                        storage_options=cfg.storage_options)
     if cfg.images is None:  # the corpus roots recorded in the stores are inputs too
         _check_run_dir(cfg, data.roots)
+    if cfg.alpha > 0 and data.views.mix is not None:  # 1.5 mix stores
+        raise ConfigError(f"--alpha: {cfg.stores[0]} stores mixed views (mixup/cutmix), whose inputs are two images "
+                          "each, so one image's label does not fit them; distil from the teacher alone (--alpha 0)")
     if cfg.alpha > 0 and data.n_labeled == 0:
         raise ConfigError("--alpha needs hard labels, and none of the store's images has one; pass --labels FILE "
                           "or --labels-from-folders (or --alpha 0)")
@@ -690,6 +695,15 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
             "device": f"{dev} ({precision}), {ddp.world} process(es) x {workers} worker(s)",
             "decode cache": f"{human_bytes(cache.nbytes)} of {human_bytes(cache.needed)} needed",
             "workers": worker_choice}
+    # The repeat horizon: each image replays view (offset + epoch) % V (order.epoch_views), so V epochs
+    # pass before any image sees a view again.
+    info["views"] = (f"{data.view_count} stored per image ({data.view_kind}; augment: {describe_policy(data.views)}): "
+                     f"{data.view_count} epoch(s) before a view repeats")
+    info["view_repeat_epochs"] = data.view_count
+    if cfg.epochs > data.view_count and ddp.main and start_epoch < cfg.epochs:
+        print(f"trainer: warning: --epochs {cfg.epochs} is more than the {data.view_count} view(s) stored per image: "
+              f"from epoch {data.view_count + 1} on, views repeat (dump more --views for a patient teacher)",
+              file=sys.stderr)
     if weights_note:
         info["student weights"] = weights_note
     if ema is not None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from logitstore.sources import images_root, is_url
 from logitstore import schema
+from logitstore.errors import IntegrityError
 from logitstore.schema import compatibility_problem
 from logitstore.store import LogitStore, open_store
 from logitstore.views import EVAL
@@ -204,6 +205,7 @@ class StoreSet:
         meta = self.stores[0].meta
         self.classes, self.pre = list(meta.classes), meta.preprocess
         self.view_kind, self.view_count = meta.views.kind, meta.views.count
+        self.views = meta.views  # 1.5: the augmentation policy each view replays
         # Sparse stores: the column of tail_lse / lse at the training temperature, in every store
         # (their targets agree, so one index serves all).
         self.temperature_index = sparse_temperature_index(self.stores[0], temperature) if meta.sparse else None
@@ -346,7 +348,37 @@ class StoreSet:
         pixels = self._array(s, schema.PIXELS, a, b)[ar, views] if self.embedded else None
         return Request(keys=self.offsets[s] + np.arange(a, b, dtype=np.int64), stores=np.full(n, s, np.int32),
                        ids=ids, digests=digests, params=params, logits=self._targets(s, a, b, views),
-                       labels=self._labels(ids), pixels=pixels)
+                       labels=self._labels(ids), pixels=pixels, extras=self._extras(s, a, b, views))
+
+    def _extras(self, s: int, a: int, b: int, views: np.ndarray) -> dict[str, np.ndarray] | None:
+        """1.5 augmented views: each row's arrays for its view and, where it is mixed, its partner's key,
+        id, digest and pre-mix view arrays for the same view index (the partner is a row of the same mix
+        group, views.mix.group listing positions, so a window a group wider than [a, b) holds every partner). None for a plain store, or
+        where embedded pixels already are the mixed inputs."""
+        spec = self.stores[s].meta.views
+        if self.embedded or not spec.augmented:
+            return None
+        ar = np.arange(b - a)
+        names = schema.view_extra_arrays(spec)
+        out = {name: np.asarray(self._array(s, name, a, b)[ar, views]) for name in names}
+        if spec.mix is None:
+            return out
+        partner = a + ar + out[schema.MIX_PARAMS][:, 0].astype(np.int64)
+        n_rows = len(self.stores[s])
+        if len(partner) and (partner.min() < 0 or partner.max() >= n_rows):
+            raise IntegrityError(f"{self.stores[s].location}: array '{schema.MIX_PARAMS}' rows {a}-{b - 1} name a "
+                                 f"mix partner outside the store's {n_rows} rows (docs/FORMAT.md, 1.5: augmented "
+                                 "views); restore the store from its source")
+        lo, hi = int(min(a, partner.min(initial=a))), int(max(b, partner.max(initial=b - 1) + 1))
+        at = partner - lo
+        out["partner_keys"] = self.offsets[s] + partner
+        out["partner_ids"] = np.asarray(self._array(s, schema.IDS, lo, hi), object)[at]
+        out["partner_digests"] = np.asarray(self._array(s, schema.DIGESTS, lo, hi))[at]
+        out["partner_params"] = np.asarray(self._array(s, schema.VIEW_PARAMS, lo, hi)[at, views])
+        for name in (schema.AUGMENT_OPS, schema.ERASE_BOXES):
+            if name in names:
+                out["partner_" + name] = np.asarray(self._array(s, name, lo, hi)[at, views])
+        return out
 
     def _views(self, seg: Segment, seed: int, epoch: int) -> np.ndarray:
         """Which stored view each row of `seg` contributes this epoch (order.epoch_views)."""

@@ -111,6 +111,10 @@ def add_teacher(store_path: str, teacher: str, *, name: str | None = None, image
     if meta.sparse:
         raise StoreStateError(f"{store_path} keeps {meta.targets.kind} targets; --add-teacher adds full logits "
                               "to full-logits stores only (dump the other teacher to its own store instead)")
+    if meta.views.augmented:
+        raise StoreStateError(f"{store_path} stores augmented views (format 1.5: augment, erasing or mix); "
+                              "--add-teacher replays crops and flips only: dump the other teacher with the same "
+                              "--seed and augmentation flags to its own store instead")
     name = name or _default_name(teacher)
     if not schema.TEACHER_NAME.match(name) or name == schema.PRIMARY_TEACHER:
         raise TeacherError(f"teacher name {name!r} must match {schema.TEACHER_NAME.pattern} and not be "

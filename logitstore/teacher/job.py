@@ -22,7 +22,8 @@ from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sh
 from ..device import resolve_device, resolve_precision
 from ..failures import FailureWatch
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
-from ..schema import CorpusInfo, Preprocess, StoreMeta, TargetSpec, ViewSpec
+from ..schema import AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
+from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
 from ..prefetch import read_ahead
@@ -30,6 +31,7 @@ from ..sources import Item, Member, Source, open_source
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
 from .load import class_names, prepare_teacher, to_device
+from .mixing import span, with_partners
 
 # --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
 # default, where importance weights are then exactly 1 (lowest variance). Colder proposals make the
@@ -70,6 +72,15 @@ class DumpConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     embed_images: bool = False
+    # 1.5 augmented views (logitstore/augment.py): any of these makes the views random, even one.
+    augment: str = "none"             # none | rand-augment | trivial-augment
+    augment_ops: int = 2
+    augment_magnitude: int = 9
+    erase: float = 0.0                # random erasing probability
+    mixup: float = 0.0                # mixup's Beta alpha (0: off)
+    cutmix: float = 0.0               # cutmix's Beta alpha (0: off)
+    mix_prob: float = 1.0
+    mix_group: int = 64               # partners come from listing positions [k * G, (k + 1) * G)
     keep_bits: int | None = None
     topk: int | None = None
     sample: int | None = None
@@ -95,6 +106,21 @@ class DumpConfig:
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1) or not (0 < self.crop_ratio[0] <= self.crop_ratio[1]):
             raise OptionError("--crop-scale needs 0 < lo <= hi <= 1 and --crop-ratio 0 < lo <= hi")
         schema.check_keep_bits(self.keep_bits, self.dtype)
+        if self.augment not in ("none", *AUGMENT_NAMES):
+            raise OptionError(f"--augment {self.augment!r}: one of none, {', '.join(AUGMENT_NAMES)}")
+
+    def view_spec(self) -> ViewSpec:
+        """--views and the augmentation flags as the stored view policy (1.5 fields only where used)."""
+        augment = None if self.augment == "none" else AugmentPolicy(
+            AUGMENT_NAMES[self.augment], self.augment_ops if self.augment == "rand-augment" else 1,
+            self.augment_magnitude if self.augment == "rand-augment" else 0)
+        erasing = ErasingPolicy(float(self.erase)) if self.erase else None
+        mix = MixPolicy(float(self.mixup), float(self.cutmix), float(self.mix_prob),
+                                                      group=int(self.mix_group)) if (self.mixup or self.cutmix) else None
+        if self.views == 1 and augment is None and erasing is None and mix is None:
+            return ViewSpec(1, "eval")
+        return ViewSpec(self.views, "random_resized_crop", tuple(self.crop_scale), tuple(self.crop_ratio),
+                        float(self.flip_prob), augment, erasing, mix)
 
     def target_spec(self) -> TargetSpec:
         return target_spec(self.topk, self.sample, self.temperatures, self.sample_temperature)
@@ -109,6 +135,9 @@ DUMP_LIMITS = {
     "topk": limits.count(1, schema.MAX_CLASSES), "sample": limits.count(1, 65535),
     "sample_temperature": limits.real(0, lo_open=True), "segment_rows": limits.count(1),
     "max_failure_share": limits.real(0, 1),
+    "augment_ops": limits.count(1, 16), "augment_magnitude": limits.count(0, schema.AUGMENT_BINS - 1),
+    "erase": limits.real(0, 1), "mixup": limits.real(0), "cutmix": limits.real(0),
+    "mix_prob": limits.real(0, 1, lo_open=True), "mix_group": limits.count(2, schema.MAX_MIX_GROUP),
 }
 
 
@@ -160,11 +189,17 @@ class _CorpusViews(Dataset):
                 digest, img = sha256_bytes(data), decode_image(data, self.pre.mode)
             h, w = int(img.shape[1]), int(img.shape[2])
             params = sample_view_params(h, w, self.views, self.seed, image_id)
-            pixels = torch.stack([apply_view(img, p, self.pre, self.views.kind) for p in params])
+            extras, partner_u = None, None
+            if self.views.augmented:  # 1.5: the same functions the trainer replays them with
+                extras, partner_u = sample_extras(self.views, self.seed, image_id, self.pre.size)
+                pixels = premix_views([img] * len(params), params, extras.get(schema.AUGMENT_OPS),
+                                      extras.get(schema.ERASE_BOXES), self.pre, self.views)
+            else:
+                pixels = torch.stack([apply_view(img, p, self.pre, self.views.kind) for p in params])
         except Exception as exc:  # any unreadable file is recorded, never fatal
             return {"source": pos, "id": image_id, "error": describe_failure(exc)}
         return {"source": pos, "id": image_id, "error": None, "digest": np.frombuffer(digest, np.uint8),
-                "hw": (h, w), "params": params, "pixels": pixels}
+                "hw": (h, w), "params": params, "pixels": pixels, "extras": extras, "partner_u": partner_u}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -177,6 +212,9 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             "hw": np.array([it["hw"] for it in ok], dtype=np.int32),
             "params": np.stack([it["params"] for it in ok]).astype(np.int32),
             "pixels": torch.stack([it["pixels"] for it in ok]),
+            "extras": None if ok[0]["extras"] is None else
+            {k: np.stack([it["extras"][k] for it in ok]) for k in ok[0]["extras"]},
+            "partner_u": None if ok[0]["partner_u"] is None else np.stack([it["partner_u"] for it in ok]),
         },
         "failures": [(it["source"], it["id"], it["error"]) for it in items if it["error"] is not None],
     }
@@ -240,16 +278,23 @@ class DumpJob:
         restarts at the boundary of the batch that holds its first missing image, so every image is
         seen in the same batch as in an uninterrupted run and the logits match bit for bit."""
         b = self.batch_size
-        return [list(range(p, min(p + b, stop))) for p in range((start // b) * b, stop, b)]
+        first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
+        return [list(range(p, min(p + b, stop))) for p in range(first, stop, b)]
+
+    @property
+    def mix_group(self) -> int | None:
+        mix = self.meta.views.mix
+        return None if mix is None else mix.group
 
     def streamed_batches(self, start: int, stop: int) -> Iterator[list[Item]]:
         """The batches of an uninterrupted run that hold positions [start, stop), each position with its
         bytes, streamed from the source in listing order (shards, tables, URLs). Whole batches, also past
         `stop` (a segment that ends inside a batch: `run` keeps only its own positions)."""
         b = self.batch_size
+        first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
         end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
-        for item in read_ahead(self.corpus.items((start // b) * b), depth=256):
+        for item in read_ahead(self.corpus.items(first), depth=256):
             if item.pos >= end:
                 break
             batch.append(item)
@@ -301,10 +346,10 @@ class DumpJob:
                     if meta.precision in ("bf16", "fp16") else None)
         np_dtype = np.float16 if meta.dtype == "float16" else np.float32
         v = meta.views.count
-        for batch in loader:
+        for batch in (loader if self.mix_group is None else with_partners(loader, self.mix_group)):
             failures = [f for f in batch["failures"] if start <= f[0] < stop]
             ok = batch["ok"]
-            rows = _failures_only(failures, v)
+            rows = _failures_only(failures, v, meta.views)
             # A resumed run re-reads a batch it may have kept; a segment may share a batch with the next.
             if ok and ((ok["source"] >= start) & (ok["source"] < stop)).any():
                 logits = forward(self.model, ok["pixels"], pre, dev, autocast)
@@ -316,7 +361,8 @@ class DumpJob:
                 rows = Rows(np.array(ids, dtype=object), None if targets else lg.numpy().astype(np_dtype),
                             ok["digests"][keep], ok["hw"][keep], ok["params"][keep],
                             ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None,
-                            targets, source=ok["source"][keep], failures=failures)
+                            targets, source=ok["source"][keep], failures=failures,
+                            view_extras=None if ok["extras"] is None else {k: x[keep] for k, x in ok["extras"].items()})
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
@@ -392,21 +438,21 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     if cfg.views * width > schema.MAX_ROW_LOGITS:
         raise OptionError(f"--views {cfg.views} x {width} classes exceeds {schema.MAX_ROW_LOGITS} logits per image "
                           "(docs/FORMAT.md, R3); store fewer views, or --topk")
-    spec = ViewSpec(1, "eval") if cfg.views == 1 else ViewSpec(cfg.views, "random_resized_crop",
-                                                              tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
-                                                              float(cfg.flip_prob))
+    spec = cfg.view_spec()
     try:
         targets.check(width)
     except LogitStoreError as exc:
         raise OptionError(f"--topk/--sample: {exc}") from None
     meta = StoreMeta(
-        format_version=schema.version_for(targets), complete=False, classes=tuple(names), preprocess=pre, views=spec,
+        format_version=schema.version_for(targets, spec), complete=False, classes=tuple(names), preprocess=pre, views=spec,
         teacher=t.info, corpus=CorpusInfo(str(corpus.root), corpus.listing, corpus.listing_sha256(),
                                           corpus.n_listed, source=corpus.record()),
         dtype=cfg.dtype, precision=precision, seed=cfg.seed, chunk_rows=1, batch_size=cfg.batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         embedded_pixels=cfg.embed_images, keep_bits=cfg.keep_bits, targets=targets)
     row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
+    row_bytes += sum(spec.count * int(np.prod(tail)) * np.dtype(d).itemsize  # 1.5 view arrays
+                     for tail, d in schema.view_extra_arrays(spec).values())
     meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
     workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
     return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share, owns_group)
@@ -421,10 +467,13 @@ def make_summary(job: DumpJob, out: str, meta: StoreMeta, resumed_rows: int, sec
                        bytes_on_disk=nbytes, failures=failures, nothing_to_do=nothing_to_do)
 
 
-def _failures_only(failures: list[tuple[int, str, str]], v: int) -> Rows:
+def _failures_only(failures: list[tuple[int, str, str]], v: int, views: ViewSpec | None = None) -> Rows:
     """Rows of a batch in which every image failed: none, and the reasons."""
+    extras = {name: np.zeros((0, v, *tail), dtype)
+              for name, (tail, dtype) in schema.view_extra_arrays(views).items()} if views is not None else {}
     return Rows(np.zeros(0, dtype=object), None, np.zeros((0, 32), np.uint8), np.zeros((0, 2), np.int32),
-                np.zeros((0, v, 5), np.int32), source=np.zeros(0, np.int64), failures=failures)
+                np.zeros((0, v, 5), np.int32), source=np.zeros(0, np.int64), failures=failures,
+                view_extras=extras or None)
 
 
 def forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, pre: Preprocess,

@@ -25,7 +25,7 @@ def _sha256_text(text: str) -> str:
 def _derived_meta(base: StoreMeta, n_rows: int, root: str, listing: str, listing_sha: str,
                   source: dict[str, Any] | None = None) -> StoreMeta:
     # Added teachers' arrays are not carried into derived stores, so they are not listed either.
-    return replace(base, complete=False, fingerprints={}, format_version=schema.version_for(base.targets), extra_teachers=(),
+    return replace(base, complete=False, fingerprints={}, format_version=schema.version_for(base.targets, base.views), extra_teachers=(),
                    statistics=None,  # its writer counts the rows it writes
                    corpus=CorpusInfo(root, listing, listing_sha, n_rows, source=source),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -90,6 +90,9 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
     if len(names) != len(stores) or len(set(names)) != len(names) or any("/" in p or not p for p in names):
         raise MismatchError(f"prefixes {names} must be one unique, non-empty folder name per store; "
                             "pass --prefix a,b,...")
+    if dedupe and stores[0].meta.views.mix is not None:  # 1.5: partners are row offsets; plain merge keeps them
+        raise MismatchError(f"merge --dedupe: {stores[0].location} stores mixed views (mixup/cutmix) whose partners "
+                            "are row offsets, which dropping rows would break; merge without --dedupe")
     kinds = {str(s.meta.corpus.source) for s in stores}  # 1.4 row sources: ids are found the same way in all
     if len(kinds) > 1:
         raise MismatchError(f"cannot merge stores of different kinds of corpus ({', '.join(sorted(kinds))}); "
@@ -163,6 +166,9 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
     if store.meta.sparse:
         raise OptionError(f"select: {source} keeps {store.meta.targets.kind} targets; selecting by the "
                               "teacher's confidence needs a full-logits store")
+    if store.meta.views.mix is not None:  # 1.5: partners are row offsets, which dropping rows would break
+        raise OptionError(f"select: {source} stores mixed views (mixup/cutmix) whose partners are row offsets; "
+                          "selecting rows would break them: dump the selected images again instead")
     conf, ent, arg = [], [], []
     for _, rows in store.iter_chunks():  # pass 1: three numbers per row, never the logits
         p = _probabilities(rows.logits, temperature)

@@ -1,0 +1,206 @@
+"""Format 1.5 augmented views: every kind of view the dump stores (crops and flips, RandAugment,
+TrivialAugmentWide, erasing, mixup, cutmix, all together) is rebuilt by the trainer's real batch pipeline
+bit for bit, and the teacher run on that input gives back the stored logits."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import logitstore
+from logitstore import schema
+from logitstore.errors import LogitStoreError
+from logitstore.views import apply_views
+from trainer.batches import make_batches
+from trainer.inputs import make_input_spec
+from trainer.storeset import open_stores
+
+from conftest import assert_one_line_error, invoke, load_module, run_cli, save_teacher, write_pngs
+
+N_IMAGES, VIEWS = 30, 3
+# Mix groups of 8 and dump batches of 7: groups straddle batches, and the last group is short.
+COMMON = dict(views=VIEWS, seed=5, batch_size=7, num_workers=0, embed_images=True, mix_group=8)
+KINDS = {
+    "crop-flip": {},
+    "rand-augment": dict(augment="rand-augment", augment_ops=3, augment_magnitude=15),
+    "trivial-augment": dict(augment="trivial-augment"),
+    "erasing": dict(erase=1.0),
+    "mixup": dict(mixup=0.4),
+    "cutmix": dict(cutmix=1.0),
+    "all": dict(augment="rand-augment", erase=0.5, mixup=0.2, cutmix=1.0, mix_prob=0.8),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, mnist):
+    root = tmp_path_factory.mktemp("augment")
+    corpus = root / "corpus"
+    write_pngs(mnist["train_images"][:N_IMAGES], corpus)
+    teacher = save_teacher(root / "teacher.pt", seed=1)
+    stores = {}
+    for name, kw in KINDS.items():
+        stores[name] = root / f"{name}.zarr"
+        logitstore.dump(str(teacher), str(corpus), str(stores[name]), **COMMON, **kw)
+    return {"root": root, "corpus": corpus, "teacher": teacher, "stores": stores}
+
+
+def _epochs(store: Path, images: list[Path] | None, batch_size: int = 8, workers: int = 0,
+            input_size: tuple[int, int] | None = None) -> dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]]:
+    """(epoch, key) -> (the trainer's uint8 input, the stored logits it is paired with), over V epochs, so
+    every stored view is replayed once; through open_stores / make_batches as `trainer fit` uses them."""
+    data = open_stores([str(store)], images=[str(i) for i in images] if images else None, holdout=0.0)
+    spec = make_input_spec(data.pre, input_size, data.pre.channels)
+    batches = make_batches(data, spec, 0 if images is None else 1 << 26, num_workers=workers)
+    out = {}
+    for epoch in range(VIEWS):
+        for b in batches(list(data.requests(epoch, batch_size, seed=11))):
+            for key, px, lg in zip(b["keys"].tolist(), b["pixels"], b["logits"].numpy()):
+                out[(epoch, key)] = (px.clone(), lg)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_trainer_replays_every_kind_of_view_bit_for_bit_and_the_teacher_agrees(setup, kind):
+    store = setup["stores"][kind]
+    meta = logitstore.open_store(store).meta
+    assert meta.format_version == ("1.4" if kind == "crop-flip" else "1.5")
+    replayed = _epochs(store, [setup["corpus"]])
+    embedded = _epochs(store, None)  # the dump's own input to the teacher, as stored
+    assert replayed.keys() == embedded.keys() and len(replayed) == VIEWS * N_IMAGES
+    for k in replayed:
+        assert torch.equal(replayed[k][0], embedded[k][0]), k
+    # The teacher, loaded here, on the trainer's input gives back the stored logits (float16 rounding).
+    model = load_module("nets:tiny_cnn", setup["teacher"])
+    keys = sorted(replayed)
+    pixels = torch.stack([replayed[k][0] for k in keys])
+    stored = np.stack([replayed[k][1] for k in keys]).astype(np.float32)
+    spec = make_input_spec(meta.preprocess, None, 1)
+    with torch.inference_mode():
+        logits = model(spec.to_input(pixels)).numpy()
+    np.testing.assert_allclose(logits, stored, rtol=2 ** -10, atol=1e-3)
+    # ... and the augmentation did something: the inputs are not the plain crops and flips.
+    st = logitstore.open_store(store)
+    rows = st.read(0, len(st), pixels=True)
+    data = open_stores([str(store)], images=[str(setup["corpus"])], holdout=0.0)
+    if kind != "crop-flip":
+        from logitstore.corpus import read_and_decode
+
+        imgs = [read_and_decode(setup["corpus"] / i, "L")[1] for i in rows.ids]
+        crops = apply_views(imgs, rows.view_params[:, 0], meta.preprocess, meta.views.kind)
+        changed = (crops != torch.from_numpy(rows.pixels[:, 0])).flatten(1).any(1)
+        assert changed.float().mean() > 0.3, "the augmentation left most views as plain crops"
+    if meta.views.mix is not None:
+        offsets = rows.view_extras[schema.MIX_PARAMS][..., 0]
+        assert (offsets != 0).mean() > 0.5 and np.abs(offsets).max() < 8
+        lam = rows.view_extras[schema.MIX_LAMBDA]
+        assert (lam[offsets == 0] == 1).all() and (lam[offsets != 0] < 1).mean() > 0.9
+    assert data.views == meta.views
+
+
+def test_params_do_not_depend_on_batch_size_workers_or_resumption(setup, tmp_path):
+    ref = logitstore.open_store(setup["stores"]["all"]).read(0, N_IMAGES)
+    kw = {**COMMON, **KINDS["all"]}
+    other = tmp_path / "other.zarr"
+    logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(other), **{**kw, "batch_size": 4, "num_workers": 2})
+
+    resumed = tmp_path / "resumed.zarr"
+    calls = []
+
+    def stop(_n: int) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(LogitStoreError):
+        logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(resumed), chunk_rows=4, on_batch=stop, **kw)
+    assert 0 < len(logitstore.open_store(resumed, allow_incomplete=True)) < N_IMAGES
+    logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(resumed), chunk_rows=4, **kw)
+    for path in (other, resumed):
+        got = logitstore.open_store(path).read(0, N_IMAGES)
+        assert list(got.ids) == list(ref.ids)
+        assert np.array_equal(got.view_params, ref.view_params)
+        for name in schema.view_extra_arrays(logitstore.open_store(path).meta.views):
+            assert np.array_equal(got.view_extras[name], ref.view_extras[name]), (path.name, name)
+        assert np.array_equal(got.pixels, ref.pixels), path.name
+        np.testing.assert_allclose(got.logits.astype(np.float32), ref.logits.astype(np.float32), rtol=2 ** -10, atol=1e-3)
+    # The trainer's side: the same input for each (epoch, row), whatever its batch size or workers.
+    a = _epochs(setup["stores"]["all"], [setup["corpus"]], batch_size=8, workers=0)
+    b = _epochs(setup["stores"]["all"], [setup["corpus"]], batch_size=5, workers=2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k][0], b[k][0]) for k in a)
+
+
+def test_student_input_size_resizes_the_teachers_input(setup):
+    store = setup["stores"]["all"]
+    replayed = _epochs(store, [setup["corpus"]], input_size=(20, 20))
+    embedded = _epochs(store, None, input_size=(20, 20))
+    assert all(v[0].shape == (1, 20, 20) and torch.equal(v[0], embedded[k][0]) for k, v in replayed.items())
+
+
+def test_golden_1_4_store_still_reads_and_a_plain_dump_stays_1_4(setup, tmp_path):
+    golden = Path(__file__).resolve().parent / "golden" / "v1.4.zarr"
+    st = logitstore.open_store(golden)
+    assert st.meta.format_version == "1.4" and not st.meta.views.augmented
+    assert st.read(0, len(st)).view_extras is None
+    data = open_stores([st], images=[str(tmp_path)], holdout=0.0)
+    req = next(iter(data.requests(0, 4, seed=0)))
+    assert req.extras is None and req.params.shape == (4, 5)
+    # A plain store is still written as 1.4 (readers of 1.4 keep reading it) and trains end to end.
+    meta = logitstore.open_store(setup["stores"]["crop-flip"]).meta
+    assert meta.format_version == "1.4" and "augment" not in meta.views.to_dict()
+    from trainer.fit import fit
+
+    res = fit([str(setup["stores"]["crop-flip"])], out=str(tmp_path / "run"), student="lenet", epochs=1,
+              batch_size=8, num_workers=0)
+    assert res.info["view_repeat_epochs"] == VIEWS and np.isfinite(res.final["train_loss"])
+
+
+def _edit_root(path: Path, edit) -> None:
+    doc = json.loads((path / "zarr.json").read_text())
+    edit(doc["attributes"][schema.ATTR_ROOT])
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+def test_unknown_op_or_policy_is_refused_in_one_line(setup, tmp_path):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(setup["stores"]["all"], bad)
+    _edit_root(bad, lambda d: d["views"]["augment"]["ops"].__setitem__(3, "warp"))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "warp", "not understood")
+    assert_one_line_error(invoke("trainer", "fit", "--store", str(bad), "--out", str(tmp_path / "r")), "warp")
+    shutil.rmtree(bad)
+    shutil.copytree(setup["stores"]["all"], bad)
+    _edit_root(bad, lambda d: d["views"]["mix"].__setitem__("partner", "anywhere"))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "partner 'anywhere'")
+    shutil.rmtree(bad)
+    shutil.copytree(setup["stores"]["all"], bad)
+    _edit_root(bad, lambda d: d["views"]["erasing"].__setitem__("noise", True))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "views.erasing")
+
+
+def test_mix_stores_refuse_row_selection_and_labels(setup, tmp_path):
+    store = str(setup["stores"]["mixup"])
+    assert_one_line_error(invoke("logitstore", "select", store, "-o", str(tmp_path / "s.zarr"), "--limit", "5"),
+                          "mixed views")
+    assert_one_line_error(invoke("trainer", "fit", "--store", store, "--out", str(tmp_path / "r"), "--alpha", "0.5",
+                                 "--labels-from-folders"), "--alpha", "mixed views")
+
+
+def test_dump_and_fit_end_to_end_on_a_mix_store_with_the_cli(setup, tmp_path):
+    store = tmp_path / "cli.zarr"
+    invoke("logitstore", "dump", "--teacher", str(setup["teacher"]), "--images", str(setup["corpus"]),
+            "--out", str(store), "--views", "2", "--augment", "trivial-augment", "--erase", "0.5",
+            "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.9", "--num-workers", "0", "--quiet")
+    meta = logitstore.open_store(store).meta
+    assert meta.views.augment.kind == "trivial_augment_wide" and meta.views.erasing.prob == 0.5
+    assert (meta.views.mix.mixup_alpha, meta.views.mix.cutmix_alpha, meta.views.mix.prob) == (0.2, 1.0, 0.9)
+    proc = run_cli("trainer", "fit", "--store", str(store), "--student", "lenet", "--epochs", "3", "--batch-size", "8",
+                   "--num-workers", "0", "--out", str(tmp_path / "run"), "--json")
+    res = json.loads(proc.stdout)
+    assert res["info"]["view_repeat_epochs"] == 2 and len(res["history"]) == 3
+    assert all(np.isfinite(r["train_loss"]) for r in res["history"])
+    warning = [ln for ln in proc.stderr.splitlines() if "views repeat" in ln]
+    assert len(warning) == 1 and "--epochs 3" in warning[0]
+    assert invoke("logitstore", "verify", str(store)).returncode == 0
