@@ -116,15 +116,6 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return int(words[0]) << 32 | int(words[1])
 
 
-@torch.no_grad()
-def teacher_views(teacher: torch.nn.Module, imgs: list[torch.Tensor], params: np.ndarray, spec: InputSpec,
-                  kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The views `params` of `imgs` (uint8, as the dump and the trainer replay them) and the teacher's logits
-    on them: what a dump stores for those views, computed on the spot."""
-    pixels = apply_views(imgs, params, spec.pre, kind)
-    return pixels, teacher(spec.to_input(pixels))
-
-
 def fresh_views(imgs: list[torch.Tensor], ids: np.ndarray, view: ViewSpec, spec: InputSpec, seed: int) -> torch.Tensor:
     """One new view of each image (uint8 [n, C, H, W]) under the dump's policy `view` (count 1), its parameters
     drawn from generators seeded by (`seed`, id), as a dump with that seed would draw them. Mixing (issue 15's
