@@ -83,7 +83,7 @@ def _join(root: str, rel: str) -> str:
 def _protocol_root(url: str, fs: Any, path: str) -> str:
     """`path` (as the filesystem names it) back as a URL with `url`'s protocol."""
     proto = url.split("://", 1)[0]
-    return f"{proto}://{path.lstrip('/')}" if proto != "file" else f"file:///{path.lstrip('/')}"
+    return f"{proto}://{path.lstrip('/')}" if proto not in ("file", "local") else f"{proto}:///{path.lstrip('/')}"
 
 
 class _Sha:
@@ -104,13 +104,13 @@ class Source:
     kind: str
     root: str                       # local folder or URL every id is relative to
     listing: str                    # what was given (--images)
-    units: list[str]                # unit names relative to root (shards, tables); [""] for a flat listing
+    units: list[str]                # unit names relative to root (shards, tables); [""] for a flat listing;
+                                    # a prefix's slices: the first name of each (listing.top_slices)
     counts: list[int]               # listing positions per unit
     sha256: str
     image_column: str | None = None
     id_column: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
-    entries: list[str] | None = None  # a prefix's ids (its listing is the object store's, kept sorted)
     unit_shas: list[str] = field(default_factory=list)  # sha256 of each unit's ids (shards, tables)
     positional = False              # items are streamed, not read by position in DataLoader workers
 
@@ -158,6 +158,8 @@ class Source:
 
     def protected(self) -> list[str]:
         """What a dump reads, which its --out must not overlap: the shards or tables, or the root."""
+        if self.kind == KIND_PREFIX:
+            return [self.root]
         return [_join(self.root, u) for u in self.units if u] or [self.root]
 
     def locate(self, pos: int) -> tuple[int, int]:
@@ -224,13 +226,10 @@ def _open_source(spec: str | os.PathLike, image_column: str | None, id_column: s
         if text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
             return _from_files(text, [text], image_column, id_column, so)
         try:
-            found = sorted(fs.find(path))
+            return _from_prefix(text, fs, path, image_column, id_column, so)
         except (OSError, ValueError) as exc:
             raise CorpusError(f"{text}: cannot list it ({describe_failure(exc)}); check the URL and "
                               "--storage-option") from None
-        root = _protocol_root(text, fs, path.rstrip("/"))
-        urls = [_protocol_root(text, fs, p) for p in found]
-        return _from_listed(text, root, urls, image_column, id_column, so)
     src = Path(text).expanduser()
     if src.is_file() and src.name.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
         return _from_files(text, [str(src.resolve())], image_column, id_column, so)
@@ -296,13 +295,37 @@ def _from_listed(spec: str, root: str, files: list[str], image_column: str | Non
     if not images:
         raise CorpusError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}), .tar shards or (with "
                           "--image-column) Parquet files found; check --images")
-    if not is_url(root):
-        return list_corpus(root)
-    ids = [f[len(root.rstrip('/')) + 1:] for f in images]
-    sha = _Sha()
-    for i in ids:
-        sha.add(i)
-    return Source(KIND_PREFIX, root, spec, [""], [len(ids)], sha.h.hexdigest(), storage_options=so, entries=ids)
+    return list_corpus(root)  # a local folder (a URL prefix of loose images is `_from_prefix`'s)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def _from_prefix(spec: str, fs: Any, path: str, image_column: str | None, id_column: str | None,
+                 so: dict[str, Any]) -> Source:
+    """A URL prefix, listed as a stream (logitstore/listing.py): one pass in name order keeps its shards
+    and tables (few), and for loose images only a count per slice and the listing's sha256 (as
+    `sorted(fs.find(path))` would give them), so memory does not grow with the number of images."""
+    from .listing import top_slices, walk_sorted
+
+    base = path.rstrip("/")
+    root = _protocol_root(spec, fs, base)
+    bounds = top_slices(fs, base)
+    counts = [0] * len(bounds)
+    sha, unit, kept = _Sha(), 0, []
+    for p in walk_sorted(fs, base):
+        rel = p[len(base) + 1:]
+        if rel.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS) or os.path.basename(rel) == "state.json":
+            kept.append(_protocol_root(spec, fs, p))
+        elif _is_image(rel):
+            while unit + 1 < len(bounds) and rel >= bounds[unit + 1]:
+                unit += 1
+            counts[unit] += 1
+            sha.add(rel)
+    if image_column is not None or any(f.lower().endswith(SHARD_EXTENSIONS) for f in kept) or not sha.n:
+        return _from_listed(spec, root, kept, image_column, id_column, so)  # tables, shards, or the error
+    return Source(KIND_PREFIX, root, spec, bounds, counts, sha.h.hexdigest(), storage_options=so)
 
 
 def _hf_order(tables: list[str], files: list[str], so: dict[str, Any]) -> list[str]:
@@ -525,7 +548,7 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
                                                src.storage_options, skip):
                 yield out(image_id, value)
         else:
-            yield from _fetch_all(src, skip)
+            yield from _fetch_all(src, k, skip)
     except CorpusError:
         raise
     except (OSError, tarfile.TarError, EOFError) as exc:
@@ -534,8 +557,8 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
                           "run the same command again to resume") from None
 
 
-def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """Loose remote images, CONCURRENT_REQUESTS requests in flight, yielded in listing order."""
+def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Loose remote images of unit k, CONCURRENT_REQUESTS requests in flight, yielded in listing order."""
     fs, _ = _fs(src.root, src.storage_options)
 
     def fetch(image_id: str) -> tuple[str, bytes | None, str | None]:
@@ -544,7 +567,7 @@ def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str 
         except Exception as exc:  # a missing or unreadable object is that image's failure
             return image_id, None, describe_failure(exc)
 
-    ids = _listed_ids(src, skip)
+    ids = _listed_ids(src, k, skip)
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         window: list[Any] = []
         for image_id in ids:
@@ -555,15 +578,39 @@ def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str 
             yield fut.result()
 
 
-def _listed_ids(src: Source, skip: int) -> Iterator[str]:
-    if src.entries is not None:
-        yield from src.entries[skip:]
+def _listed_ids(src: Source, k: int, skip: int) -> Iterator[str]:
+    if src.kind == KIND_PREFIX:
+        yield from _slice_ids(src, k, skip)
         return
     n = 0
     for url in _listing_lines(Path(src.listing)):
         if n >= skip:
             yield _rel(src.root, url)
         n += 1
+
+
+def _slice_ids(src: Source, k: int, skip: int) -> Iterator[str]:
+    """The ids of a prefix's slice k from its position `skip` on, listed afresh: this process lists no
+    other slice. A count that differs from the one listed first means the prefix changed meanwhile."""
+    from .listing import walk_sorted
+
+    fs, path = _fs(src.root, src.storage_options)
+    base = path.rstrip("/")
+    hi = src.units[k + 1] if k + 1 < len(src.units) else None
+    n = 0
+    for p in walk_sorted(fs, base, src.units[k], hi):
+        rel = p[len(base) + 1:]
+        if not _is_image(rel):
+            continue
+        if n >= src.counts[k]:
+            n += 1  # more than listed: the prefix changed
+            break
+        if n >= skip:
+            yield rel
+        n += 1
+    if n != src.counts[k]:
+        raise CorpusError(f"{_join(src.root, src.units[k])}: now lists {n} images where the dump listed "
+                          f"{src.counts[k]}; the prefix changed during the dump: dump it again with --overwrite")
 
 
 # -- a listing of URLs ----------------------------------------------------------------------------

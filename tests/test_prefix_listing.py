@@ -1,0 +1,156 @@
+"""A prefix of loose images is listed as a stream (logitstore/listing.py): in the order, ids and listing
+sha256 a whole sorted `find` gives, slice by slice, and under torchrun each rank lists only its slices."""
+from __future__ import annotations
+
+import io
+import subprocess
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+import logitstore
+from logitstore import listing
+from logitstore.sources import open_source
+from logitstore.store import open_store
+
+from conftest import run_cli
+
+N = 60
+# Names whose sorted order is not a directory-by-directory walk's: '-' < '.' < '/' (so "a-b/..." and
+# "a.png" come before "a/..."), a file name that prefixes a directory's, a non-ASCII name.
+SUBS = ("a-b", "a", "a.png.d", "b/c", "", "é")
+
+
+def _key(i: int) -> str:
+    sub = SUBS[i % len(SUBS)]
+    return f"{sub}/{i:04d}.png" if sub else f"{i:04d}.png"
+
+
+@pytest.fixture(scope="module")
+def loose(mnist, tmp_path_factory):
+    """N images as a local folder and the same names under s3://caches/px/ (plus files a dump skips)."""
+    import boto3
+
+    images = []
+    for a in mnist["train_images"][:N]:
+        b = io.BytesIO()
+        Image.fromarray(a).save(b, format="PNG")
+        images.append(b.getvalue())
+    folder = tmp_path_factory.mktemp("loose") / "folder"
+    for i, data in enumerate(images):
+        (folder / _key(i)).parent.mkdir(parents=True, exist_ok=True)
+        (folder / _key(i)).write_bytes(data)
+    return folder, images
+
+
+@pytest.fixture(scope="module")
+def s3_loose(s3, loose):
+    import boto3
+
+    folder, images = loose
+    client = boto3.client("s3")
+    for i, data in enumerate(images):
+        client.put_object(Bucket="caches", Key=f"px/{_key(i)}", Body=data)
+    client.put_object(Bucket="caches", Key="px/notes.txt", Body=b"not an image")
+    client.put_object(Bucket="caches", Key="px/b/.hidden.png", Body=b"skipped")
+    client.put_object(Bucket="caches", Key="px/a/", Body=b"")  # a "directory" marker
+    client.put_object(Bucket="caches", Key="pxy/0000.png", Body=images[0])  # a sibling sharing the stem
+    return "s3://caches/px/"
+
+
+def _tree(fs, base: str) -> None:
+    for name in ("a.jpg", "a-b/1.jpg", "a/x.jpg", "a/y/z.png", "a.jpg.d/q.jpg", "b/.h.jpg", "b/c/d/e.png",
+                 "é/1.png", "Z.png", "a b/1.png", "a/x.jpgx/1.png", "b/c.png", "b/c/0.png"):
+        fs.makedirs(f"{base}/{name}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(f"{base}/{name}", b"x")
+
+
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_a_walk_in_slices_is_the_sorted_find(protocol, tmp_path):
+    fs = fsspec.filesystem(protocol)
+    base = str(tmp_path) if protocol == "file" else "/walk"
+    _tree(fs, base)
+    whole = sorted(fs.find(base))
+    assert list(listing.walk_sorted(fs, base)) == whole
+    bounds = listing.top_slices(fs, base)
+    assert bounds == ["", "a b/", "a-b/", "a.jpg.d/", "a/", "b/", "é/"]
+    parts = [list(listing.walk_sorted(fs, base, lo, bounds[k + 1] if k + 1 < len(bounds) else None))
+             for k, lo in enumerate(bounds)]
+    assert sum(parts, []) == whole
+    assert parts[0] == [f"{base}/Z.png"] and parts[2] == [f"{base}/a-b/1.jpg", f"{base}/a.jpg"]
+
+
+def test_s3_pages_and_slices_are_the_sorted_find(s3_loose, monkeypatch):
+    fs, path = fsspec.core.url_to_fs(s3_loose)
+    monkeypatch.setattr(listing, "PAGE_KEYS", 7)  # many pages on a small prefix
+    whole = [p for p in sorted(fs.find(path)) if not p.endswith("/")]  # find lists the "a/" marker too
+    assert list(listing.walk_sorted(fs, path)) == whole
+    bounds = listing.top_slices(fs, path)
+    assert bounds == ["", "a-b/", "a.png.d/", "a/", "b/", "é/"]
+    parts = [list(listing.walk_sorted(fs, path, lo, bounds[k + 1] if k + 1 < len(bounds) else None))
+             for k, lo in enumerate(bounds)]
+    assert sum(parts, []) == whole
+
+
+def test_an_s3_prefix_dumps_the_folder_store_and_streams_from_any_position(s3_loose, loose, teacher_ckpt,
+                                                                          tmp_path, monkeypatch):
+    folder, _ = loose
+    monkeypatch.setattr(listing, "PAGE_KEYS", 7)
+    ref = logitstore.dump(str(teacher_ckpt), str(folder), str(tmp_path / "f.zarr"), num_workers=0, batch_size=16)
+    got = logitstore.dump(str(teacher_ckpt), s3_loose, str(tmp_path / "s.zarr"), num_workers=0, batch_size=16)
+    assert (ref.n_images, got.n_images, got.n_failed) == (N, N, 0)
+    a, b = open_store(str(tmp_path / "f.zarr")), open_store(str(tmp_path / "s.zarr"))
+    ra, rb = a.read(0, N), b.read(0, N)
+    assert list(ra.ids) == list(rb.ids) and ra.ids[0] == "0004.png" and "a.png.d/0002.png" in list(rb.ids)
+    assert ra.logits.tobytes() == rb.logits.tobytes() and np.array_equal(ra.digests, rb.digests)
+    # The identity of today's stores: the sha256 over the sorted ids, as a folder's.
+    assert b.meta.corpus.listing_sha256 == a.meta.corpus.listing_sha256
+    assert b.meta.corpus.source == {"kind": "prefix"} and b.meta.corpus.root == "s3://caches/px"
+    # Slices, and a stream from any position (how a resumed or distributed dump starts) lists no other slice.
+    src = open_source(s3_loose)
+    assert src.units == ["", "a-b/", "a.png.d/", "a/", "b/", "é/"] and sum(src.counts) == N
+    assert src.counts == [10, 10, 10, 10, 10, 10]
+    ids = list(ra.ids)
+    for start in (0, 9, 10, 31, N - 1):
+        assert [it.id for it in src.items(start)] == ids[start:]
+    listed: list[str] = []
+    real = listing.walk_sorted
+    monkeypatch.setattr(listing, "walk_sorted",
+                        lambda fs, path, lo="", hi=None: (listed.append(lo), real(fs, path, lo, hi))[1])
+    assert [it.id for it in src.items(41)][:2] == ids[41:43]
+    assert listed == ["b/", "é/"]
+
+
+def test_a_prefix_that_changes_during_the_dump_is_one_line(s3_loose, tmp_path):
+    import boto3
+
+    src = open_source(s3_loose)
+    boto3.client("s3").put_object(Bucket="caches", Key="px/b/late.png", Body=b"x")
+    try:
+        with pytest.raises(logitstore.errors.CorpusError, match="changed during the dump"):
+            list(src.items(0))
+    finally:
+        boto3.client("s3").delete_object(Bucket="caches", Key="px/b/late.png")
+
+
+def test_torchrun_over_an_s3_prefix_cuts_at_slices_and_equals_one_process(s3_loose, loose, tmp_path):
+    from test_distributed import _env, _torchrun
+
+    from conftest import save_teacher
+
+    ckpt = save_teacher(tmp_path / "t.pt")
+    args = ["--teacher", str(ckpt), "--images", s3_loose, "--batch-size", "8", "--chunk-rows", "8",
+            "--num-workers", "0", "--quiet"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    run_cli("logitstore", "dump", *args, "--out", str(ref))
+    r = subprocess.run(_torchrun(2, *args, "--out", str(out)), env=_env(), capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = open_store(str(ref)), open_store(str(out))
+    ra, rb = a.read(0, len(a)), b.read(0, len(b))
+    assert len(a) == len(b) == N and list(ra.ids) == list(rb.ids)
+    assert ra.logits.tobytes() == rb.logits.tobytes() and np.array_equal(ra.digests, rb.digests)
+    assert a.meta.fingerprints == b.meta.fingerprints
+    assert a.meta.corpus.listing_sha256 == b.meta.corpus.listing_sha256
