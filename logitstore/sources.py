@@ -22,6 +22,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ CONCURRENT_REQUESTS = 16
 UNITS_AHEAD = 3
 # Remote shards and tables are read through a local cache of whole units, at most this many bytes.
 DEFAULT_CACHE_BYTES = 4 << 30
+# A remote unit is fetched whole to be listed, and kept for the dump to read (fetched once), while the
+# kept units of a process stay under this many bytes; past it a unit is listed and fetched again later.
+LISTED_KEEP_BYTES = DEFAULT_CACHE_BYTES
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 
 
@@ -113,20 +117,71 @@ class Source:
     storage_options: dict[str, Any] = field(default_factory=dict)
     unit_shas: list[str] = field(default_factory=list)  # sha256 of each unit's ids (shards, tables)
     positional = False              # items are streamed, not read by position in DataLoader workers
+    kept: dict[int, str] = field(default_factory=dict, repr=False)  # remote units fetched when listed
+    _keep: Any = field(default=None, repr=False)                  # (folder, lock, [bytes kept])
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy in a DataLoader worker reads no kept unit
+        return {**self.__dict__, "kept": {}, "_keep": None}
 
     def list_unit(self, k: int) -> tuple[int, str]:
-        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids."""
+        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids.
+        A remote unit is fetched whole for this and kept for `items` while LISTED_KEEP_BYTES allows,
+        so the dump does not fetch it again."""
         location = _join(self.root, self.units[k])
         sha = _Sha()
         with _unit_errors(location):
-            if self.kind == KIND_WEBDATASET:
-                for key, _ in _shard_samples(location, self.storage_options, read=False):
-                    sha.add(f"{self.units[k]}/{key}")
-            else:
-                for image_id in _table_ids(location, self.units[k], self.image_column, self.id_column,
-                                           self.storage_options):
-                    sha.add(image_id)
+            local = self._fetch_to_keep(k, location) if is_url(location) else None
+            try:
+                if self.kind == KIND_WEBDATASET:
+                    for key, _ in _shard_samples(local or location, self.storage_options, read=False):
+                        sha.add(f"{self.units[k]}/{key}")
+                else:
+                    for image_id in _table_ids(local or location, self.units[k], self.image_column,
+                                               self.id_column, self.storage_options):
+                        sha.add(image_id)
+            except BaseException:
+                if local is not None:
+                    os.unlink(local)
+                raise
+        if local is not None and not self._admit(k, local):
+            os.unlink(local)
         return sha.n, sha.h.hexdigest()
+
+    def _keep_folder(self) -> str:
+        if self._keep is None:
+            folder = tempfile.mkdtemp(prefix="logitstore-listed-")
+            weakref.finalize(self, _remove_folder, folder, os.getpid())
+            self._keep = (folder, threading.Lock(), [0])
+        return self._keep[0]
+
+    def _fetch_to_keep(self, k: int, location: str) -> str:
+        fs, path = _fs(location, self.storage_options)
+        local = os.path.join(self._keep_folder(), f"{k:09d}{os.path.splitext(location)[1]}")
+        try:
+            fs.get_file(path, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(local)
+            raise
+        return local
+
+    def _admit(self, k: int, local: str) -> bool:
+        size = os.path.getsize(local)
+        _, lock, total = self._keep
+        with lock:
+            if total[0] + size > LISTED_KEEP_BYTES:
+                return False
+            total[0] += size
+            self.kept[k] = local
+        return True
+
+    def _drop(self, k: int) -> None:
+        """Unit k's kept copy is read (or useless): its bytes leave the budget."""
+        local = self.kept.pop(k, None)
+        if local is not None and self._keep is not None:
+            with self._keep[1]:
+                self._keep[2][0] -= os.path.getsize(local)
+            os.unlink(local)
 
     def settle(self, listed: Sequence[tuple[int, str]]) -> None:
         """Every unit's (count, sha): the listing's identity is the sha256 of the lines
@@ -174,6 +229,8 @@ class Source:
         """Every listing position from `start` on, in order, read one unit at a time. Remote shards and
         tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there."""
         u, skip = self.locate(start)
+        for k in [k for k in self.kept if k < u]:
+            self._drop(k)  # listed here, dumped before (a resumed dump)
         pos = start
         remote = self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root)
         with tempfile.TemporaryDirectory(prefix="logitstore-dump-") as tmp, \
@@ -182,9 +239,11 @@ class Source:
             ahead: dict[int, Any] = {}
             for k in range(u, len(self.units)):
                 local = None
-                if remote:
+                if remote and k in self.kept:
+                    local = self.kept[k]  # fetched when it was listed
+                elif remote:
                     for j in range(k, min(len(self.units), k + UNITS_AHEAD)):
-                        if j not in ahead:
+                        if j not in ahead and j not in self.kept:
                             ahead[j] = pool.submit(cache.local, _join(self.root, self.units[j]))
                     try:
                         local = ahead.pop(k).result()
@@ -194,9 +253,16 @@ class Source:
                 for image_id, data, error in _unit_items(self, k, skip, local):
                     yield Item(pos, image_id, data, error)
                     pos += 1
-                if local is not None:
+                if k in self.kept:
+                    self._drop(k)
+                elif local is not None:
                     os.unlink(local)  # read here in the main process: no worker needs it any more
                 skip = 0
+
+
+def _remove_folder(folder: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked worker, whose copy of the Source goes away first
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_column: str | None = None,
@@ -207,7 +273,10 @@ def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_
     (`Source.list_unit`, any process any unit) and hands every result to `Source.settle`."""
     source = _open_source(spec, image_column, id_column, storage_options)
     if listed and isinstance(source, Source) and not source.counts:
-        source.settle([source.list_unit(k) for k in range(len(source.units))])
+        if is_url(source.root):
+            source._keep_folder()  # before the threads that fill it
+        with ThreadPoolExecutor(UNITS_AHEAD if is_url(source.root) else 1) as pool:
+            source.settle(list(pool.map(source.list_unit, range(len(source.units)))))
     return source
 
 
