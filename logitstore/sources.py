@@ -2,7 +2,8 @@
 loose images, WebDataset tar shards, or Parquet / Arrow files with an image column.
 
 Each kind is a `Source`: its identity (root, listing, n_listed, the listing's sha256) from one
-streaming pass that keeps one count per unit (shard or file), never one entry per image; its items
+streaming pass that keeps one count per unit (shard, file, or a prefix's slice: listing.py), never
+one entry per image; a remote unit fetched to be listed is kept for the dump (fetched once); its items
 streamed from any listing position (`items`); and what a store records to find a row's bytes again
 (`record`, docs/FORMAT.md "1.4: row sources"). `open_reader` reads rows back by id (trainer, show,
 verify): a unit at a time, remote units fetched concurrently into a bounded local cache.

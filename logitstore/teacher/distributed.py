@@ -60,6 +60,15 @@ def unit_share(n_units: int, world: int) -> int:
     return max(1, math.ceil(n_units / max(1, SEGMENTS_PER_PROCESS * world)))
 
 
+def unit_groups(n_units: int, world: int) -> list[range]:
+    """The units (shards, files, slices) of each segment of a streamed corpus over `world` processes, in
+    order: the one derivation both the listing (`list_units`) and the cut (`DumpJob.unit_bounds`) use,
+    so a process lists the units it dumps. (A group of units that hold no samples makes no segment:
+    the later segments then go round robin one process further on than they were listed.)"""
+    per = unit_share(n_units, world)
+    return [range(g, min(n_units, g + per)) for g in range(0, n_units, per)]
+
+
 def list_units(source: Source) -> bool:
     """List a streamed corpus under torchrun: each process reads the headers (or metadata) of the units
     it will dump (its segments, as `DumpJob.unit_bounds` cuts them), and all share the results."""
@@ -67,9 +76,10 @@ def list_units(source: Source) -> bool:
     started = ctx.world > 1 and not dist.is_initialized()
     if started:
         dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
-    per = unit_share(len(source.units), ctx.world)
+    groups = unit_groups(len(source.units), ctx.world)
     try:
-        mine: Any = {k: source.list_unit(k) for k in range(len(source.units)) if (k // per) % ctx.world == ctx.rank}
+        mine: Any = {k: source.list_unit(k) for g, units in enumerate(groups) if g % ctx.world == ctx.rank
+                     for k in units}
     except LogitStoreError as exc:
         mine = exc
     parts: list[Any] = [mine]

@@ -265,16 +265,14 @@ class DumpJob:
         corpus read by position, which is cut in fixed runs of rows."""
         if getattr(self.corpus, "positional", True):
             return None
-        from .distributed import unit_share
+        from .distributed import unit_groups
 
         counts = self.corpus.counts
-        per = unit_share(len(counts), world)
         bounds, pos = [0], 0
-        for u, c in enumerate(counts):
-            pos += c
-            if (u + 1) % per == 0 or u + 1 == len(counts):
-                if pos > bounds[-1]:
-                    bounds.append(pos)
+        for units in unit_groups(len(counts), world):
+            pos += sum(counts[u] for u in units)
+            if pos > bounds[-1]:
+                bounds.append(pos)
         return bounds
 
     def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
