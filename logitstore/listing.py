@@ -3,7 +3,7 @@
 `sorted(fs.find(path))` holds every name at once; a corpus of tens of millions of loose images on object
 storage must not. `walk_sorted` yields the same names in the same order, a page (S3) or a directory
 (any other fsspec filesystem) at a time, and can start and stop at any name (`lo`, `hi`), so one
-process lists one slice of a prefix without listing the rest (`top_slices`).
+process lists one slice of a prefix (a name range) without listing the rest.
 
 Why the order is the same: S3 lists keys in UTF-8 byte order, which is Python's code-point order. A
 directory walk matches a global sort when each directory's entries are sorted by their name, with a
@@ -27,31 +27,6 @@ def walk_sorted(fs: Any, path: str, lo: str = "", hi: str | None = None) -> Iter
         yield from _s3_keys(fs, base, lo, hi)
     else:
         yield from _walk(fs, base, "", lo, hi)
-
-
-def top_slices(fs: Any, path: str) -> list[str]:
-    """Lower bounds of slices of the prefix, one per top-level "directory" (common prefix), in order:
-    slice k holds the names in [bounds[k], bounds[k+1]) (the last, to the end). The first bound is "".
-    Only the top level is listed, and only its directories are kept."""
-    base = path.rstrip("/")
-    dirs: list[str] = []
-    if _is_s3(fs):
-        bucket, key = _split(base)
-        token = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "Delimiter": "/", "MaxKeys": PAGE_KEYS}
-            if token:
-                kw["ContinuationToken"] = token
-            page = fs.call_s3("list_objects_v2", **kw)
-            dirs += [p["Prefix"][len(key):] for p in page.get("CommonPrefixes", [])]
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                break
-    else:
-        for e in _ls(fs, base):
-            if e["type"] == "directory":
-                dirs.append(_name(e) + "/")
-    return [""] + sorted(d for d in dirs if d)
 
 
 def _is_s3(fs: Any) -> bool:

@@ -39,6 +39,10 @@ SHARD_EXTENSIONS = (".tar",)
 TABLE_EXTENSIONS = (".parquet", ".arrow")
 # Loose remote images are fetched this many at a time (object stores answer each request in tens of ms).
 CONCURRENT_REQUESTS = 16
+# A prefix of loose images is cut into at most this many slices of equal count (a power of two times
+# PREFIX_SLICE_FIRST images each, the last shorter): the units a distributed dump deals out.
+PREFIX_SLICES = 4096
+PREFIX_SLICE_FIRST = 8
 # Remote shards and tables a dump fetches at once, ahead of the one it reads.
 UNITS_AHEAD = 3
 # Remote shards and tables are read through a local cache of whole units, at most this many bytes.
@@ -110,7 +114,7 @@ class Source:
     root: str                       # local folder or URL every id is relative to
     listing: str                    # what was given (--images)
     units: list[str]                # unit names relative to root (shards, tables); [""] for a flat listing;
-                                    # a prefix's slices: the first name of each (listing.top_slices)
+                                    # a prefix's slices: the first id of each ("" for the first)
     counts: list[int]               # listing positions per unit
     sha256: str
     image_column: str | None = None
@@ -375,23 +379,26 @@ def _is_image(name: str) -> bool:
 def _from_prefix(spec: str, fs: Any, path: str, image_column: str | None, id_column: str | None,
                  so: dict[str, Any]) -> Source:
     """A URL prefix, listed as a stream (logitstore/listing.py): one pass in name order keeps its shards
-    and tables (few), and for loose images only a count per slice and the listing's sha256 (as
-    `sorted(fs.find(path))` would give them), so memory does not grow with the number of images."""
-    from .listing import top_slices, walk_sorted
+    and tables (few), and for loose images only the listing's sha256 (as `sorted(fs.find(path))` would
+    give it) and at most PREFIX_SLICES slices of equal count (each a name range, its first image's id
+    the bound), so memory does not grow with the number of images."""
+    from .listing import walk_sorted
 
     base = path.rstrip("/")
     root = _protocol_root(spec, fs, base)
-    bounds = top_slices(fs, base)
-    counts = [0] * len(bounds)
-    sha, unit, kept = _Sha(), 0, []
+    bounds, counts, per = [""], [0], PREFIX_SLICE_FIRST
+    sha, kept = _Sha(), []
     for p in walk_sorted(fs, base):
         rel = p[len(base) + 1:]
         if rel.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS) or os.path.basename(rel) == "state.json":
             kept.append(_protocol_root(spec, fs, p))
         elif _is_image(rel):
-            while unit + 1 < len(bounds) and rel >= bounds[unit + 1]:
-                unit += 1
-            counts[unit] += 1
+            if counts[-1] == per:
+                bounds.append(rel)
+                counts.append(0)
+                if len(bounds) > PREFIX_SLICES:  # twice as long, half as many: every slice but the last is full
+                    bounds, counts, per = bounds[::2], [sum(counts[i:i + 2]) for i in range(0, len(counts), 2)], per * 2
+            counts[-1] += 1
             sha.add(rel)
     if image_column is not None or any(f.lower().endswith(SHARD_EXTENSIONS) for f in kept) or not sha.n:
         return _from_listed(spec, root, kept, image_column, id_column, so)  # tables, shards, or the error

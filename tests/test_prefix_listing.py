@@ -1,5 +1,6 @@
 """A prefix of loose images is listed as a stream (logitstore/listing.py): in the order, ids and listing
-sha256 a whole sorted `find` gives, slice by slice, and under torchrun each rank lists only its slices."""
+sha256 a whole sorted `find` gives, in slices (name ranges) of equal count, and a dump that starts at a
+position (a resumed one, or a torchrun rank's segment) lists only the slices from there on."""
 from __future__ import annotations
 
 import io
@@ -12,6 +13,7 @@ from PIL import Image
 
 import logitstore
 from logitstore import listing
+from logitstore import sources
 from logitstore.sources import open_source
 from logitstore.store import open_store
 
@@ -60,6 +62,11 @@ def s3_loose(s3, loose):
     return "s3://caches/px/"
 
 
+def _slices(fs, base: str, bounds: list[str]) -> list[list[str]]:
+    return [list(listing.walk_sorted(fs, base, lo, bounds[k + 1] if k + 1 < len(bounds) else None))
+            for k, lo in enumerate(bounds)]
+
+
 def _tree(fs, base: str) -> None:
     for name in ("a.jpg", "a-b/1.jpg", "a/x.jpg", "a/y/z.png", "a.jpg.d/q.jpg", "b/.h.jpg", "b/c/d/e.png",
                  "é/1.png", "Z.png", "a b/1.png", "a/x.jpgx/1.png", "b/c.png", "b/c/0.png"):
@@ -74,12 +81,13 @@ def test_a_walk_in_slices_is_the_sorted_find(protocol, tmp_path):
     _tree(fs, base)
     whole = sorted(fs.find(base))
     assert list(listing.walk_sorted(fs, base)) == whole
-    bounds = listing.top_slices(fs, base)
-    assert bounds == ["", "a b/", "a-b/", "a.jpg.d/", "a/", "b/", "é/"]
-    parts = [list(listing.walk_sorted(fs, base, lo, bounds[k + 1] if k + 1 < len(bounds) else None))
-             for k, lo in enumerate(bounds)]
-    assert sum(parts, []) == whole
-    assert parts[0] == [f"{base}/Z.png"] and parts[2] == [f"{base}/a-b/1.jpg", f"{base}/a.jpg"]
+    assert whole[:3] == [f"{base}/Z.png", f"{base}/a b/1.png", f"{base}/a-b/1.jpg"] and whole[3] == f"{base}/a.jpg"
+    rel = [p[len(base) + 1:] for p in whole]
+    for step in (1, 2, 3, 5):  # slices that begin at files, in and out of directories
+        parts = _slices(fs, base, [""] + rel[step::step])
+        assert sum(parts, []) == whole and all(len(p) == step for p in parts[:-1])
+    parts = _slices(fs, base, ["", "a-b/", "a/", "b/c/", "c"])  # bounds that name no file
+    assert sum(parts, []) == whole and parts[1] == [f"{base}/a-b/1.jpg", f"{base}/a.jpg", f"{base}/a.jpg.d/q.jpg"]
 
 
 def test_s3_pages_and_slices_are_the_sorted_find(s3_loose, monkeypatch):
@@ -87,11 +95,10 @@ def test_s3_pages_and_slices_are_the_sorted_find(s3_loose, monkeypatch):
     monkeypatch.setattr(listing, "PAGE_KEYS", 7)  # many pages on a small prefix
     whole = [p for p in sorted(fs.find(path)) if not p.endswith("/")]  # find lists the "a/" marker too
     assert list(listing.walk_sorted(fs, path)) == whole
-    bounds = listing.top_slices(fs, path)
-    assert bounds == ["", "a-b/", "a.png.d/", "a/", "b/", "é/"]
-    parts = [list(listing.walk_sorted(fs, path, lo, bounds[k + 1] if k + 1 < len(bounds) else None))
-             for k, lo in enumerate(bounds)]
-    assert sum(parts, []) == whole
+    rel = [p[len(path) + 1:] for p in whole]
+    for step in (1, 4, 9):
+        parts = _slices(fs, path, [""] + rel[step::step])
+        assert sum(parts, []) == whole and all(len(p) == step for p in parts[:-1])
 
 
 def test_an_s3_prefix_dumps_the_folder_store_and_streams_from_any_position(s3_loose, loose, teacher_ckpt,
@@ -110,17 +117,25 @@ def test_an_s3_prefix_dumps_the_folder_store_and_streams_from_any_position(s3_lo
     assert b.meta.corpus.source == {"kind": "prefix"} and b.meta.corpus.root == "s3://caches/px"
     # Slices, and a stream from any position (how a resumed or distributed dump starts) lists no other slice.
     src = open_source(s3_loose)
-    assert src.units == ["", "a-b/", "a.png.d/", "a/", "b/", "é/"] and sum(src.counts) == N
-    assert src.counts == [10, 10, 10, 10, 10, 10]
     ids = list(ra.ids)
+    assert src.units == [""] + ids[8::8] and src.counts == [8] * 7 + [4]
     for start in (0, 9, 10, 31, N - 1):
         assert [it.id for it in src.items(start)] == ids[start:]
     listed: list[str] = []
     real = listing.walk_sorted
     monkeypatch.setattr(listing, "walk_sorted",
                         lambda fs, path, lo="", hi=None: (listed.append(lo), real(fs, path, lo, hi))[1])
-    assert [it.id for it in src.items(41)][:2] == ids[41:43]
-    assert listed == ["b/", "é/"]
+    assert [it.id for it in src.items(41)] == ids[41:]
+    assert listed == [ids[40], ids[48], ids[56]]
+
+
+def test_a_long_prefix_is_cut_into_few_slices_of_equal_count(s3_loose, monkeypatch):
+    monkeypatch.setattr(sources, "PREFIX_SLICES", 4)
+    monkeypatch.setattr(sources, "PREFIX_SLICE_FIRST", 2)
+    src = open_source(s3_loose)
+    ids = [it.id for it in src.items(0)]
+    assert src.counts == [16, 16, 16, 12] and src.units == ["", ids[16], ids[32], ids[48]]
+    assert [it.id for it in src.items(33)] == ids[33:]
 
 
 def test_a_prefix_that_changes_during_the_dump_is_one_line(s3_loose, tmp_path):
