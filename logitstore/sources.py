@@ -237,6 +237,11 @@ class Source:
         for k in [k for k in self.kept if k < u]:
             self._drop(k)  # listed here, dumped before (a resumed dump)
         pos = start
+        if self.kind in (KIND_PREFIX, KIND_URLS):  # loose images: one stream of requests across units
+            for image_id, data, error in _fetch_all(self, u, skip):
+                yield Item(pos, image_id, data, error)
+                pos += 1
+            return
         remote = self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root)
         with tempfile.TemporaryDirectory(prefix="logitstore-dump-") as tmp, \
                 ThreadPoolExecutor(UNITS_AHEAD) as pool:
@@ -620,12 +625,10 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
                 if n >= skip:
                     yield out(f"{unit}/{key}", value)
                 n += 1
-        elif src.kind == KIND_PARQUET:
+        else:
             for image_id, value in _table_rows(location, unit, src.image_column, src.id_column,
                                                src.storage_options, skip):
                 yield out(image_id, value)
-        else:
-            yield from _fetch_all(src, k, skip)
     except CorpusError:
         raise
     except (OSError, tarfile.TarError, EOFError) as exc:
@@ -635,7 +638,8 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
 
 
 def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """Loose remote images of unit k, CONCURRENT_REQUESTS requests in flight, yielded in listing order."""
+    """Loose remote images from position `skip` of unit k to the end, CONCURRENT_REQUESTS requests in
+    flight across unit bounds, yielded in listing order. A unit is listed only when its ids are due."""
     fs, _ = _fs(src.root, src.storage_options)
 
     def fetch(image_id: str) -> tuple[str, bytes | None, str | None]:
@@ -644,7 +648,7 @@ def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | No
         except Exception as exc:  # a missing or unreadable object is that image's failure
             return image_id, None, describe_failure(exc)
 
-    ids = _listed_ids(src, k, skip)
+    ids = _ids_from(src, k, skip)
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         window: list[Any] = []
         for image_id in ids:
@@ -653,6 +657,17 @@ def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | No
                 yield window.pop(0).result()
         for fut in window:
             yield fut.result()
+
+
+def _ids_from(src: Source, k: int, skip: int) -> Iterator[str]:
+    for j in range(k, len(src.units)):
+        try:
+            yield from _listed_ids(src, j, skip if j == k else 0)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, CorpusError):
+                raise
+            raise CorpusError(f"{_join(src.root, src.units[j]) if src.units[j] else src.root}: cannot be listed "
+                              f"({describe_failure(exc)}); run the same command again to resume") from None
 
 
 def _listed_ids(src: Source, k: int, skip: int) -> Iterator[str]:
