@@ -14,6 +14,7 @@ from PIL import Image
 import logitstore
 from logitstore import listing
 from logitstore import sources
+from logitstore.errors import CorpusError
 from logitstore.sources import open_source
 from logitstore.store import open_store
 
@@ -32,9 +33,7 @@ def _key(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def loose(mnist, tmp_path_factory):
-    """N images as a local folder and the same names under s3://caches/px/ (plus files a dump skips)."""
-    import boto3
-
+    """N images as a local folder (the same names go under s3://caches/px/ in `s3_loose`)."""
     images = []
     for a in mnist["train_images"][:N]:
         b = io.BytesIO()
@@ -49,6 +48,7 @@ def loose(mnist, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3_loose(s3, loose):
+    """The folder's images under s3://caches/px/, with objects a dump skips beside them."""
     import boto3
 
     folder, images = loose
@@ -144,7 +144,7 @@ def test_a_prefix_that_changes_during_the_dump_is_one_line(s3_loose, tmp_path):
     src = open_source(s3_loose)
     boto3.client("s3").put_object(Bucket="caches", Key="px/b/late.png", Body=b"x")
     try:
-        with pytest.raises(logitstore.errors.CorpusError, match="changed during the dump"):
+        with pytest.raises(CorpusError, match="changed during the dump"):
             list(src.items(0))
     finally:
         boto3.client("s3").delete_object(Bucket="caches", Key="px/b/late.png")
