@@ -230,15 +230,18 @@ class Source:
             pos -= c
         return len(self.counts), 0
 
-    def items(self, start: int = 0) -> Iterator[Item]:
+    def items(self, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         """Every listing position from `start` on, in order, read one unit at a time. Remote shards and
-        tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there."""
+        tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there.
+        `stop`: no unit past the one that holds position stop - 1 is listed or fetched (read-ahead
+        would otherwise reach into the units another torchrun process dumps)."""
         u, skip = self.locate(start)
+        end = len(self.units) if stop is None or stop <= start else min(len(self.units), self.locate(stop - 1)[0] + 1)
         for k in [k for k in self.kept if k < u]:
             self._drop(k)  # listed here, dumped before (a resumed dump)
         pos = start
         if self.kind in (KIND_PREFIX, KIND_URLS):  # loose images: one stream of requests across units
-            for image_id, data, error in _fetch_all(self, u, skip):
+            for image_id, data, error in _fetch_all(self, u, skip, end):
                 yield Item(pos, image_id, data, error)
                 pos += 1
             return
@@ -247,12 +250,12 @@ class Source:
                 ThreadPoolExecutor(UNITS_AHEAD) as pool:
             cache = _UnitCache(1 << 62, self.storage_options, tmp)
             ahead: dict[int, Any] = {}
-            for k in range(u, len(self.units)):
+            for k in range(u, end):
                 local = None
                 if remote and k in self.kept:
                     local = self.kept[k]  # fetched when it was listed
                 elif remote:
-                    for j in range(k, min(len(self.units), k + UNITS_AHEAD)):
+                    for j in range(k, min(end, k + UNITS_AHEAD)):
                         if j not in ahead and j not in self.kept:
                             ahead[j] = pool.submit(cache.local, _join(self.root, self.units[j]))
                     try:
@@ -637,9 +640,10 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
                           "run the same command again to resume") from None
 
 
-def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """Loose remote images from position `skip` of unit k to the end, CONCURRENT_REQUESTS requests in
-    flight across unit bounds, yielded in listing order. A unit is listed only when its ids are due."""
+def _fetch_all(src: Source, k: int, skip: int, end: int) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Loose remote images from position `skip` of unit k to the end of unit end - 1, CONCURRENT_REQUESTS
+    requests in flight across unit bounds, yielded in listing order. A unit is listed only when its ids
+    are due."""
     fs, _ = _fs(src.root, src.storage_options)
 
     def fetch(image_id: str) -> tuple[str, bytes | None, str | None]:
@@ -648,7 +652,7 @@ def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | No
         except Exception as exc:  # a missing or unreadable object is that image's failure
             return image_id, None, describe_failure(exc)
 
-    ids = _ids_from(src, k, skip)
+    ids = _ids_from(src, k, skip, end)
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         window: list[Any] = []
         for image_id in ids:
@@ -659,8 +663,8 @@ def _fetch_all(src: Source, k: int, skip: int) -> Iterator[tuple[str, bytes | No
             yield fut.result()
 
 
-def _ids_from(src: Source, k: int, skip: int) -> Iterator[str]:
-    for j in range(k, len(src.units)):
+def _ids_from(src: Source, k: int, skip: int, end: int) -> Iterator[str]:
+    for j in range(k, end):
         try:
             yield from _listed_ids(src, j, skip if j == k else 0)
         except (OSError, ValueError) as exc:

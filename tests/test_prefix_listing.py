@@ -4,7 +4,10 @@ position (a resumed one, or a torchrun rank's segment) lists only the slices fro
 from __future__ import annotations
 
 import io
+import logging
+import re
 import subprocess
+from urllib.parse import parse_qs
 
 import fsspec
 import numpy as np
@@ -127,6 +130,8 @@ def test_an_s3_prefix_dumps_the_folder_store_and_streams_from_any_position(s3_lo
                         lambda fs, path, lo="", hi=None: (listed.append(lo), real(fs, path, lo, hi))[1])
     assert [it.id for it in src.items(41)] == ids[41:]
     assert listed == [ids[40], ids[48], ids[56]]
+    listed.clear()  # with a stop (a segment's end), no slice past the one that holds stop - 1
+    assert [it.id for it in src.items(9, 20)] == ids[9:24] and listed == [ids[8], ids[16]]
 
 
 def test_a_long_prefix_is_cut_into_few_slices_of_equal_count(s3_loose, monkeypatch):
@@ -150,7 +155,20 @@ def test_a_prefix_that_changes_during_the_dump_is_one_line(s3_loose, tmp_path):
         boto3.client("s3").delete_object(Bucket="caches", Key="px/b/late.png")
 
 
-def test_torchrun_over_an_s3_prefix_cuts_at_slices_and_equals_one_process(s3_loose, loose, tmp_path):
+def _listings(records: list[logging.LogRecord], prefix: str) -> list[str | None]:
+    """The StartAfter of each ListObjectsV2 request under `prefix` (None: from the first key), from the
+    moto server's werkzeug request log."""
+    out: list[str | None] = []
+    for r in records:
+        m = re.search(r'"GET /caches/?\?([^ "]*)', r.getMessage())
+        if m:
+            q = parse_qs(m.group(1))
+            if q.get("list-type") == ["2"] and q.get("prefix") == [prefix]:
+                out.append(q.get("start-after", [None])[0])
+    return out
+
+
+def test_torchrun_over_an_s3_prefix_cuts_at_slices_and_equals_one_process(s3_loose, loose, tmp_path, caplog):
     from test_distributed import _env, _torchrun
 
     from conftest import save_teacher
@@ -160,12 +178,35 @@ def test_torchrun_over_an_s3_prefix_cuts_at_slices_and_equals_one_process(s3_loo
             "--num-workers", "0", "--quiet"]
     ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
     run_cli("logitstore", "dump", *args, "--out", str(ref))
-    r = subprocess.run(_torchrun(2, *args, "--out", str(out)), env=_env(), capture_output=True, text=True,
-                       timeout=240)
+    bounds = open_source(s3_loose).units
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        r = subprocess.run(_torchrun(2, *args, "--out", str(out)), env=_env(), capture_output=True, text=True,
+                           timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
+    # One identity pass (rank 0's, shared by broadcast), then each slice listed once, by the rank that
+    # dumps it (slices of 8 = segments, dealt round robin): rank 1 lists none of the prefix but its own.
+    listed = _listings(caplog.records, "px/")
+    assert len(bounds) == 8 and listed.count(None) == 2  # rank 0's identity pass and its first slice
+    assert sorted(a for a in listed if a is not None) == sorted(f"px/{lo[:-1]}" for lo in bounds[1:])
     a, b = open_store(str(ref)), open_store(str(out))
     ra, rb = a.read(0, len(a)), b.read(0, len(b))
     assert len(a) == len(b) == N and list(ra.ids) == list(rb.ids)
     assert ra.logits.tobytes() == rb.logits.tobytes() and np.array_equal(ra.digests, rb.digests)
     assert a.meta.fingerprints == b.meta.fingerprints
     assert a.meta.corpus.listing_sha256 == b.meta.corpus.listing_sha256
+
+
+def test_torchrun_over_a_prefix_without_images_is_one_line_on_every_rank(s3_loose, tmp_path):
+    """Rank 0 alone lists the prefix: its error reaches rank 1 through the broadcast (no rank waits)."""
+    from test_distributed import _env, _torchrun
+
+    from conftest import save_teacher
+
+    ckpt = save_teacher(tmp_path / "t.pt")
+    r = subprocess.run(_torchrun(2, "--teacher", str(ckpt), "--images", "s3://caches/nothing/", "--num-workers",
+                                 "0", "--quiet", "--out", str(tmp_path / "out.zarr")),
+                       env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "s3://caches/nothing/: no images" in ln]
+    # Both ranks print the one line and no traceback of ours (torchrun's launcher prints its own).
+    assert len(lines) == 2 and not re.search(r'File "[^"]*/logitstore/', r.stdout + r.stderr), r.stdout + r.stderr

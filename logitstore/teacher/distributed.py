@@ -69,6 +69,43 @@ def unit_groups(n_units: int, world: int) -> list[range]:
     return [range(g, min(n_units, g + per)) for g in range(0, n_units, per)]
 
 
+def open_shared(spec: str, **options: Any) -> tuple[Any, bool]:
+    """--images under torchrun, unlisted (`open_source(listed=False)`): rank 0 alone makes the identity
+    pass (a prefix's listing sha256, count and slice bounds, whether it holds shards or tables) and
+    broadcasts the Source, so the other processes list only the units they dump. A local folder or
+    listing (a `Corpus`, one path per image) is not sent: each process opens it, as before.
+    Returns (corpus, whether this call started the process group)."""
+    from ..corpus import describe_failure
+    from ..errors import CorpusError
+    from ..sources import open_source
+
+    ctx = torchrun_env() or Torchrun()
+    if ctx.world == 1:
+        return open_source(spec, listed=False, **options), False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
+    box: list[Any] = [None]
+    corpus: Any = None
+    failure: BaseException | None = None
+    if ctx.rank == 0:
+        try:
+            corpus = open_source(spec, listed=False, **options)
+            box = [corpus if isinstance(corpus, Source) else None]
+        except LogitStoreError as exc:
+            box, failure = [exc], exc
+        except Exception as exc:  # the others must not wait for a Source that never comes
+            box, failure = [CorpusError(f"{spec}: rank 0 could not list it ({describe_failure(exc)})")], exc
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], LogitStoreError):
+        raise box[0]
+    if ctx.rank != 0:
+        corpus = box[0] if box[0] is not None else open_source(spec, listed=False, **options)
+    return corpus, started
+
+
 def list_units(source: Source) -> bool:
     """List a streamed corpus under torchrun: each process reads the headers (or metadata) of the units
     it will dump (its segments, as `DumpJob.unit_bounds` cuts them), and all share the results."""

@@ -249,7 +249,7 @@ class DumpJob:
         b = self.batch_size
         end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
-        for item in read_ahead(self.corpus.items((start // b) * b), depth=256):
+        for item in read_ahead(self.corpus.items((start // b) * b, end), depth=256):
             if item.pos >= end:
                 break
             batch.append(item)
@@ -375,13 +375,19 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     if dev.type == "cuda" and dev.index is None and local_rank is not None:  # one GPU per torchrun process
         dev = torch.device("cuda", local_rank)
     precision = resolve_precision(cfg.precision, dev)
-    corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
-                         storage_options=cfg.storage_options, listed=local_rank is None)
     owns_group = False
+    if local_rank is None:
+        corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
+                             storage_options=cfg.storage_options)
+    else:  # under torchrun: rank 0 alone lists a prefix for its identity and shares it
+        from .distributed import open_shared
+
+        corpus, owns_group = open_shared(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
+                                         storage_options=cfg.storage_options)
     if isinstance(corpus, Source) and not corpus.counts:  # under torchrun: each process lists its own units
         from .distributed import list_units
 
-        owns_group = list_units(corpus)
+        owns_group = list_units(corpus) or owns_group
 
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
