@@ -72,15 +72,16 @@ def unit_groups(n_units: int, world: int) -> list[range]:
 def open_shared(spec: str, **options: Any) -> tuple[Any, bool]:
     """--images under torchrun, unlisted (`open_source(listed=False)`): rank 0 alone makes the identity
     pass (a prefix's listing sha256, count and slice bounds, whether it holds shards or tables) and
-    broadcasts the Source, so the other processes list only the units they dump. A local folder or
-    listing (a `Corpus`, one path per image) is not sent: each process opens it, as before.
+    broadcasts the Source, so the other processes list only the units they dump. A local path (also file://) is
+    opened by every process at once, as before (a folder of loose images is a `Corpus`, one path per
+    image: the others would wait for rank 0 only to list it again).
     Returns (corpus, whether this call started the process group)."""
     from ..corpus import describe_failure
     from ..errors import CorpusError
-    from ..sources import open_source
+    from ..sources import is_url, open_source
 
     ctx = torchrun_env() or Torchrun()
-    if ctx.world == 1:
+    if ctx.world == 1 or not is_url(spec) or spec.startswith("file://"):
         return open_source(spec, listed=False, **options), False
     started = not dist.is_initialized()
     if started:
