@@ -4,6 +4,10 @@ the folder, measured side by side in one run.
 
     python -m benchmarks.corpus_sources [--images 20000] [--repeats 2]
     python -m benchmarks.corpus_sources --rss 100000,1000000   # peak RSS of dumps over tiny images in shards
+    python -m benchmarks.corpus_sources --rss-loose 100000,1000000  # ... over a prefix of loose tiny images
+
+"S3 shards, fetched twice" dumps the same remote shards with `sources.LISTED_KEEP_BYTES = 0`: every
+shard is then fetched to be listed and again to be dumped, as before a listed shard was kept.
 
 The fit runs without a decode cache (--cache-images 0), so every epoch reads each image again from
 its source: the folder's files, the shards' members (remote shards through the local unit cache),
@@ -30,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 import logitstore
+import logitstore.sources as sources_module
 import trainer
 
 from .dump_throughput import PRE, teacher_net
@@ -98,6 +103,7 @@ def speeds(args: argparse.Namespace) -> None:
             sources = {"folder": (str(layouts["folder"]), {}),
                        "local shards": (str(layouts["shards"]), {}),
                        "S3 shards (loopback)": ("s3://bench/shards/", {}),
+                       "S3 shards, fetched twice": ("s3://bench/shards/", {}),
                        "Parquet": (str(layouts["tables"]), {"image_column": "image"})}
             stores: dict[str, str] = {}
             for rep in range(args.repeats):
@@ -105,12 +111,21 @@ def speeds(args: argparse.Namespace) -> None:
                 for name in names[rep % len(names):] + names[:rep % len(names)]:
                     images, kw = sources[name]
                     out = tmp / f"{name.replace(' ', '_')}-{rep}.zarr"
+                    keep = sources_module.LISTED_KEEP_BYTES
+                    if name == "S3 shards, fetched twice":
+                        sources_module.LISTED_KEEP_BYTES = 0
                     t0 = time.perf_counter()
-                    s = logitstore.dump(str(ckpt), images, str(out), batch_size=256, num_workers=args.workers,
-                                        device="cpu", trust_modules=["benchmarks.dump_throughput"], **kw)
+                    try:
+                        s = logitstore.dump(str(ckpt), images, str(out), batch_size=256, num_workers=args.workers,
+                                            device="cpu", trust_modules=["benchmarks.dump_throughput"], **kw)
+                    finally:
+                        sources_module.LISTED_KEEP_BYTES = keep
                     dump_rate[name] = max(dump_rate.get(name, 0.0), s.n_images / (time.perf_counter() - t0))
                     stores[name] = str(out)
                 for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    if name == "S3 shards, fetched twice":
+                        fit_rate[name] = float("nan")  # the trainer reads the same store as the row above
+                        continue
                     res = trainer.fit([stores[name]], tmp / f"fit-{name.replace(' ', '_')}-{rep}", student="lenet",
                                       epochs=args.epochs, batch_size=256, num_workers=args.workers, seed=0,
                                       cache_images=0)
@@ -177,6 +192,62 @@ def rss(sizes: list[int]) -> None:
     Console().print(t)
 
 
+def rss_loose_child(n: int, tmp: str, mode: str) -> None:
+    """Over `n` loose tiny images (1,000 a folder) given as a `local://` prefix, in its own process:
+    "dump", a whole dump through the streamed prefix listing; "find", only the listing as it was
+    (`sorted(fs.find(...))` and the ids kept)."""
+    import fsspec
+
+    root = Path(tmp)
+    folder = root / f"loose-{n}"
+    if not folder.exists():
+        b = io.BytesIO()
+        Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4)).save(b, format="PNG")
+        tiny = b.getvalue()
+        for i in range(n):
+            if i % 1000 == 0:
+                (folder / f"{i // 1000:05d}").mkdir(parents=True)
+            (folder / f"{i // 1000:05d}" / f"{i:09d}.png").write_bytes(tiny)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if mode == "find":
+        fs = fsspec.filesystem("file")
+        base = str(folder)
+        ids = [p[len(base) + 1:] for p in sorted(fs.find(base)) if p.endswith(".png")]
+        stored = len(ids)
+    else:
+        torch.manual_seed(0)
+        ckpt = root / "tiny.pt"
+        torch.save({"arch": "benchmarks.corpus_sources:tiny_teacher", "arch_kwargs": {},
+                    "state_dict": tiny_teacher().state_dict(), "classes": [str(i) for i in range(10)],
+                    "preprocess": {"size": [4, 4], "mean": [0.5], "std": [0.25], "mode": "L"}}, ckpt)
+        s = logitstore.dump(str(ckpt), f"local://{folder}/", str(root / f"out-{n}.zarr"), batch_size=1024,
+                            num_workers=0, device="cpu", trust_modules=["benchmarks.corpus_sources"])
+        stored = s.n_images
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{n} {stored} {before} {peak} {dt:.1f}")
+
+
+def rss_loose(sizes: list[int]) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            for mode in ("find", "dump"):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.corpus_sources", "--rss-loose-child",
+                                      str(n), tmp, mode], capture_output=True, text=True, check=True).stdout.split()
+                rows.append((mode, n, int(out[1]), int(out[3]), float(out[4])))
+    t = Table(title="peak RSS over a prefix of loose tiny images (4x4 PNG, 1,000 a folder, `local://`); "
+                    "dump: 0 workers, batch 1024; find: the listing as it was, alone")
+    for col in ("what", "listed", "stored", "peak RSS MiB", f"x {sizes[0]:,}", "seconds"):
+        t.add_column(col, justify="right")
+    for mode, n, stored, peak, dt in rows:
+        first = next(r[3] for r in rows if r[0] == mode)
+        t.add_row("whole dump (streamed listing)" if mode == "dump" else "sorted(find) only", f"{n:,}",
+                  f"{stored:,}", f"{peak / 1024:,.0f}", f"{peak / first:.3f}", f"{dt:,.0f}")
+    Console().print(t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=20000)
@@ -186,8 +257,14 @@ def main() -> None:
     ap.add_argument("--mnist", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/mnist.npz")
     ap.add_argument("--rss", default=None, help="comma-separated corpus sizes: measure peak RSS instead")
     ap.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-loose", default=None, help="comma-separated sizes: peak RSS over a prefix of loose images")
+    ap.add_argument("--rss-loose-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rss_child:
+    if args.rss_loose_child:
+        rss_loose_child(int(args.rss_loose_child[0]), args.rss_loose_child[1], args.rss_loose_child[2])
+    elif args.rss_loose:
+        rss_loose([int(x) for x in args.rss_loose.split(",")])
+    elif args.rss_child:
         rss_child(int(args.rss_child[0]), args.rss_child[1])
     elif args.rss:
         rss([int(x) for x in args.rss.split(",")])

@@ -2,7 +2,8 @@
 loose images, WebDataset tar shards, or Parquet / Arrow files with an image column.
 
 Each kind is a `Source`: its identity (root, listing, n_listed, the listing's sha256) from one
-streaming pass that keeps one count per unit (shard or file), never one entry per image; its items
+streaming pass that keeps one count per unit (shard, file, or a prefix's slice: listing.py), never
+one entry per image; a remote unit fetched to be listed is kept for the dump (fetched once); its items
 streamed from any listing position (`items`); and what a store records to find a row's bytes again
 (`record`, docs/FORMAT.md "1.4: row sources"). `open_reader` reads rows back by id (trainer, show,
 verify): a unit at a time, remote units fetched concurrently into a bounded local cache.
@@ -22,6 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,10 +39,17 @@ SHARD_EXTENSIONS = (".tar",)
 TABLE_EXTENSIONS = (".parquet", ".arrow")
 # Loose remote images are fetched this many at a time (object stores answer each request in tens of ms).
 CONCURRENT_REQUESTS = 16
+# A prefix of loose images is cut into at most this many slices of equal count (a power of two times
+# PREFIX_SLICE_FIRST images each, the last shorter): the units a distributed dump deals out.
+PREFIX_SLICES = 4096
+PREFIX_SLICE_FIRST = 8
 # Remote shards and tables a dump fetches at once, ahead of the one it reads.
 UNITS_AHEAD = 3
 # Remote shards and tables are read through a local cache of whole units, at most this many bytes.
 DEFAULT_CACHE_BYTES = 4 << 30
+# A remote unit is fetched whole to be listed, and kept for the dump to read (fetched once), while the
+# kept units of a process stay under this many bytes; past it a unit is listed and fetched again later.
+LISTED_KEEP_BYTES = DEFAULT_CACHE_BYTES
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 
 
@@ -83,7 +92,7 @@ def _join(root: str, rel: str) -> str:
 def _protocol_root(url: str, fs: Any, path: str) -> str:
     """`path` (as the filesystem names it) back as a URL with `url`'s protocol."""
     proto = url.split("://", 1)[0]
-    return f"{proto}://{path.lstrip('/')}" if proto != "file" else f"file:///{path.lstrip('/')}"
+    return f"{proto}://{path.lstrip('/')}" if proto not in ("file", "local") else f"{proto}:///{path.lstrip('/')}"
 
 
 class _Sha:
@@ -104,29 +113,80 @@ class Source:
     kind: str
     root: str                       # local folder or URL every id is relative to
     listing: str                    # what was given (--images)
-    units: list[str]                # unit names relative to root (shards, tables); [""] for a flat listing
+    units: list[str]                # unit names relative to root (shards, tables); [""] for a flat listing;
+                                    # a prefix's slices: the first id of each ("" for the first)
     counts: list[int]               # listing positions per unit
     sha256: str
     image_column: str | None = None
     id_column: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
-    entries: list[str] | None = None  # a prefix's ids (its listing is the object store's, kept sorted)
     unit_shas: list[str] = field(default_factory=list)  # sha256 of each unit's ids (shards, tables)
     positional = False              # items are streamed, not read by position in DataLoader workers
+    kept: dict[int, str] = field(default_factory=dict, repr=False)  # remote units fetched when listed
+    _keep: Any = field(default=None, repr=False)                  # (folder, lock, [bytes kept])
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy in a DataLoader worker reads no kept unit
+        return {**self.__dict__, "kept": {}, "_keep": None}
 
     def list_unit(self, k: int) -> tuple[int, str]:
-        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids."""
+        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids.
+        A remote unit is fetched whole for this and kept for `items` while LISTED_KEEP_BYTES allows,
+        so the dump does not fetch it again."""
         location = _join(self.root, self.units[k])
         sha = _Sha()
         with _unit_errors(location):
-            if self.kind == KIND_WEBDATASET:
-                for key, _ in _shard_samples(location, self.storage_options, read=False):
-                    sha.add(f"{self.units[k]}/{key}")
-            else:
-                for image_id in _table_ids(location, self.units[k], self.image_column, self.id_column,
-                                           self.storage_options):
-                    sha.add(image_id)
+            local = self._fetch_to_keep(k, location) if is_url(location) else None
+            try:
+                if self.kind == KIND_WEBDATASET:
+                    for key, _ in _shard_samples(local or location, self.storage_options, read=False):
+                        sha.add(f"{self.units[k]}/{key}")
+                else:
+                    for image_id in _table_ids(local or location, self.units[k], self.image_column,
+                                               self.id_column, self.storage_options):
+                        sha.add(image_id)
+            except BaseException:
+                if local is not None:
+                    os.unlink(local)
+                raise
+        if local is not None and not self._admit(k, local):
+            os.unlink(local)
         return sha.n, sha.h.hexdigest()
+
+    def _keep_folder(self) -> str:
+        if self._keep is None:
+            folder = tempfile.mkdtemp(prefix="logitstore-listed-")
+            weakref.finalize(self, _remove_folder, folder, os.getpid())
+            self._keep = (folder, threading.Lock(), [0])
+        return self._keep[0]
+
+    def _fetch_to_keep(self, k: int, location: str) -> str:
+        fs, path = _fs(location, self.storage_options)
+        local = os.path.join(self._keep_folder(), f"{k:09d}{os.path.splitext(location)[1]}")
+        try:
+            fs.get_file(path, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(local)
+            raise
+        return local
+
+    def _admit(self, k: int, local: str) -> bool:
+        size = os.path.getsize(local)
+        _, lock, total = self._keep
+        with lock:
+            if total[0] + size > LISTED_KEEP_BYTES:
+                return False
+            total[0] += size
+            self.kept[k] = local
+        return True
+
+    def _drop(self, k: int) -> None:
+        """Unit k's kept copy is read (or useless): its bytes leave the budget."""
+        local = self.kept.pop(k, None)
+        if local is not None and self._keep is not None:
+            with self._keep[1]:
+                self._keep[2][0] -= os.path.getsize(local)
+            os.unlink(local)
 
     def settle(self, listed: Sequence[tuple[int, str]]) -> None:
         """Every unit's (count, sha): the listing's identity is the sha256 of the lines
@@ -158,6 +218,8 @@ class Source:
 
     def protected(self) -> list[str]:
         """What a dump reads, which its --out must not overlap: the shards or tables, or the root."""
+        if self.kind == KIND_PREFIX:
+            return [self.root]
         return [_join(self.root, u) for u in self.units if u] or [self.root]
 
     def locate(self, pos: int) -> tuple[int, int]:
@@ -168,21 +230,33 @@ class Source:
             pos -= c
         return len(self.counts), 0
 
-    def items(self, start: int = 0) -> Iterator[Item]:
+    def items(self, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         """Every listing position from `start` on, in order, read one unit at a time. Remote shards and
-        tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there."""
+        tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there.
+        `stop`: no unit past the one that holds position stop - 1 is listed or fetched (read-ahead
+        would otherwise reach into the units another torchrun process dumps)."""
         u, skip = self.locate(start)
+        end = len(self.units) if stop is None or stop <= start else min(len(self.units), self.locate(stop - 1)[0] + 1)
+        for k in [k for k in self.kept if k < u]:
+            self._drop(k)  # listed here, dumped before (a resumed dump)
         pos = start
+        if self.kind in (KIND_PREFIX, KIND_URLS):  # loose images: one stream of requests across units
+            for image_id, data, error in _fetch_all(self, u, skip, end):
+                yield Item(pos, image_id, data, error)
+                pos += 1
+            return
         remote = self.kind in (KIND_WEBDATASET, KIND_PARQUET) and is_url(self.root)
         with tempfile.TemporaryDirectory(prefix="logitstore-dump-") as tmp, \
                 ThreadPoolExecutor(UNITS_AHEAD) as pool:
             cache = _UnitCache(1 << 62, self.storage_options, tmp)
             ahead: dict[int, Any] = {}
-            for k in range(u, len(self.units)):
+            for k in range(u, end):
                 local = None
-                if remote:
-                    for j in range(k, min(len(self.units), k + UNITS_AHEAD)):
-                        if j not in ahead:
+                if remote and k in self.kept:
+                    local = self.kept[k]  # fetched when it was listed
+                elif remote:
+                    for j in range(k, min(end, k + UNITS_AHEAD)):
+                        if j not in ahead and j not in self.kept:
                             ahead[j] = pool.submit(cache.local, _join(self.root, self.units[j]))
                     try:
                         local = ahead.pop(k).result()
@@ -192,9 +266,16 @@ class Source:
                 for image_id, data, error in _unit_items(self, k, skip, local):
                     yield Item(pos, image_id, data, error)
                     pos += 1
-                if local is not None:
+                if k in self.kept:
+                    self._drop(k)
+                elif local is not None:
                     os.unlink(local)  # read here in the main process: no worker needs it any more
                 skip = 0
+
+
+def _remove_folder(folder: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked worker, whose copy of the Source goes away first
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_column: str | None = None,
@@ -205,7 +286,10 @@ def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_
     (`Source.list_unit`, any process any unit) and hands every result to `Source.settle`."""
     source = _open_source(spec, image_column, id_column, storage_options)
     if listed and isinstance(source, Source) and not source.counts:
-        source.settle([source.list_unit(k) for k in range(len(source.units))])
+        if is_url(source.root):
+            source._keep_folder()  # before the threads that fill it
+        with ThreadPoolExecutor(UNITS_AHEAD if is_url(source.root) else 1) as pool:
+            source.settle(list(pool.map(source.list_unit, range(len(source.units)))))
     return source
 
 
@@ -224,13 +308,10 @@ def _open_source(spec: str | os.PathLike, image_column: str | None, id_column: s
         if text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
             return _from_files(text, [text], image_column, id_column, so)
         try:
-            found = sorted(fs.find(path))
+            return _from_prefix(text, fs, path, image_column, id_column, so)
         except (OSError, ValueError) as exc:
             raise CorpusError(f"{text}: cannot list it ({describe_failure(exc)}); check the URL and "
                               "--storage-option") from None
-        root = _protocol_root(text, fs, path.rstrip("/"))
-        urls = [_protocol_root(text, fs, p) for p in found]
-        return _from_listed(text, root, urls, image_column, id_column, so)
     src = Path(text).expanduser()
     if src.is_file() and src.name.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
         return _from_files(text, [str(src.resolve())], image_column, id_column, so)
@@ -296,13 +377,40 @@ def _from_listed(spec: str, root: str, files: list[str], image_column: str | Non
     if not images:
         raise CorpusError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}), .tar shards or (with "
                           "--image-column) Parquet files found; check --images")
-    if not is_url(root):
-        return list_corpus(root)
-    ids = [f[len(root.rstrip('/')) + 1:] for f in images]
-    sha = _Sha()
-    for i in ids:
-        sha.add(i)
-    return Source(KIND_PREFIX, root, spec, [""], [len(ids)], sha.h.hexdigest(), storage_options=so, entries=ids)
+    return list_corpus(root)  # a local folder (a URL prefix of loose images is `_from_prefix`'s)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def _from_prefix(spec: str, fs: Any, path: str, image_column: str | None, id_column: str | None,
+                 so: dict[str, Any]) -> Source:
+    """A URL prefix, listed as a stream (logitstore/listing.py): one pass in name order keeps its shards
+    and tables (few), and for loose images only the listing's sha256 (as `sorted(fs.find(path))` would
+    give it) and at most PREFIX_SLICES slices of equal count (each a name range, its first image's id
+    the bound), so memory does not grow with the number of images."""
+    from .listing import walk_sorted
+
+    base = path.rstrip("/")
+    root = _protocol_root(spec, fs, base)
+    bounds, counts, per = [""], [0], PREFIX_SLICE_FIRST
+    sha, kept = _Sha(), []
+    for p in walk_sorted(fs, base):
+        rel = p[len(base) + 1:]
+        if rel.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS) or os.path.basename(rel) == "state.json":
+            kept.append(_protocol_root(spec, fs, p))
+        elif _is_image(rel):
+            if counts[-1] == per:
+                bounds.append(rel)
+                counts.append(0)
+                if len(bounds) > PREFIX_SLICES:  # twice as long, half as many: every slice but the last is full
+                    bounds, counts, per = bounds[::2], [sum(counts[i:i + 2]) for i in range(0, len(counts), 2)], per * 2
+            counts[-1] += 1
+            sha.add(rel)
+    if image_column is not None or any(f.lower().endswith(SHARD_EXTENSIONS) for f in kept) or not sha.n:
+        return _from_listed(spec, root, kept, image_column, id_column, so)  # tables, shards, or the error
+    return Source(KIND_PREFIX, root, spec, bounds, counts, sha.h.hexdigest(), storage_options=so)
 
 
 def _hf_order(tables: list[str], files: list[str], so: dict[str, Any]) -> list[str]:
@@ -520,12 +628,10 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
                 if n >= skip:
                     yield out(f"{unit}/{key}", value)
                 n += 1
-        elif src.kind == KIND_PARQUET:
+        else:
             for image_id, value in _table_rows(location, unit, src.image_column, src.id_column,
                                                src.storage_options, skip):
                 yield out(image_id, value)
-        else:
-            yield from _fetch_all(src, skip)
     except CorpusError:
         raise
     except (OSError, tarfile.TarError, EOFError) as exc:
@@ -534,8 +640,10 @@ def _unit_items(src: Source, k: int, skip: int, local: str | None = None
                           "run the same command again to resume") from None
 
 
-def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """Loose remote images, CONCURRENT_REQUESTS requests in flight, yielded in listing order."""
+def _fetch_all(src: Source, k: int, skip: int, end: int) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Loose remote images from position `skip` of unit k to the end of unit end - 1, CONCURRENT_REQUESTS
+    requests in flight across unit bounds, yielded in listing order. A unit is listed only when its ids
+    are due."""
     fs, _ = _fs(src.root, src.storage_options)
 
     def fetch(image_id: str) -> tuple[str, bytes | None, str | None]:
@@ -544,7 +652,7 @@ def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str 
         except Exception as exc:  # a missing or unreadable object is that image's failure
             return image_id, None, describe_failure(exc)
 
-    ids = _listed_ids(src, skip)
+    ids = _ids_from(src, k, skip, end)
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         window: list[Any] = []
         for image_id in ids:
@@ -555,15 +663,50 @@ def _fetch_all(src: Source, skip: int) -> Iterator[tuple[str, bytes | None, str 
             yield fut.result()
 
 
-def _listed_ids(src: Source, skip: int) -> Iterator[str]:
-    if src.entries is not None:
-        yield from src.entries[skip:]
+def _ids_from(src: Source, k: int, skip: int, end: int) -> Iterator[str]:
+    for j in range(k, end):
+        try:
+            yield from _listed_ids(src, j, skip if j == k else 0)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, CorpusError):
+                raise
+            raise CorpusError(f"{_join(src.root, src.units[j]) if src.units[j] else src.root}: cannot be listed "
+                              f"({describe_failure(exc)}); run the same command again to resume") from None
+
+
+def _listed_ids(src: Source, k: int, skip: int) -> Iterator[str]:
+    if src.kind == KIND_PREFIX:
+        yield from _slice_ids(src, k, skip)
         return
     n = 0
     for url in _listing_lines(Path(src.listing)):
         if n >= skip:
             yield _rel(src.root, url)
         n += 1
+
+
+def _slice_ids(src: Source, k: int, skip: int) -> Iterator[str]:
+    """The ids of a prefix's slice k from its position `skip` on, listed afresh: this process lists no
+    other slice. A count that differs from the one listed first means the prefix changed meanwhile."""
+    from .listing import walk_sorted
+
+    fs, path = _fs(src.root, src.storage_options)
+    base = path.rstrip("/")
+    hi = src.units[k + 1] if k + 1 < len(src.units) else None
+    n = 0
+    for p in walk_sorted(fs, base, src.units[k], hi):
+        rel = p[len(base) + 1:]
+        if not _is_image(rel):
+            continue
+        if n >= src.counts[k]:
+            n += 1  # more than listed: the prefix changed
+            break
+        if n >= skip:
+            yield rel
+        n += 1
+    if n != src.counts[k]:
+        raise CorpusError(f"{_join(src.root, src.units[k])}: now lists {n} images where the dump listed "
+                          f"{src.counts[k]}; the prefix changed during the dump: dump it again with --overwrite")
 
 
 # -- a listing of URLs ----------------------------------------------------------------------------

@@ -60,6 +60,53 @@ def unit_share(n_units: int, world: int) -> int:
     return max(1, math.ceil(n_units / max(1, SEGMENTS_PER_PROCESS * world)))
 
 
+def unit_groups(n_units: int, world: int) -> list[range]:
+    """The units (shards, files, slices) of each segment of a streamed corpus over `world` processes, in
+    order: the one derivation both the listing (`list_units`) and the cut (`DumpJob.unit_bounds`) use,
+    so a process lists the units it dumps. (A group of units that hold no samples makes no segment:
+    the later segments then go round robin one process further on than they were listed.)"""
+    per = unit_share(n_units, world)
+    return [range(g, min(n_units, g + per)) for g in range(0, n_units, per)]
+
+
+def open_shared(spec: str, **options: Any) -> tuple[Any, bool]:
+    """--images under torchrun, unlisted (`open_source(listed=False)`): rank 0 alone makes the identity
+    pass (a prefix's listing sha256, count and slice bounds, whether it holds shards or tables) and
+    broadcasts the Source, so the other processes list only the units they dump. A local path (also file://) is
+    opened by every process at once, as before (a folder of loose images is a `Corpus`, one path per
+    image: the others would wait for rank 0 only to list it again).
+    Returns (corpus, whether this call started the process group)."""
+    from ..corpus import describe_failure
+    from ..errors import CorpusError
+    from ..sources import is_url, open_source
+
+    ctx = torchrun_env() or Torchrun()
+    if ctx.world == 1 or not is_url(spec) or spec.startswith("file://"):
+        return open_source(spec, listed=False, **options), False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
+    box: list[Any] = [None]
+    corpus: Any = None
+    failure: BaseException | None = None
+    if ctx.rank == 0:
+        try:
+            corpus = open_source(spec, listed=False, **options)
+            box = [corpus if isinstance(corpus, Source) else None]
+        except LogitStoreError as exc:
+            box, failure = [exc], exc
+        except Exception as exc:  # the others must not wait for a Source that never comes
+            box, failure = [CorpusError(f"{spec}: rank 0 could not list it ({describe_failure(exc)})")], exc
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], LogitStoreError):
+        raise box[0]
+    if ctx.rank != 0:
+        corpus = box[0] if box[0] is not None else open_source(spec, listed=False, **options)
+    return corpus, started
+
+
 def list_units(source: Source) -> bool:
     """List a streamed corpus under torchrun: each process reads the headers (or metadata) of the units
     it will dump (its segments, as `DumpJob.unit_bounds` cuts them), and all share the results."""
@@ -67,9 +114,10 @@ def list_units(source: Source) -> bool:
     started = ctx.world > 1 and not dist.is_initialized()
     if started:
         dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
-    per = unit_share(len(source.units), ctx.world)
+    groups = unit_groups(len(source.units), ctx.world)
     try:
-        mine: Any = {k: source.list_unit(k) for k in range(len(source.units)) if (k // per) % ctx.world == ctx.rank}
+        mine: Any = {k: source.list_unit(k) for g, units in enumerate(groups) if g % ctx.world == ctx.rank
+                     for k in units}
     except LogitStoreError as exc:
         mine = exc
     parts: list[Any] = [mine]

@@ -294,7 +294,7 @@ class DumpJob:
         first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
         end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
-        for item in read_ahead(self.corpus.items(first), depth=256):
+        for item in read_ahead(self.corpus.items(first, end), depth=256):
             if item.pos >= end:
                 break
             batch.append(item)
@@ -310,16 +310,14 @@ class DumpJob:
         corpus read by position, which is cut in fixed runs of rows."""
         if getattr(self.corpus, "positional", True):
             return None
-        from .distributed import unit_share
+        from .distributed import unit_groups
 
         counts = self.corpus.counts
-        per = unit_share(len(counts), world)
         bounds, pos = [0], 0
-        for u, c in enumerate(counts):
-            pos += c
-            if (u + 1) % per == 0 or u + 1 == len(counts):
-                if pos > bounds[-1]:
-                    bounds.append(pos)
+        for units in unit_groups(len(counts), world):
+            pos += sum(counts[u] for u in units)
+            if pos > bounds[-1]:
+                bounds.append(pos)
         return bounds
 
     def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
@@ -423,13 +421,19 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     if dev.type == "cuda" and dev.index is None and local_rank is not None:  # one GPU per torchrun process
         dev = torch.device("cuda", local_rank)
     precision = resolve_precision(cfg.precision, dev)
-    corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
-                         storage_options=cfg.storage_options, listed=local_rank is None)
     owns_group = False
+    if local_rank is None:
+        corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
+                             storage_options=cfg.storage_options)
+    else:  # under torchrun: rank 0 alone lists a prefix for its identity and shares it
+        from .distributed import open_shared
+
+        corpus, owns_group = open_shared(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
+                                         storage_options=cfg.storage_options)
     if isinstance(corpus, Source) and not corpus.counts:  # under torchrun: each process lists its own units
         from .distributed import list_units
 
-        owns_group = list_units(corpus)
+        owns_group = list_units(corpus) or owns_group
 
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
