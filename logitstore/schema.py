@@ -100,7 +100,10 @@ def float16_limit(keep_bits: int | None) -> float:
     if keep_bits is None:
         return FLOAT16_MAX
     return 2.0 ** 15 * (2.0 - 2.0 ** -keep_bits)
-VIEW_KINDS = ("eval", "random_resized_crop")
+VIEW_KINDS = ("eval", "random_resized_crop", "augmented_resized_crop")
+# 1.5: random resized crops followed by augment / erasing / mix. A kind of its own (not optional keys of
+# random_resized_crop) so that a 1.4 reader refuses the store under R3 instead of training on crops alone.
+AUGMENTED_RESIZED_CROP = "augmented_resized_crop"
 # 1.5: the augmentation ops a store may name (views.augment.ops), in torchvision's RandAugment order.
 AUGMENT_OPS_KNOWN = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
                      "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
@@ -314,10 +317,11 @@ class ViewSpec:
         if spec.count < 1 or (spec.kind == "eval" and spec.count != 1):
             raise FormatError(f"views count {spec.count} does not fit kind {spec.kind!r}")
         extras = {k: d[k] for k in ("augment", "erasing", "mix") if d.get(k) is not None}
+        if (spec.kind == AUGMENTED_RESIZED_CROP) != bool(extras):
+            raise FormatError(f"views kind {spec.kind!r} does not fit its augment/erasing/mix objects "
+                              f"({', '.join(extras) or 'none'}): {AUGMENTED_RESIZED_CROP} goes with at least one "
+                              "of them, other kinds with none (docs/FORMAT.md, 1.5: augmented views)")
         if extras:
-            if spec.kind != "random_resized_crop":
-                raise FormatError(f"views {', '.join(extras)} need random_resized_crop views, not {spec.kind!r} "
-                                  "(docs/FORMAT.md, 1.5: augmented views)")
             spec = dataclasses.replace(
                 spec, augment=AugmentPolicy.from_dict(extras["augment"]) if "augment" in extras else None,
                 erasing=ErasingPolicy.from_dict(extras["erasing"]) if "erasing" in extras else None,

@@ -68,6 +68,9 @@ def test_trainer_replays_every_kind_of_view_bit_for_bit_and_the_teacher_agrees(s
     store = setup["stores"][kind]
     meta = logitstore.open_store(store).meta
     assert meta.format_version == ("1.4" if kind == "crop-flip" else "1.5")
+    # A kind of its own for augmented views, so 1.4 readers refuse them (R3) instead of training on crops alone.
+    attrs_kind = json.loads((store / "zarr.json").read_text())["attributes"][schema.ATTR_ROOT]["views"]["kind"]
+    assert attrs_kind == meta.views.kind == ("random_resized_crop" if kind == "crop-flip" else "augmented_resized_crop")
     replayed = _epochs(store, [setup["corpus"]])
     embedded = _epochs(store, None)  # the dump's own input to the teacher, as stored
     assert replayed.keys() == embedded.keys() and len(replayed) == VIEWS * N_IMAGES

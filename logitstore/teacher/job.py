@@ -22,7 +22,7 @@ from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sh
 from ..device import resolve_device, resolve_precision
 from ..failures import FailureWatch
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
-from ..schema import AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
+from ..schema import AUGMENTED_RESIZED_CROP, AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
@@ -119,7 +119,8 @@ class DumpConfig:
                                                       group=int(self.mix_group)) if (self.mixup or self.cutmix) else None
         if self.views == 1 and augment is None and erasing is None and mix is None:
             return ViewSpec(1, "eval")
-        return ViewSpec(self.views, "random_resized_crop", tuple(self.crop_scale), tuple(self.crop_ratio),
+        kind = "random_resized_crop" if augment is None and erasing is None and mix is None else AUGMENTED_RESIZED_CROP
+        return ViewSpec(self.views, kind, tuple(self.crop_scale), tuple(self.crop_ratio),
                         float(self.flip_prob), augment, erasing, mix)
 
     def target_spec(self) -> TargetSpec:
