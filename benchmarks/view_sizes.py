@@ -81,7 +81,7 @@ def measure(out: Path, n: int, v: int, c: int, targets: TargetSpec, policy: dict
     row_bytes += sum(v * int(np.prod(t)) * np.dtype(d).itemsize for t, d in schema.view_extra_arrays(views).values())
     from dataclasses import replace
 
-    meta = replace(meta, chunk_rows=schema.chunk_rows_for(row_bytes))
+    meta = replace(meta, chunk_rows=schema.chunk_rows_for(row_bytes, views.augmented))
     writer = open_writer(str(out), meta)
     writer.submit(rows_for(meta, n))
     final = writer.close(finalize=True)

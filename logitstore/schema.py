@@ -871,10 +871,11 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
     return chunk_rows_for(views * num_classes * itemsize)
 
 
-def chunk_rows_for(row_bytes: int) -> int:
+def chunk_rows_for(row_bytes: int, augmented: bool = False) -> int:
     """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192];
-    fewer than 256 rows only where a row alone exceeds 16 KiB (hundreds of views per image, 1.5), so a
-    chunk stays near 4 MiB instead of growing to hundreds of MiB (it is never under 4 MiB there)."""
+    for an augmented (1.5) store, fewer than 256 rows where a row alone exceeds 16 KiB (hundreds of views
+    per image), so a chunk stays near 4 MiB instead of growing to hundreds of MiB. Plain stores keep the
+    1.4 rule: chunk_rows is in the run fingerprint, so a dump started by an older release must resume."""
     target = (4 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
-    return int(min(8192, rows if row_bytes > 16 << 10 else max(256, rows)))
+    return int(min(8192, rows if augmented and row_bytes > 16 << 10 else max(256, rows)))

@@ -254,3 +254,10 @@ def test_impossible_stored_view_values_are_refused_naming_the_array(setup, tmp_p
     assert proc.returncode != 0 and "augment_ops" in proc.stderr and "outside views.augment" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert invoke("logitstore", "verify", str(bad)).returncode != 0  # its chunk record no longer matches
+
+
+def test_plain_stores_keep_the_1_4_chunk_rows_and_only_augmented_ones_go_under_256():
+    row = 10 * 1000 * 2  # --views 10, 1000 classes, float16: 20,000 bytes, over 16 KiB
+    assert schema.chunk_rows_for(row) == 256  # what a4cd2d3 picked, so its unfinished dumps resume
+    assert schema.chunk_rows_for(row, augmented=True) == 128
+    assert schema.default_chunk_rows(10, 1000, 2) == 256

@@ -454,7 +454,7 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
     row_bytes += sum(spec.count * int(np.prod(tail)) * np.dtype(d).itemsize  # 1.5 view arrays
                      for tail, d in schema.view_extra_arrays(spec).values())
-    meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
+    meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes, spec.augmented))
     workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
     return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share, owns_group)
 
