@@ -809,6 +809,10 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
                           "sha256): the metadata was altered (docs/FORMAT.md, R4)")
     if meta.dtype not in LOGIT_DTYPES:
         raise FormatError(f"logits dtype {meta.dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
+    if meta.views.augmented and parse_version(meta.format_version) < AUGMENTED_SINCE:
+        raise FormatError(f"a format {meta.format_version} store cannot carry augmented views (views kind "
+                          f"{meta.views.kind!r}, augment/erasing/mix; format 1.5 or later, docs/FORMAT.md, "
+                          "1.5: augmented views): the store's metadata is inconsistent")
     if meta.views.count * meta.num_classes > MAX_ROW_LOGITS:
         raise FormatError(f"{meta.views.count} views x {meta.num_classes} classes exceeds {MAX_ROW_LOGITS} "
                           "logits per image (docs/FORMAT.md, R3)")

@@ -261,3 +261,35 @@ def test_plain_stores_keep_the_1_4_chunk_rows_and_only_augmented_ones_go_under_2
     assert schema.chunk_rows_for(row) == 256  # what a4cd2d3 picked, so its unfinished dumps resume
     assert schema.chunk_rows_for(row, augmented=True) == 128
     assert schema.default_chunk_rows(10, 1000, 2) == 256
+
+
+def _reseal(path: Path, edit) -> None:
+    """Edit the root attribute and re-record its metadata checksum, as a writer that meant it would, so
+    the rule under test is met rather than R4."""
+    doc = json.loads((path / "zarr.json").read_text())
+    d = doc["attributes"][schema.ATTR_ROOT]
+    edit(d)
+    d["fingerprints"]["metadata"] = schema.metadata_checksum(d)
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("version", ["1.4", "1.2"])
+def test_augmented_views_in_an_older_format_version_are_refused(setup, tmp_path, version):
+    bad = tmp_path / "old.zarr"
+    shutil.copytree(setup["stores"]["all"], bad)
+    _reseal(bad, lambda d: d.__setitem__("format_version", version))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), f"format {version} store", "augmented views")
+    assert_one_line_error(invoke("logitstore", "verify", str(bad)), "augmented views")
+    with pytest.raises(LogitStoreError, match="cannot carry augmented views"):
+        logitstore.open_store(bad)
+
+
+def test_the_augmented_kind_and_its_objects_go_together(setup, tmp_path):
+    bad = tmp_path / "kind.zarr"
+    shutil.copytree(setup["stores"]["all"], bad)
+    _reseal(bad, lambda d: d["views"].__setitem__("kind", "random_resized_crop"))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "does not fit", "augmented_resized_crop")
+    shutil.rmtree(bad)
+    shutil.copytree(setup["stores"]["crop-flip"], bad)
+    _reseal(bad, lambda d: d["views"].__setitem__("kind", "augmented_resized_crop"))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "does not fit", "none")
