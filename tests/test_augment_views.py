@@ -293,3 +293,26 @@ def test_the_augmented_kind_and_its_objects_go_together(setup, tmp_path):
     shutil.copytree(setup["stores"]["crop-flip"], bad)
     _reseal(bad, lambda d: d["views"].__setitem__("kind", "augmented_resized_crop"))
     assert_one_line_error(invoke("logitstore", "info", str(bad)), "does not fit", "none")
+
+
+@pytest.mark.parametrize("how", ["flip", "group"])
+def test_a_partner_outside_the_rows_or_the_group_is_refused_naming_the_array(setup, tmp_path, how):
+    import zarr
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(setup["stores"]["mixup"], bad)
+    mp = zarr.open_array(str(bad / schema.MIX_PARAMS), mode="r+")
+    values = mp[:]
+    row, view = (int(x[0]) for x in np.nonzero(values[:, :, 0] > 0))  # the first row mixed with a later one
+    # Flipped: the partner would be row - offset, before row 0 for the first mixed row of the store; or an
+    # offset as wide as the mix group (COMMON's mix_group 8), which no group of 8 positions holds.
+    values[row, view, 0] = -(row + 1) if how == "flip" else 8
+    mp[:] = values
+    expect = "outside the store's rows" if how == "flip" else "mix partner offset of 8 or more"
+    with pytest.raises(LogitStoreError, match=expect) as err:
+        logitstore.open_store(bad).read(0, len(logitstore.open_store(bad)))
+    assert "'mix_params'" in str(err.value) and "\n" not in str(err.value)
+    proc = invoke("logitstore", "verify", str(bad))
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip().startswith("problem:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(problems) == 1
+    assert "'mix_params'" in problems[0] and expect in problems[0], problems
