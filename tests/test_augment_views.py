@@ -316,3 +316,14 @@ def test_a_partner_outside_the_rows_or_the_group_is_refused_naming_the_array(set
     problems = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip().startswith("problem:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(problems) == 1
     assert "'mix_params'" in problems[0] and expect in problems[0], problems
+
+
+def test_the_views_repeat_warning_is_for_random_views_only(setup, tmp_path):
+    eval_store = tmp_path / "eval.zarr"
+    logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(eval_store), num_workers=0)
+    assert logitstore.open_store(eval_store).meta.views.kind == "eval"
+    quiet = invoke("trainer", "fit", "--store", str(eval_store), "--out", str(tmp_path / "e"), "--num-workers", "0")
+    assert quiet.returncode == 0 and "views repeat" not in quiet.stderr and "is more than the" not in quiet.stderr
+    loud = invoke("trainer", "fit", "--store", str(setup["stores"]["crop-flip"]), "--out", str(tmp_path / "c"),
+                  "--epochs", str(VIEWS + 1), "--num-workers", "0")
+    assert loud.returncode == 0 and f"--epochs {VIEWS + 1} is more than the {VIEWS} view(s)" in loud.stderr
