@@ -367,9 +367,10 @@ class DumpJob:
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
-            watch.add(int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0, failures)
-            if progress is not None:
-                progress.advance(task, n + len(batch["failures"]))
+            kept = int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0
+            watch.add(kept, failures)
+            if progress is not None:  # 1.5: whole mix groups are read, only [start, stop) is this run's
+                progress.advance(task, kept + len(failures))
             if on_batch is not None:
                 on_batch(n)
         if whole:
