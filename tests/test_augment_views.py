@@ -327,3 +327,18 @@ def test_the_views_repeat_warning_is_for_random_views_only(setup, tmp_path):
     loud = invoke("trainer", "fit", "--store", str(setup["stores"]["crop-flip"]), "--out", str(tmp_path / "c"),
                   "--epochs", str(VIEWS + 1), "--num-workers", "0")
     assert loud.returncode == 0 and f"--epochs {VIEWS + 1} is more than the {VIEWS} view(s)" in loud.stderr
+
+
+@pytest.mark.parametrize("kind", ["all", "cutmix"])
+def test_show_draws_the_augmented_mixed_view_the_teacher_saw(setup, kind):
+    from logitstore.tools.show import _teacher_views
+
+    store = logitstore.open_store(setup["stores"][kind])
+    rows = store.read(0, len(store))
+    mixed = np.flatnonzero(rows.view_extras[schema.MIX_PARAMS][:, 0, 0] != 0)
+    assert len(mixed) > 0
+    wanted = list(range(len(store)))
+    drawn = _teacher_views(store, str(setup["corpus"]), wanted)
+    for r in wanted:  # the embedded pixels are the teacher's exact (mixed) input
+        expect = rows.pixels[r, 0].transpose(1, 2, 0)
+        np.testing.assert_array_equal(drawn[r], expect[:, :, 0] if expect.shape[2] == 1 else expect)
