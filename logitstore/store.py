@@ -250,6 +250,8 @@ def _augmented_problem(name: str, values: np.ndarray, meta: StoreMeta, a: int, n
         offset, group = values[..., 0].astype(np.int64), meta.views.mix.group
         if not (np.abs(offset) < group).all():
             return f"hold a mix partner offset of {group} or more (views.mix.group {group})"
+        if not meta.complete:  # a partial read or a distributed dump's segment: partners may lie beyond its rows
+            return None
         partner = a + np.arange(len(values), dtype=np.int64).reshape((-1,) + (1,) * (offset.ndim - 1)) + offset
         if not ((partner >= 0) & (partner < n)).all():
             return f"name a mix partner outside the store's rows 0-{n - 1}"
