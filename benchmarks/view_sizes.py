@@ -70,7 +70,7 @@ def rows_for(meta: StoreMeta, n: int, seed: int = 0) -> Rows:
 
 
 def measure(out: Path, n: int, v: int, c: int, targets: TargetSpec, policy: dict) -> dict[str, int]:
-    views = ViewSpec(v, "random_resized_crop", **policy)
+    views = ViewSpec(v, schema.AUGMENTED_RESIZED_CROP if policy else "random_resized_crop", **policy)
     meta = StoreMeta(
         format_version=schema.version_for(targets, views), complete=False, classes=tuple(str(i) for i in range(c)),
         preprocess=Preprocess((224, 224), 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "RGB"), views=views,
@@ -81,7 +81,7 @@ def measure(out: Path, n: int, v: int, c: int, targets: TargetSpec, policy: dict
     row_bytes += sum(v * int(np.prod(t)) * np.dtype(d).itemsize for t, d in schema.view_extra_arrays(views).values())
     from dataclasses import replace
 
-    meta = replace(meta, chunk_rows=schema.chunk_rows_for(row_bytes))
+    meta = replace(meta, chunk_rows=schema.chunk_rows_for(row_bytes, views.augmented))
     writer = open_writer(str(out), meta)
     writer.submit(rows_for(meta, n))
     final = writer.close(finalize=True)

@@ -100,7 +100,10 @@ def float16_limit(keep_bits: int | None) -> float:
     if keep_bits is None:
         return FLOAT16_MAX
     return 2.0 ** 15 * (2.0 - 2.0 ** -keep_bits)
-VIEW_KINDS = ("eval", "random_resized_crop")
+VIEW_KINDS = ("eval", "random_resized_crop", "augmented_resized_crop")
+# 1.5: random resized crops followed by augment / erasing / mix. A kind of its own (not optional keys of
+# random_resized_crop) so that a 1.4 reader refuses the store under R3 instead of training on crops alone.
+AUGMENTED_RESIZED_CROP = "augmented_resized_crop"
 # 1.5: the augmentation ops a store may name (views.augment.ops), in torchvision's RandAugment order.
 AUGMENT_OPS_KNOWN = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
                      "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
@@ -314,10 +317,11 @@ class ViewSpec:
         if spec.count < 1 or (spec.kind == "eval" and spec.count != 1):
             raise FormatError(f"views count {spec.count} does not fit kind {spec.kind!r}")
         extras = {k: d[k] for k in ("augment", "erasing", "mix") if d.get(k) is not None}
+        if (spec.kind == AUGMENTED_RESIZED_CROP) != bool(extras):
+            raise FormatError(f"views kind {spec.kind!r} does not fit its augment/erasing/mix objects "
+                              f"({', '.join(extras) or 'none'}): {AUGMENTED_RESIZED_CROP} goes with at least one "
+                              "of them, other kinds with none (docs/FORMAT.md, 1.5: augmented views)")
         if extras:
-            if spec.kind != "random_resized_crop":
-                raise FormatError(f"views {', '.join(extras)} need random_resized_crop views, not {spec.kind!r} "
-                                  "(docs/FORMAT.md, 1.5: augmented views)")
             spec = dataclasses.replace(
                 spec, augment=AugmentPolicy.from_dict(extras["augment"]) if "augment" in extras else None,
                 erasing=ErasingPolicy.from_dict(extras["erasing"]) if "erasing" in extras else None,
@@ -805,6 +809,10 @@ def meta_from_attrs(attrs: dict[str, Any], check_seal: bool = True) -> StoreMeta
                           "sha256): the metadata was altered (docs/FORMAT.md, R4)")
     if meta.dtype not in LOGIT_DTYPES:
         raise FormatError(f"logits dtype {meta.dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
+    if meta.views.augmented and parse_version(meta.format_version) < AUGMENTED_SINCE:
+        raise FormatError(f"a format {meta.format_version} store cannot carry augmented views (views kind "
+                          f"{meta.views.kind!r}, augment/erasing/mix; format 1.5 or later, docs/FORMAT.md, "
+                          "1.5: augmented views): the store's metadata is inconsistent")
     if meta.views.count * meta.num_classes > MAX_ROW_LOGITS:
         raise FormatError(f"{meta.views.count} views x {meta.num_classes} classes exceeds {MAX_ROW_LOGITS} "
                           "logits per image (docs/FORMAT.md, R3)")
@@ -867,10 +875,11 @@ def default_chunk_rows(views: int, num_classes: int, itemsize: int) -> int:
     return chunk_rows_for(views * num_classes * itemsize)
 
 
-def chunk_rows_for(row_bytes: int) -> int:
+def chunk_rows_for(row_bytes: int, augmented: bool = False) -> int:
     """`default_chunk_rows` for rows of any layout (sparse targets): ~4 MiB, power of two, [256, 8192];
-    fewer than 256 rows only where a row alone exceeds 16 KiB (hundreds of views per image, 1.5), so a
-    chunk stays near 4 MiB instead of growing to hundreds of MiB (it is never under 4 MiB there)."""
+    for an augmented (1.5) store, fewer than 256 rows where a row alone exceeds 16 KiB (hundreds of views
+    per image), so a chunk stays near 4 MiB instead of growing to hundreds of MiB. Plain stores keep the
+    1.4 rule: chunk_rows is in the run fingerprint, so a dump started by an older release must resume."""
     target = (4 << 20) / max(1, row_bytes)
     rows = 1 << max(0, int(math.floor(math.log2(max(1.0, target)))))
-    return int(min(8192, rows if row_bytes > 16 << 10 else max(256, rows)))
+    return int(min(8192, rows if augmented and row_bytes > 16 << 10 else max(256, rows)))

@@ -113,7 +113,7 @@ class LogitStore:
             if arr.dtype.kind == "f" and not np.isfinite(values).all():
                 self._refuse_non_finite(name, values, a, arr.chunks[0])
             if name in _AUGMENTED and len(values):
-                problem = _augmented_problem(name, values, self.meta)
+                problem = _augmented_problem(name, values, self.meta, a, arr.shape[0])
                 if problem:
                     raise IntegrityError(f"{self.location}: array '{name}' rows {a}-{b - 1} {problem} (docs/FORMAT.md, "
                                          "1.5: augmented views): restore the store from its source")
@@ -241,10 +241,20 @@ _SIZES = (schema.IMAGE_HW, schema.VIEW_PARAMS)
 _AUGMENTED = (schema.AUGMENT_OPS, schema.ERASE_BOXES, schema.MIX_PARAMS, schema.MIX_LAMBDA)
 
 
-def _augmented_problem(name: str, values: np.ndarray, meta: StoreMeta) -> str | None:
+def _augmented_problem(name: str, values: np.ndarray, meta: StoreMeta, a: int, n: int) -> str | None:
     """What is impossible in a 1.5 view array (an op the policy does not list, a box outside the input,
-    a lambda outside [0, 1]), or None; a replay would otherwise index out of range or crash mid-epoch."""
+    a lambda outside [0, 1], a partner outside its mix group or the store's n rows) of rows a.., or None;
+    a replay would otherwise index out of range, crash mid-epoch or mix with the wrong image."""
     h, w = meta.preprocess.size
+    if name == schema.MIX_PARAMS and len(values):
+        offset, group = values[..., 0].astype(np.int64), meta.views.mix.group
+        if not (np.abs(offset) < group).all():
+            return f"hold a mix partner offset of {group} or more (views.mix.group {group})"
+        if not meta.complete:  # a partial read or a distributed dump's segment: partners may lie beyond its rows
+            return None
+        partner = a + np.arange(len(values), dtype=np.int64).reshape((-1,) + (1,) * (offset.ndim - 1)) + offset
+        if not ((partner >= 0) & (partner < n)).all():
+            return f"name a mix partner outside the store's rows 0-{n - 1}"
     if name == schema.AUGMENT_OPS:
         ops, bins = values[..., 0], values[..., 1]
         pol = meta.views.augment

@@ -19,6 +19,9 @@ from .schema import Preprocess, ViewSpec
 
 EVAL = "eval"
 RANDOM_RESIZED_CROP = "random_resized_crop"
+# 1.5: the same crops and flips, then augment_ops / erase_boxes / mix (logitstore.augment); every function
+# here treats it as a random resized crop (only EVAL differs).
+AUGMENTED_RESIZED_CROP = "augmented_resized_crop"
 
 
 def _rng_for(seed: int, image_id: str) -> np.random.Generator:

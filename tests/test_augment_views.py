@@ -68,6 +68,9 @@ def test_trainer_replays_every_kind_of_view_bit_for_bit_and_the_teacher_agrees(s
     store = setup["stores"][kind]
     meta = logitstore.open_store(store).meta
     assert meta.format_version == ("1.4" if kind == "crop-flip" else "1.5")
+    # A kind of its own for augmented views, so 1.4 readers refuse them (R3) instead of training on crops alone.
+    attrs_kind = json.loads((store / "zarr.json").read_text())["attributes"][schema.ATTR_ROOT]["views"]["kind"]
+    assert attrs_kind == meta.views.kind == ("random_resized_crop" if kind == "crop-flip" else "augmented_resized_crop")
     replayed = _epochs(store, [setup["corpus"]])
     embedded = _epochs(store, None)  # the dump's own input to the teacher, as stored
     assert replayed.keys() == embedded.keys() and len(replayed) == VIEWS * N_IMAGES
@@ -251,3 +254,91 @@ def test_impossible_stored_view_values_are_refused_naming_the_array(setup, tmp_p
     assert proc.returncode != 0 and "augment_ops" in proc.stderr and "outside views.augment" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert invoke("logitstore", "verify", str(bad)).returncode != 0  # its chunk record no longer matches
+
+
+def test_plain_stores_keep_the_1_4_chunk_rows_and_only_augmented_ones_go_under_256():
+    row = 10 * 1000 * 2  # --views 10, 1000 classes, float16: 20,000 bytes, over 16 KiB
+    assert schema.chunk_rows_for(row) == 256  # what a4cd2d3 picked, so its unfinished dumps resume
+    assert schema.chunk_rows_for(row, augmented=True) == 128
+    assert schema.default_chunk_rows(10, 1000, 2) == 256
+
+
+def _reseal(path: Path, edit) -> None:
+    """Edit the root attribute and re-record its metadata checksum, as a writer that meant it would, so
+    the rule under test is met rather than R4."""
+    doc = json.loads((path / "zarr.json").read_text())
+    d = doc["attributes"][schema.ATTR_ROOT]
+    edit(d)
+    d["fingerprints"]["metadata"] = schema.metadata_checksum(d)
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("version", ["1.4", "1.2"])
+def test_augmented_views_in_an_older_format_version_are_refused(setup, tmp_path, version):
+    bad = tmp_path / "old.zarr"
+    shutil.copytree(setup["stores"]["all"], bad)
+    _reseal(bad, lambda d: d.__setitem__("format_version", version))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), f"format {version} store", "augmented views")
+    assert_one_line_error(invoke("logitstore", "verify", str(bad)), "augmented views")
+    with pytest.raises(LogitStoreError, match="cannot carry augmented views"):
+        logitstore.open_store(bad)
+
+
+def test_the_augmented_kind_and_its_objects_go_together(setup, tmp_path):
+    bad = tmp_path / "kind.zarr"
+    shutil.copytree(setup["stores"]["all"], bad)
+    _reseal(bad, lambda d: d["views"].__setitem__("kind", "random_resized_crop"))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "does not fit", "augmented_resized_crop")
+    shutil.rmtree(bad)
+    shutil.copytree(setup["stores"]["crop-flip"], bad)
+    _reseal(bad, lambda d: d["views"].__setitem__("kind", "augmented_resized_crop"))
+    assert_one_line_error(invoke("logitstore", "info", str(bad)), "does not fit", "none")
+
+
+@pytest.mark.parametrize("how", ["flip", "group"])
+def test_a_partner_outside_the_rows_or_the_group_is_refused_naming_the_array(setup, tmp_path, how):
+    import zarr
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(setup["stores"]["mixup"], bad)
+    mp = zarr.open_array(str(bad / schema.MIX_PARAMS), mode="r+")
+    values = mp[:]
+    row, view = (int(x[0]) for x in np.nonzero(values[:, :, 0] > 0))  # the first row mixed with a later one
+    # Flipped: the partner would be row - offset, before row 0 for the first mixed row of the store; or an
+    # offset as wide as the mix group (COMMON's mix_group 8), which no group of 8 positions holds.
+    values[row, view, 0] = -(row + 1) if how == "flip" else 8
+    mp[:] = values
+    expect = "outside the store's rows" if how == "flip" else "mix partner offset of 8 or more"
+    with pytest.raises(LogitStoreError, match=expect) as err:
+        logitstore.open_store(bad).read(0, len(logitstore.open_store(bad)))
+    assert "'mix_params'" in str(err.value) and "\n" not in str(err.value)
+    proc = invoke("logitstore", "verify", str(bad))
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip().startswith("problem:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(problems) == 1
+    assert "'mix_params'" in problems[0] and expect in problems[0], problems
+
+
+def test_the_views_repeat_warning_is_for_random_views_only(setup, tmp_path):
+    eval_store = tmp_path / "eval.zarr"
+    logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(eval_store), num_workers=0)
+    assert logitstore.open_store(eval_store).meta.views.kind == "eval"
+    quiet = invoke("trainer", "fit", "--store", str(eval_store), "--out", str(tmp_path / "e"), "--num-workers", "0")
+    assert quiet.returncode == 0 and "views repeat" not in quiet.stderr and "is more than the" not in quiet.stderr
+    loud = invoke("trainer", "fit", "--store", str(setup["stores"]["crop-flip"]), "--out", str(tmp_path / "c"),
+                  "--epochs", str(VIEWS + 1), "--num-workers", "0")
+    assert loud.returncode == 0 and f"--epochs {VIEWS + 1} is more than the {VIEWS} view(s)" in loud.stderr
+
+
+@pytest.mark.parametrize("kind", ["all", "cutmix"])
+def test_show_draws_the_augmented_mixed_view_the_teacher_saw(setup, kind):
+    from logitstore.tools.show import _teacher_views
+
+    store = logitstore.open_store(setup["stores"][kind])
+    rows = store.read(0, len(store))
+    mixed = np.flatnonzero(rows.view_extras[schema.MIX_PARAMS][:, 0, 0] != 0)
+    assert len(mixed) > 0
+    wanted = list(range(len(store)))
+    drawn = _teacher_views(store, str(setup["corpus"]), wanted)
+    for r in wanted:  # the embedded pixels are the teacher's exact (mixed) input
+        expect = rows.pixels[r, 0].transpose(1, 2, 0)
+        np.testing.assert_array_equal(drawn[r], expect[:, :, 0] if expect.shape[2] == 1 else expect)

@@ -28,6 +28,7 @@ from logitstore.limits import Limit
 from logitstore.locations import StoreLock
 from logitstore.prefetch import read_ahead_in_runs
 from logitstore.store import LogitStore
+from logitstore.views import EVAL
 
 from . import report
 from .batches import (SKIPPED, Batches, Request, default_cache_bytes, make_batches, targets_to,
@@ -724,7 +725,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     info["views"] = (f"{data.view_count} stored per image ({data.view_kind}; augment: {describe_policy(data.views)}): "
                      f"{data.view_count} epoch(s) before a view repeats")
     info["view_repeat_epochs"] = data.view_count
-    if cfg.epochs > data.view_count and ddp.main and start_epoch < cfg.epochs:
+    # Only for random views: an eval store's one deterministic view is meant to be seen every epoch.
+    if cfg.epochs > data.view_count and data.view_kind != EVAL and ddp.main and start_epoch < cfg.epochs:
         print(f"trainer: warning: --epochs {cfg.epochs} is more than the {data.view_count} view(s) stored per image: "
               f"from epoch {data.view_count + 1} on, views repeat (dump more --views for a patient teacher)",
               file=sys.stderr)

@@ -35,7 +35,7 @@ from .order import Segment, epoch_share, epoch_views, group_order, spread
 # 512 rows cost 8% of a LeNet epoch on MNIST in benchmarks/fit_throughput.py; 2048 rows keep it
 # under 1 us a sample, and a buffer of 8 blocks of 1000-class float16 logits under 40 MiB.
 MIN_BLOCK_ROWS = 2048
-# ... unless its rows are large (hundreds of views per image, format 1.5): then a block is whole chunks of
+# ... unless its rows are large (hundreds of augmented views per image, format 1.5 only): then a block is whole chunks of
 # about this many bytes of targets, so a shuffle group of 8 stays near 512 MiB however many views a row holds
 # (unchanged for rows up to 32 KiB, e.g. 16 views of 1000-class float16 logits).
 BLOCK_BYTES = 64 << 20
@@ -223,7 +223,10 @@ class StoreSet:
             raise StoreMismatchError(f"{self.stores[0].location}: the store holds no images")
         self.label_map = labels
         self.labels_from_folders = labels_from_folders and labels is None
-        self.block_rows = [s.chunk_rows * max(1, -(-min(min_block_rows, BLOCK_BYTES // _target_row_bytes(s.meta))
+        # The BLOCK_BYTES cap only for augmented (1.5) stores: a plain store's blocks, hence its held-out
+        # tails and shuffle, stay what earlier releases computed.
+        self.block_rows = [s.chunk_rows * max(1, -(-(min(min_block_rows, BLOCK_BYTES // _target_row_bytes(s.meta))
+                                                     if s.meta.views.augmented else min_block_rows)
                                                    // s.chunk_rows)) for s in self.stores]
         # Each block's tail is held out of training: tails spread the held-out slice over the whole
         # listing, so a class-sorted corpus still trains on every class (a whole held-out block

@@ -22,7 +22,7 @@ from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sh
 from ..device import resolve_device, resolve_precision
 from ..failures import FailureWatch
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
-from ..schema import AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
+from ..schema import AUGMENTED_RESIZED_CROP, AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
@@ -119,7 +119,8 @@ class DumpConfig:
                                                       group=int(self.mix_group)) if (self.mixup or self.cutmix) else None
         if self.views == 1 and augment is None and erasing is None and mix is None:
             return ViewSpec(1, "eval")
-        return ViewSpec(self.views, "random_resized_crop", tuple(self.crop_scale), tuple(self.crop_ratio),
+        kind = "random_resized_crop" if augment is None and erasing is None and mix is None else AUGMENTED_RESIZED_CROP
+        return ViewSpec(self.views, kind, tuple(self.crop_scale), tuple(self.crop_ratio),
                         float(self.flip_prob), augment, erasing, mix)
 
     def target_spec(self) -> TargetSpec:
@@ -364,9 +365,10 @@ class DumpJob:
             if len(rows) or failures:
                 writer.submit(rows)
             n = len(ok["ids"]) if ok else 0
-            watch.add(int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0, failures)
-            if progress is not None:
-                progress.advance(task, n + len(batch["failures"]))
+            kept = int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0
+            watch.add(kept, failures)
+            if progress is not None:  # 1.5: whole mix groups are read, only [start, stop) is this run's
+                progress.advance(task, kept + len(failures))
             if on_batch is not None:
                 on_batch(n)
         if whole:
@@ -457,7 +459,7 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     row_bytes = sum(spec.count * last * np.dtype(d).itemsize for last, d in meta.target_arrays().values())
     row_bytes += sum(spec.count * int(np.prod(tail)) * np.dtype(d).itemsize  # 1.5 view arrays
                      for tail, d in schema.view_extra_arrays(spec).values())
-    meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes))
+    meta = replace(meta, chunk_rows=cfg.chunk_rows or schema.chunk_rows_for(row_bytes, spec.augmented))
     workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
     return DumpJob(to_device(t.model, dev), corpus, meta, dev, workers, cfg.max_failure_share, owns_group)
 

@@ -18,6 +18,8 @@ from ..sources import images_root as _images_root, is_url, open_reader
 from ..errors import CorpusError, IntegrityError, OptionError
 from .inspect_store import predictions
 from ..store import LogitStore, open_store
+from .. import schema
+from ..augment import mix_view, premix_views
 from ..views import apply_view
 
 
@@ -72,25 +74,53 @@ def _teacher_views(store: LogitStore, root: str, wanted: list[int],
 def _read_views(store: LogitStore, root: str, reader: Any, by_chunk: dict[int, list[int]],
                 out: dict[int, np.ndarray]) -> None:
     pre, kind = store.meta.preprocess, store.meta.views.kind
+
+    def original(image_id: str, stored_digest: np.ndarray) -> Any:
+        path = f"{root.rstrip('/')}/{image_id}"
+        try:
+            data = reader.read(str(image_id))
+            digest, img = sha256_bytes(data), decode_image(data, pre.mode)
+        except FileNotFoundError:
+            raise CorpusError(f"{path}: missing; --images must be the corpus the store was dumped from "
+                              f"(recorded root: {store.meta.corpus.root})") from None
+        except OSError as exc:
+            raise CorpusError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        if digest != stored_digest.tobytes():
+            raise IntegrityError(f"{path}: its bytes differ from the digest stored when it was dumped; "
+                                 "--images points at a different or modified corpus")
+        return img
+
     for k, rows_in_chunk in by_chunk.items():
         first, _ = store.chunk_bounds(k)
         rows = store.read_chunk(k)
         for r in rows_in_chunk:
             i = r - first
-            path = f"{root.rstrip('/')}/{rows.ids[i]}"
-            try:
-                data = reader.read(str(rows.ids[i]))
-                digest, img = sha256_bytes(data), decode_image(data, pre.mode)
-            except FileNotFoundError:
-                raise CorpusError(f"{path}: missing; --images must be the corpus the store was dumped from "
-                                  f"(recorded root: {store.meta.corpus.root})") from None
-            except OSError as exc:
-                raise CorpusError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-            if digest != rows.digests[i].tobytes():
-                raise IntegrityError(f"{path}: its bytes differ from the digest stored when it was dumped; "
-                                     "--images points at a different or modified corpus")
-            arr = apply_view(img, rows.view_params[i, 0], pre, kind).numpy().transpose(1, 2, 0)
+            img = original(rows.ids[i], rows.digests[i])
+            view = (_augmented_view(store, rows, i, r, img, original) if store.meta.views.augmented
+                    else apply_view(img, rows.view_params[i, 0], pre, kind))
+            arr = view.numpy().transpose(1, 2, 0)
             out[r] = arr[:, :, 0] if arr.shape[2] == 1 else arr
+
+
+def _augmented_view(store: LogitStore, rows: Any, i: int, r: int, img: Any, original: Any) -> Any:
+    """1.5: row r's first view as the teacher saw it (crop, flip, ops, erasing, then mixed with its
+    partner's first view), with the functions the dump and the trainer use (logitstore/augment.py)."""
+    spec, pre = store.meta.views, store.meta.preprocess
+
+    def premix(rw: Any, j: int, picture: Any) -> Any:
+        ex = rw.view_extras or {}
+        part = lambda name: None if name not in ex else ex[name][j, :1]  # noqa: E731
+        return premix_views([picture], rw.view_params[j, :1], part(schema.AUGMENT_OPS), part(schema.ERASE_BOXES),
+                            pre, spec)[0]
+
+    view = premix(rows, i, img)
+    ex = rows.view_extras or {}
+    if schema.MIX_PARAMS in ex and int(ex[schema.MIX_PARAMS][i, 0, 0]) != 0:
+        p = r + int(ex[schema.MIX_PARAMS][i, 0, 0])
+        partner = store.read(p, p + 1, pixels=False)
+        pview = premix(partner, 0, original(partner.ids[0], partner.digests[0]))
+        view = mix_view(view, pview, float(ex[schema.MIX_LAMBDA][i, 0]), ex[schema.MIX_PARAMS][i, 0, 1:])
+    return view
 
 
 def literal(text: str) -> str:

@@ -38,7 +38,8 @@ def golden_views(name: str) -> schema.ViewSpec:
     if name.endswith("-augment"):
         extras = dict(augment=schema.AugmentPolicy("rand_augment", 2, 9), erasing=schema.ErasingPolicy(0.25),
                       mix=schema.MixPolicy(0.2, 1.0, group=4))
-    return schema.ViewSpec(2, "random_resized_crop", (0.5, 1.0), (0.75, 4 / 3), 0.5, **extras)
+    kind = schema.AUGMENTED_RESIZED_CROP if extras else "random_resized_crop"
+    return schema.ViewSpec(2, kind, (0.5, 1.0), (0.75, 4 / 3), 0.5, **extras)
 
 
 # The stores this writer writes today: the version it records for each (1.4 for a store without 1.5 views).
