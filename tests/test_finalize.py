@@ -122,7 +122,7 @@ def test_finalize_records_every_chunk_and_fingerprints_from_the_records(referenc
     import hashlib
 
     st = logitstore.open_store(reference)
-    assert st.meta.format_version == "1.4" and len(st) == 1000 - 11
+    assert st.meta.format_version == schema.FORMAT_VERSION and len(st) == 1000 - 11
     rec = zarr.open_array(str(reference / schema.CHUNK_SHA256), mode="r")[:]
     names = [schema.LOGITS, schema.IDS, schema.DIGESTS, schema.IMAGE_HW, schema.VIEW_PARAMS]
     assert rec.shape == (st.n_chunks, len(names), 32)
