@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
+import numpy as np
+
 from .corpus import IMAGE_EXTENSIONS, Corpus, describe_failure, list_corpus
 from .errors import CorpusError
 
@@ -50,6 +52,9 @@ DEFAULT_CACHE_BYTES = 4 << 30
 # A remote unit is fetched whole to be listed, and kept for the dump to read (fetched once), while the
 # kept units of a process stay under this many bytes; past it a unit is listed and fetched again later.
 LISTED_KEEP_BYTES = DEFAULT_CACHE_BYTES
+# A shard on local disk (or a kept copy) is indexed when listed, so the dump reads its headers once: the
+# (key, offset, size) of each sample is kept while a process's indexes stay under this many bytes.
+LISTED_INDEX_BYTES = 256 << 20
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 
 
@@ -72,6 +77,39 @@ class Item(NamedTuple):
     id: str
     data: bytes | Member | None
     error: str | None
+
+
+@dataclass
+class ShardIndex:
+    """A local shard's samples as its listing read them from its headers: where each image is (offset,
+    size; size -1 for a sample without an image member), so the dump does not read the headers again."""
+
+    keys: list[str]
+    offsets: Any  # np.ndarray int64
+    sizes: Any    # np.ndarray int64
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.sizes.nbytes + sum(49 + len(k) for k in self.keys)
+
+    def items(self, location: str, unit: str, skip: int) -> Iterator[tuple[str, Member | None, str | None]]:
+        for i in range(skip, len(self.keys)):
+            key, size = self.keys[i], int(self.sizes[i])
+            if size < 0:
+                yield f"{unit}/{key}", None, describe_failure(_no_image(key))
+            else:
+                yield f"{unit}/{key}", Member(location, int(self.offsets[i]), size), None
+
+
+def index_shard(location: str) -> ShardIndex:
+    """Read a local shard's headers once (tarfile; webdataset's grouping of members into samples)."""
+    keys, offsets, sizes = [], [], []
+    with _unit_errors(location):
+        for key, value in _shard_samples(location, {}, read=True, members=True):
+            keys.append(key)
+            offsets.append(value.offset if isinstance(value, Member) else 0)
+            sizes.append(value.size if isinstance(value, Member) else -1)
+    return ShardIndex(keys, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64))
 
 
 def is_url(spec: str) -> bool:
@@ -124,9 +162,33 @@ class Source:
     positional = False              # items are streamed, not read by position in DataLoader workers
     kept: dict[int, str] = field(default_factory=dict, repr=False)  # remote units fetched when listed
     _keep: Any = field(default=None, repr=False)                  # (folder, lock, [bytes kept])
+    indexes: dict[int, ShardIndex] = field(default_factory=dict, repr=False)  # shards indexed when listed
+    _index_bytes: int = field(default=0, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy in a DataLoader worker reads no kept unit
-        return {**self.__dict__, "kept": {}, "_keep": None}
+        return {**self.__dict__, "kept": {}, "_keep": None, "indexes": {}, "_index_bytes": 0, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def list_units(self, ks: Sequence[int]) -> dict[int, tuple[int, str]]:
+        """`list_unit` of units `ks`: remote ones UNITS_AHEAD at once (fetching), local shards in
+        processes, one a core (parsing tar headers is Python work: threads would share one core)."""
+        if is_url(self.root):
+            self._keep_folder()  # before the threads that fill it
+            with ThreadPoolExecutor(UNITS_AHEAD) as pool:
+                return dict(zip(ks, pool.map(self.list_unit, ks)))
+        procs = min(len(ks), _cores())
+        if self.kind != KIND_WEBDATASET or procs < 2:
+            return {k: self.list_unit(k) for k in ks}
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the children run only tarfile and hashlib, and start at once (no re-import of torch)
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            indexes = pool.map(index_shard, [_join(self.root, self.units[k]) for k in ks], chunksize=1)
+            return {k: self._listed_index(k, index) for k, index in zip(ks, indexes)}
 
     def list_unit(self, k: int) -> tuple[int, str]:
         """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids.
@@ -138,8 +200,7 @@ class Source:
             local = self._fetch_to_keep(k, location) if is_url(location) else None
             try:
                 if self.kind == KIND_WEBDATASET:
-                    for key, _ in _shard_samples(local or location, self.storage_options, read=False):
-                        sha.add(f"{self.units[k]}/{key}")
+                    listed = self._listed_index(k, index_shard(local or location))
                 else:
                     for image_id in _table_ids(local or location, self.units[k], self.image_column,
                                                self.id_column, self.storage_options):
@@ -150,7 +211,36 @@ class Source:
                 raise
         if local is not None and not self._admit(k, local):
             os.unlink(local)
+            self._forget_index(k)  # it pointed into the copy
+        return listed if self.kind == KIND_WEBDATASET else (sha.n, sha.h.hexdigest())
+
+    def _listed_index(self, k: int, index: ShardIndex) -> tuple[int, str]:
+        """(count, sha256 of its ids) of shard k from its index, which is kept while LISTED_INDEX_BYTES allows."""
+        sha = _Sha()
+        for key in index.keys:
+            sha.add(f"{self.units[k]}/{key}")
+        size = index.nbytes
+        with self._lock:
+            if self._index_bytes + size <= LISTED_INDEX_BYTES:
+                self._index_bytes += size
+                self.indexes[k] = index
         return sha.n, sha.h.hexdigest()
+
+    def _forget_index(self, k: int) -> None:
+        with self._lock:
+            index = self.indexes.pop(k, None)
+            if index is not None:
+                self._index_bytes -= index.nbytes
+
+    def release(self, pos: int) -> None:
+        """Every listing position before `pos` has been read (by the dump's workers, from Members that
+        point into kept copies): the kept copies of the units that end there go, and leave the budget."""
+        if not self.kept:
+            return
+        ends = np.cumsum(self.counts)
+        for k in list(self.kept):
+            if ends[k] <= pos:
+                self._drop(k)
 
     def _keep_folder(self) -> str:
         if self._keep is None:
@@ -251,6 +341,15 @@ class Source:
             cache = _UnitCache(1 << 62, self.storage_options, tmp)
             ahead: dict[int, Any] = {}
             for k in range(u, end):
+                index = self.indexes.get(k)
+                if index is not None:  # listed here: its samples' places are known, read by the workers
+                    location = self.kept.get(k) or _join(self.root, self.units[k])
+                    for image_id, data, error in index.items(location, self.units[k], skip):
+                        yield Item(pos, image_id, data, error)
+                        pos += 1
+                    self._forget_index(k)  # a kept copy stays until the workers have read it (`release`)
+                    skip = 0
+                    continue
                 local = None
                 if remote and k in self.kept:
                     local = self.kept[k]  # fetched when it was listed
@@ -273,6 +372,11 @@ class Source:
                 skip = 0
 
 
+def _cores() -> int:
+    """Cores this process may use, shared with the other processes of a torchrun on this machine."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def _remove_folder(folder: str, pid: int) -> None:
     if os.getpid() == pid:  # not in a forked worker, whose copy of the Source goes away first
         shutil.rmtree(folder, ignore_errors=True)
@@ -286,10 +390,8 @@ def open_source(spec: str | os.PathLike, *, image_column: str | None = None, id_
     (`Source.list_unit`, any process any unit) and hands every result to `Source.settle`."""
     source = _open_source(spec, image_column, id_column, storage_options)
     if listed and isinstance(source, Source) and not source.counts:
-        if is_url(source.root):
-            source._keep_folder()  # before the threads that fill it
-        with ThreadPoolExecutor(UNITS_AHEAD if is_url(source.root) else 1) as pool:
-            source.settle(list(pool.map(source.list_unit, range(len(source.units)))))
+        listed_units = source.list_units(range(len(source.units)))
+        source.settle([listed_units[k] for k in range(len(source.units))])
     return source
 
 

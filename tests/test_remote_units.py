@@ -61,6 +61,19 @@ def test_each_remote_shard_is_fetched_once_per_dump(remote_shards, teacher_ckpt,
     assert a.read(0, len(a)).logits.tobytes() == b.read(0, len(b)).logits.tobytes()
 
 
+def test_workers_read_the_kept_copies_before_they_go(remote_shards, teacher_ckpt, tmp_path, caplog):
+    """Decoding workers read the samples of kept copies (the main process only names where they are):
+    a copy goes only once the dump has read past it, so nothing fails and every shard is fetched once."""
+    folder, url = remote_shards
+    ref = logitstore.dump(str(teacher_ckpt), str(folder), str(tmp_path / "f.zarr"), num_workers=0, batch_size=16)
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        got = logitstore.dump(str(teacher_ckpt), url, str(tmp_path / "s.zarr"), num_workers=2, batch_size=16)
+    assert (got.n_images, got.n_failed) == (ref.n_images, 0)
+    assert _shard_gets(caplog.records) == {"00000.tar": 1, "00001.tar": 1, "00002.tar": 1}
+    a, b = open_store(str(tmp_path / "f.zarr")), open_store(str(tmp_path / "s.zarr"))
+    assert a.read(0, len(a)).logits.tobytes() == b.read(0, len(b)).logits.tobytes()
+
+
 def test_past_the_keep_budget_a_shard_is_fetched_again_and_dumps_the_same(remote_shards, teacher_ckpt, tmp_path,
                                                                           caplog, monkeypatch):
     folder, url = remote_shards
@@ -84,8 +97,16 @@ def test_a_source_leaves_no_listed_copies_behind(remote_shards):
     src = sources.open_source(remote_shards[1])
     folder = src._keep[0]
     assert sorted(os.listdir(folder)) == ["000000000.tar", "000000001.tar", "000000002.tar"]
-    assert [it.id for it in src.items(20)][0] == "00001.tar/000000020"
-    assert os.listdir(folder) == []  # read, then dropped; the shard before the start too
+    items = list(src.items(20))
+    assert items[0].id == "00001.tar/000000020"
+    # The shard before the start goes at once; the others' samples are read from the kept copies by the
+    # dump's workers (Members), so those copies stay until the dump says it has read past them.
+    assert sorted(os.listdir(folder)) == ["000000001.tar", "000000002.tar"]
+    assert all(isinstance(it.data, sources.Member) and it.data.read()[:4] == b"\x89PNG" for it in items)
+    src.release(items[-1].pos)  # the last sample is not read yet: its shard stays
+    assert os.listdir(folder) == ["000000002.tar"]
+    src.release(items[-1].pos + 1)
+    assert os.listdir(folder) == []
     del src
     import gc
 

@@ -337,6 +337,35 @@ def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
     assert_one_line_error(proc, "3 of its 4 files are missing")
 
 
+def test_a_broken_shard_among_several_is_one_line(layouts, tmp_path):
+    """Several local shards are listed in processes (one a core): a child's error is the same one line."""
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        data = (layouts["shards"] / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:5000] if name == "00001.tar" else data)
+    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path), "--out",
+                  str(tmp_path / "x.zarr"))
+    assert_one_line_error(proc, "00001.tar: cannot be read")
+
+
+def test_shards_are_read_through_once_and_the_dump_reads_their_indexes(layouts, images, teacher_ckpt, reference,
+                                                                       tmp_path, monkeypatch):
+    import logitstore.sources as sources
+
+    src = open_source(str(layouts["shards"]))
+    assert sorted(src.indexes) == [0, 1, 2]  # kept from the listing's one pass over the headers
+    items = list(src.items(38))
+    assert src.indexes == {}  # each index is let go once its shard is streamed
+    assert [it.pos for it in items] == list(range(38, N))
+    for it in items:  # where the index says, the worker finds the very bytes the shard holds
+        assert isinstance(it.data, sources.Member) and it.data.read() == images[it.pos]
+    assert items[0].id == "00000.tar/000000038" and items[2].id == "00001.tar/000000040"
+    # Past the index budget the shards' headers are read again by the dump, to the same store.
+    monkeypatch.setattr(sources, "LISTED_INDEX_BYTES", 0)
+    assert open_source(str(layouts["shards"])).indexes == {}
+    logits, _ = _dump(teacher_ckpt, str(layouts["shards"]), tmp_path / "c.zarr", num_workers=2)
+    np.testing.assert_array_equal(logits, reference)
+
+
 def test_the_listing_identity_is_composed_of_units_listed_anywhere(layouts):
     whole = open_source(str(layouts["shards"]))
     parts = open_source(str(layouts["shards"]), listed=False)

@@ -116,8 +116,8 @@ def list_units(source: Source) -> bool:
         dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)  # the dump's _Comm uses it, and ends it
     groups = unit_groups(len(source.units), ctx.world)
     try:
-        mine: Any = {k: source.list_unit(k) for g, units in enumerate(groups) if g % ctx.world == ctx.rank
-                     for k in units}
+        mine: Any = source.list_units([k for g, units in enumerate(groups) if g % ctx.world == ctx.rank
+                                       for k in units])
     except LogitStoreError as exc:
         mine = exc
     parts: list[Any] = [mine]

@@ -345,6 +345,7 @@ class DumpJob:
                     if meta.precision in ("bf16", "fp16") else None)
         np_dtype = np.float16 if meta.dtype == "float16" else np.float32
         v = meta.views.count
+        release = getattr(self.corpus, "release", None)
         for batch in (loader if self.mix_group is None else with_partners(loader, self.mix_group)):
             failures = [f for f in batch["failures"] if start <= f[0] < stop]
             ok = batch["ok"]
@@ -371,6 +372,8 @@ class DumpJob:
                 progress.advance(task, kept + len(failures))
             if on_batch is not None:
                 on_batch(n)
+            if release is not None:  # the batches come in listing order: what lies before them is read
+                release(max([int(ok["source"].max()) if ok else -1, *(f[0] for f in batch["failures"])]) + 1)
         if whole:
             watch.finish(rows_before)
 
