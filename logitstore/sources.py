@@ -28,7 +28,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -104,11 +104,10 @@ class ShardIndex:
 def index_shard(location: str) -> ShardIndex:
     """Read a local shard's headers once (tarfile; webdataset's grouping of members into samples)."""
     keys, offsets, sizes = [], [], []
-    with _unit_errors(location):
-        for key, value in _shard_samples(location, {}, read=True, members=True):
-            keys.append(key)
-            offsets.append(value.offset if isinstance(value, Member) else 0)
-            sizes.append(value.size if isinstance(value, Member) else -1)
+    for key, value in _shard_samples(location, {}, read=True, members=True):
+        keys.append(key)
+        offsets.append(value.offset if isinstance(value, Member) else 0)
+        sizes.append(value.size if isinstance(value, Member) else -1)
     return ShardIndex(keys, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64))
 
 
@@ -173,34 +172,37 @@ class Source:
         self.__dict__.update(state, _lock=threading.Lock())
 
     def list_units(self, ks: Sequence[int]) -> dict[int, tuple[int, str]]:
-        """`list_unit` of units `ks`: remote ones UNITS_AHEAD at once (fetching), local shards in
-        processes, one a core (parsing tar headers is Python work: threads would share one core)."""
-        if is_url(self.root):
+        """`list_unit` of units `ks`: remote ones UNITS_AHEAD at once (fetching); shards' headers parsed
+        in processes, one a core (tarfile is Python work: threads would share one core)."""
+        remote = is_url(self.root)
+        if remote:
             self._keep_folder()  # before the threads that fill it
-            with ThreadPoolExecutor(UNITS_AHEAD) as pool:
-                return dict(zip(ks, pool.map(self.list_unit, ks)))
-        procs = min(len(ks), _cores())
-        if self.kind != KIND_WEBDATASET or procs < 2:
-            return {k: self.list_unit(k) for k in ks}
+        procs = min(len(ks), _cores()) if self.kind == KIND_WEBDATASET else 1
+        if procs < 2:
+            with ThreadPoolExecutor(UNITS_AHEAD if remote else 1) as threads:
+                return dict(zip(ks, threads.map(self.list_unit, ks)))
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # fork: the children run only tarfile and hashlib, and start at once (no re-import of torch)
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
-            indexes = pool.map(index_shard, [_join(self.root, self.units[k]) for k in ks], chunksize=1)
-            return {k: self._listed_index(k, index) for k, index in zip(ks, indexes)}
+        # fork: the children run only tarfile, and start at once (no re-import of torch)
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as parsers, \
+                ThreadPoolExecutor(max(procs, UNITS_AHEAD) if remote else procs) as threads:
+            def listed(k: int) -> tuple[int, str]:
+                return self.list_unit(k, lambda path: parsers.submit(index_shard, path).result())
 
-    def list_unit(self, k: int) -> tuple[int, str]:
-        """(count, sha256 of its ids) of unit k, from its tar headers or its table's metadata and ids.
-        A remote unit is fetched whole for this and kept for `items` while LISTED_KEEP_BYTES allows,
-        so the dump does not fetch it again."""
+            return dict(zip(ks, threads.map(listed, ks)))
+
+    def list_unit(self, k: int, index_of: Callable[[str], ShardIndex] = index_shard) -> tuple[int, str]:
+        """(count, sha256 of its ids) of unit k, from its tar headers (`index_of` a local copy) or its
+        table's metadata and ids. A remote unit is fetched whole for this and kept for `items` while
+        LISTED_KEEP_BYTES allows, so the dump does not fetch it again."""
         location = _join(self.root, self.units[k])
         sha = _Sha()
         with _unit_errors(location):
             local = self._fetch_to_keep(k, location) if is_url(location) else None
             try:
                 if self.kind == KIND_WEBDATASET:
-                    listed = self._listed_index(k, index_shard(local or location))
+                    listed = self._listed_index(k, index_of(local or location))
                 else:
                     for image_id in _table_ids(local or location, self.units[k], self.image_column,
                                                self.id_column, self.storage_options):

@@ -112,3 +112,17 @@ def test_a_source_leaves_no_listed_copies_behind(remote_shards):
 
     gc.collect()
     assert not os.path.exists(folder)
+
+
+def test_a_broken_remote_shard_is_named_by_its_url(s3, remote_shards, tmp_path):
+    import boto3
+
+    from logitstore.errors import CorpusError
+
+    folder, _ = remote_shards
+    client = boto3.client("s3")
+    good = client.get_object(Bucket="caches", Key="once/00000.tar")["Body"].read()
+    client.put_object(Bucket="caches", Key="broken/00000.tar", Body=good)
+    client.put_object(Bucket="caches", Key="broken/00001.tar", Body=good[:3000])
+    with pytest.raises(CorpusError, match=r"^s3://caches/broken/00001\.tar: cannot be read"):
+        sources.open_source("s3://caches/broken/")
