@@ -2,7 +2,7 @@
 loopback and as Parquet files: `logitstore dump` images/s and `trainer fit` samples/s, as ratios to
 the folder, measured side by side in one run.
 
-    python -m benchmarks.corpus_sources [--images 20000] [--repeats 2]
+    python -m benchmarks.corpus_sources [--images 20000] [--repeats 2] [--cold]
     python -m benchmarks.corpus_sources --rss 100000,1000000   # peak RSS of dumps over tiny images in shards
     python -m benchmarks.corpus_sources --rss-loose 100000,1000000  # ... over a prefix of loose tiny images
 
@@ -11,7 +11,9 @@ shard is then fetched to be listed and again to be dumped, as before a listed sh
 
 The fit runs without a decode cache (--cache-images 0), so every epoch reads each image again from
 its source: the folder's files, the shards' members (remote shards through the local unit cache),
-the tables' row groups. The S3 server is moto's `moto_server` in its own process. Interleaved
+the tables' row groups. With --cold, the local sources' pages are dropped from the page cache
+(posix_fadvise) before each dump and fit, as for a corpus larger than memory; the fit's epochs after
+the first read them warm again. The S3 server is moto's `moto_server` in its own process. Interleaved
 repeats; the best counts.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ import trainer
 
 from .dump_throughput import PRE, teacher_net
 from .s3_throughput import start_server
+from .scale import drop_cached
 
 SHARD_IMAGES = 1000  # img2dataset's default is 10,000; smaller shards give the S3 run several units
 
@@ -114,6 +117,9 @@ def speeds(args: argparse.Namespace) -> None:
                     keep = sources_module.LISTED_KEEP_BYTES
                     if name == "S3 shards, fetched twice":
                         sources_module.LISTED_KEEP_BYTES = 0
+                    if args.cold and not images.startswith("s3://"):
+                        drop_cached(Path(images))  # the next reads come from the disk, as for a corpus
+                                                   # larger than memory (moto keeps its objects in memory)
                     t0 = time.perf_counter()
                     try:
                         s = logitstore.dump(str(ckpt), images, str(out), batch_size=256, num_workers=args.workers,
@@ -126,6 +132,8 @@ def speeds(args: argparse.Namespace) -> None:
                     if name == "S3 shards, fetched twice":
                         fit_rate[name] = float("nan")  # the trainer reads the same store as the row above
                         continue
+                    if args.cold and not sources[name][0].startswith("s3://"):
+                        drop_cached(Path(sources[name][0]))
                     res = trainer.fit([stores[name]], tmp / f"fit-{name.replace(' ', '_')}-{rep}", student="lenet",
                                       epochs=args.epochs, batch_size=256, num_workers=args.workers, seed=0,
                                       cache_images=0)
@@ -135,8 +143,8 @@ def speeds(args: argparse.Namespace) -> None:
         proc.terminate()
         proc.wait()
     t = Table(title=f"{args.images:,} MNIST PNGs; dump: batch 256, {args.workers} worker(s); fit: LeNet, batch 256, "
-                    f"no decode cache; {os.cpu_count()} cores, Python {platform.python_version()}, "
-                    f"torch {torch.__version__}")
+                    f"no decode cache; {'cold' if args.cold else 'warm'} page cache; {os.cpu_count()} cores, "
+                    f"Python {platform.python_version()}, torch {torch.__version__}")
     for col in ("source", "dump images/s", "x folder", "fit samples/s", "x folder"):
         t.add_column(col, justify="right")
     for name in sources:
@@ -254,6 +262,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the local sources' pages from the page cache before each dump and fit")
     ap.add_argument("--mnist", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/mnist.npz")
     ap.add_argument("--rss", default=None, help="comma-separated corpus sizes: measure peak RSS instead")
     ap.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)

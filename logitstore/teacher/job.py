@@ -26,7 +26,7 @@ from ..schema import AUGMENTED_RESIZED_CROP, AugmentPolicy, CorpusInfo, ErasingP
 from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
-from ..prefetch import read_ahead
+from ..prefetch import read_ahead_in_runs
 from ..sources import Item, Member, Source, open_source
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
@@ -295,7 +295,7 @@ class DumpJob:
         first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
         end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
-        for item in read_ahead(self.corpus.items(first, end), depth=256):
+        for item in read_ahead_in_runs(self.corpus.items(first, end), 64, depth=4):  # 256 items ahead
             if item.pos >= end:
                 break
             batch.append(item)
