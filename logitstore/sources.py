@@ -3,9 +3,10 @@ loose images, WebDataset tar shards, or Parquet / Arrow files with an image colu
 
 Each kind is a `Source`: its identity (root, listing, n_listed, the listing's sha256) from one
 streaming pass that keeps one count per unit (shard, file, or a prefix's slice: listing.py), never
-one entry per image; a remote unit fetched to be listed is kept for the dump (fetched once); its items
-streamed from any listing position (`items`); and what a store records to find a row's bytes again
-(`record`, docs/FORMAT.md "1.4: row sources"). `open_reader` reads rows back by id (trainer, show,
+one entry per image; a remote unit fetched to be listed is kept for the dump (fetched once), and a
+shard's sample places found by that pass are kept for the dump (its headers read once), both within
+budgets; its items streamed from any listing position (`items`); and what a store records to find a
+row's bytes again (`record`, docs/FORMAT.md "1.4: row sources"). `open_reader` reads rows back by id (trainer, show,
 verify): a unit at a time, remote units fetched concurrently into a bounded local cache.
 
 Ids say where an image is: `UNIT/KEY` for a shard (the tar file's path under the root, then the
@@ -81,34 +82,37 @@ class Item(NamedTuple):
 
 @dataclass
 class ShardIndex:
-    """A local shard's samples as its listing read them from its headers: where each image is (offset,
-    size; size -1 for a sample without an image member), so the dump does not read the headers again."""
+    """A local shard's samples as its listing read them from its headers: their keys, and where each
+    image is (offset, size; size -1 for a sample without an image member), so the dump does not read
+    the headers again. Compact: one string of keys and two int64 arrays (about 26 B a sample)."""
 
-    keys: list[str]
+    keys: str     # the samples' keys, each followed by NUL (no tar member name holds one)
     offsets: Any  # np.ndarray int64
     sizes: Any    # np.ndarray int64
 
     @property
     def nbytes(self) -> int:
-        return self.offsets.nbytes + self.sizes.nbytes + sum(49 + len(k) for k in self.keys)
+        return len(self.keys) + self.offsets.nbytes + self.sizes.nbytes
+
+    def key_list(self) -> list[str]:
+        return self.keys.split("\0")[:-1]
 
     def items(self, location: str, unit: str, skip: int) -> Iterator[tuple[str, Member | None, str | None]]:
-        for i in range(skip, len(self.keys)):
-            key, size = self.keys[i], int(self.sizes[i])
+        for key, offset, size in zip(self.key_list()[skip:], self.offsets[skip:].tolist(), self.sizes[skip:].tolist()):
             if size < 0:
                 yield f"{unit}/{key}", None, describe_failure(_no_image(key))
             else:
-                yield f"{unit}/{key}", Member(location, int(self.offsets[i]), size), None
+                yield f"{unit}/{key}", Member(location, offset, size), None
 
 
 def index_shard(location: str) -> ShardIndex:
     """Read a local shard's headers once (tarfile; webdataset's grouping of members into samples)."""
     keys, offsets, sizes = [], [], []
     for key, value in _shard_samples(location, {}, read=True, members=True):
-        keys.append(key)
+        keys.append(key + "\0")
         offsets.append(value.offset if isinstance(value, Member) else 0)
         sizes.append(value.size if isinstance(value, Member) else -1)
-    return ShardIndex(keys, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64))
+    return ShardIndex("".join(keys), np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64))
 
 
 def is_url(spec: str) -> bool:
@@ -219,7 +223,7 @@ class Source:
     def _listed_index(self, k: int, index: ShardIndex) -> tuple[int, str]:
         """(count, sha256 of its ids) of shard k from its index, which is kept while LISTED_INDEX_BYTES allows."""
         sha = _Sha()
-        for key in index.keys:
+        for key in index.key_list():
             sha.add(f"{self.units[k]}/{key}")
         size = index.nbytes
         with self._lock:
