@@ -61,8 +61,15 @@ def chunk_encoder(arr: zarr.Array) -> Encoder | None:
         from numcodecs import VLenUTF8
 
         vlen = VLenUTF8()
-        # zarr hands the codec its string dtype; VLenUTF8 encodes each str's UTF-8 alike from an object array
-        return lambda values: with_crc32c(zstd.encode(vlen.encode(np.array([str(v) for v in values], dtype=object))))
+
+        def encode_strings(values: np.ndarray) -> np.ndarray:
+            # zarr hands the codec its string dtype; VLenUTF8 encodes each str's UTF-8 alike from an object array
+            try:
+                packed = vlen.encode(values)
+            except TypeError:  # an id that is not a str: as zarr's string dtype holds it
+                packed = vlen.encode(np.array([str(v) for v in values], dtype=object))
+            return with_crc32c(zstd.encode(packed))
+        return encode_strings
     dtype = arr.dtype
 
     def encode(values: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from .fingerprint import row_fingerprints
 from .records import (STAT_BLOCK_ROWS, Statistics, Written, chunk_records, contents_fingerprint, corpus_entries,
                       corpus_hash_of, failures_by_reason, record_names)
 from .locations import stored_bytes
-from .chunk_io import ChunkWriter, Pending
+from .chunk_io import ChunkWriter, Pending, put
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
@@ -359,8 +359,23 @@ class StoreWriter:
                 self._corpus.update(corpus_entries(stored))
                 recs = np.stack([rec for rec, _ in done])
                 self._records[a // r:a // r + len(recs)] = recs
-                self._record_array[a // r:a // r + len(recs)] = recs  # before the commit that covers these rows
+                self._write_records(a // r, a // r + len(recs))  # before the commit that covers these rows
             self._commit(a + len(rows), int(rows.source[-1]) + 1, force=False)
+
+    def _write_records(self, k0: int, k1: int) -> None:
+        """Records [k0, k1) into the store: the whole record chunks holding them, encoded from the records kept in
+        memory (no read-modify-write through zarr's event loop, which held the GIL ~1 ms a write), or through
+        zarr where chunk_io cannot encode the array."""
+        arr = self._record_array
+        encode, rpc = self._chunks.encoder(arr), arr.chunks[0]
+        if encode is None:
+            arr[k0:k1] = self._records[k0:k1]
+            return
+        for c in range(k0 // rpc, (k1 - 1) // rpc + 1):
+            block = self._records[c * rpc:(c + 1) * rpc]
+            if len(block) < rpc:  # the array's last chunk: zarr stores it whole, padded with the fill value, 0
+                block = np.concatenate([block, np.zeros((rpc - len(block), *block.shape[1:]), block.dtype)])
+            put(arr, c, encode(block))
 
     # -- 1.4 chunk records and statistics ------------------------------------------------------
     def _records_open(self, enabled: bool) -> None:

@@ -73,7 +73,8 @@ def test_other_codec_chains_are_left_to_zarr(tmp_path):
 
 def test_every_row_array_a_writer_writes_is_zarrs_bytes(tmp_path):
     """The writer's pool encodes whole chunks of every row array (ids through VLen UTF-8, digests, sizes, view
-    parameters, logits); each chunk file equals the one zarr writes for the same rows, the partial last one too."""
+    parameters, logits); each chunk file equals the one zarr writes for the same rows, the partial last one too,
+    and so do the chunk records' files (one partial record chunk: 6 records in chunks of 64)."""
     from logitstore import schema
     from logitstore.rows import Rows
     from logitstore.schema import CorpusInfo, Preprocess, StoreMeta, TeacherInfo, ViewSpec
@@ -107,6 +108,11 @@ def test_every_row_array_a_writer_writes_is_zarrs_bytes(tmp_path):
         assert len(ours) == 6 and ours.keys() == theirs.keys(), name
         for key in ours:
             assert ours[key] == theirs[key], (name, key)
+    # the chunk records, written whole from memory, are the bytes zarr writes for the same records
+    recs = zarr.open_array(str(tmp_path / "ours.zarr" / schema.CHUNK_SHA256), mode="r")[:]
+    assert recs.shape[0] == 6 and recs.any(axis=(1, 2)).all()
+    g[schema.CHUNK_SHA256][:] = recs
+    assert chunk_files(tmp_path / "ours.zarr" / schema.CHUNK_SHA256) == chunk_files(tmp_path / "zarrs.zarr" / schema.CHUNK_SHA256)
     assert list(logitstore_ids(tmp_path / "ours.zarr")) == list(rows.ids)
 
 
