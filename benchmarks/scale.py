@@ -443,7 +443,7 @@ def main() -> None:
                 # The raw baseline and the stores alternate within each repeat, and which goes first alternates
                 # between repeats, so a drift of the disk (writeback, page cache) falls on both sides alike.
                 raw_first = rep % 2 == 0
-                console.print(f"  write {rep + 1}/{args.repeats}:", end="")
+                console.print(f"  write {rep + 1}/{args.repeats}", end="")
                 if raw_first:
                     timed_raw(rows, n, raw, times, cpu, console)
                 if not args.no_old:

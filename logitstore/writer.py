@@ -204,6 +204,8 @@ COMMIT_INTERVAL_S = 0.25
 # 1000-class float16 logits in 4 MiB chunks wrote at 325 MB/s one chunk a call, 548 MB/s four a
 # call, 529 MB/s eight (zarr 3.1, 2 cores; the whole writer: benchmarks/RESULTS.md, "Millions of
 # rows"). A slow teacher still gets one chunk a write, so a kill loses at most what is unwritten.
+# (Since chunk_io's per-chunk jobs, zarr writes only what they cannot encode; a write is still the unit
+# of one commit, and four chunks keep both pool threads busy between commits.)
 CHUNKS_PER_WRITE = 4
 IN_FLIGHT_WRITES = 2  # writes whose chunk jobs run at once (memory: their rows, 2 x 16 MiB of logits)
 WRITE_BYTES = 64 << 20  # ... and at most this many decoded bytes a write (embedded pixels are large)
