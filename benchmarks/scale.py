@@ -27,7 +27,9 @@ than a chunk, so every chunk compresses like fresh logits), ImageNet-like ids, r
 4x4 greyscale image sizes (so the DataLoader's workers take the decode cache's gather path).
 
 Targets (issue 7): the store within 2x of raw on writes and reads; the reader's memory flat in the
-number of rows. Runs are interleaved and the best of --repeats counts. Results: benchmarks/RESULTS.md.
+number of rows. Runs are interleaved and the best of --repeats counts; the write phase also prints every
+repeat's raw and store times with their ratio, and the median ratio (raw and store alternate who goes
+first). Results: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -150,6 +152,44 @@ def write_raw(rows: Rows, n: int, where: Path) -> float:
         f.close()
     flush_to_disk()
     return time.perf_counter() - t0
+
+
+def timed_raw(rows: Rows, n: int, raw: Path, times: dict[str, list[float]], cpu: dict[str, list[float]],
+              console: Console) -> None:
+    c = time.process_time()
+    times["raw"].append(write_raw(rows, n, raw))
+    cpu["raw"].append(time.process_time() - c)
+    console.print(f", raw {times['raw'][-1]:.1f} s", end="")
+
+
+def repeats_table(times: dict[str, list[float]], cpu: dict[str, list[float]], repeats: int) -> Table:
+    """Every repeat's raw and store times with its own ratio (the two measured back to back), and the median
+    ratio: how far the baseline moves between repeats shows here, not only in the best-of table."""
+    t = Table(title=f"each repeat (raw and stores back to back; who goes first alternates); median of {repeats}")
+    cols = ["repeat", "raw s", "1.4 store + finalize s", "x raw", "CPU s"]
+    if times["store13"]:
+        cols += ["1.3 store + finalize s", "1.3 x raw"]
+    for col in cols:
+        t.add_column(col, justify="right")
+    ratios, ratios13 = [], []
+    for i in range(repeats):
+        total = times["store"][i] + times["finalize"][i]
+        ratios.append(times["raw"][i] / total)
+        row = [str(i + 1), f"{times['raw'][i]:.1f}", f"{total:.1f}", f"{ratios[-1]:.2f}", f"{cpu['store'][i]:.1f}"]
+        if times["store13"]:
+            total13 = times["store13"][i] + times["finalize13"][i]
+            ratios13.append(times["raw"][i] / total13)
+            row += [f"{total13:.1f}", f"{ratios13[-1]:.2f}"]
+        t.add_row(*row)
+    med = [f"{float(np.median(times['raw'])):.1f}",
+           f"{float(np.median(np.add(times['store'], times['finalize']))):.1f}",
+           f"[bold]{float(np.median(ratios)):.2f}[/]", f"{float(np.median(cpu['store'])):.1f}"]
+    if ratios13:
+        med += [f"{float(np.median(np.add(times['store13'], times['finalize13']))):.1f}", f"{float(np.median(ratios13)):.2f}"]
+    t.add_row("median", *med)
+    spread = max(times["raw"]) / min(times["raw"])
+    t.caption = f"the raw baseline's spread: slowest / fastest repeat = {spread:.2f}"
+    return t
 
 
 def write_store(rows: Rows, n: int, path: Path, meta: StoreMeta, zstd_level: int | None = None) -> tuple[float, float]:
@@ -397,11 +437,15 @@ def main() -> None:
             cpu: dict[str, list[float]] = {"raw": [], "store": [], "store13": [], "storeL": []}  # process CPU s
             load = [os.getloadavg()[0]]
             old = replace(meta, format_version="1.3")  # the 1.3 writer: no records, finalize reads every chunk back
+            import torch  # noqa: F401  (loaded in every dump, by the teacher; the writer's statistics use it)
+
             for rep in range(args.repeats):
-                c = time.process_time()
-                times["raw"].append(write_raw(rows, n, raw))
-                cpu["raw"].append(time.process_time() - c)
-                console.print(f"  write {rep + 1}/{args.repeats}: raw {times['raw'][-1]:.1f} s", end="")
+                # The raw baseline and the stores alternate within each repeat, and which goes first alternates
+                # between repeats, so a drift of the disk (writeback, page cache) falls on both sides alike.
+                raw_first = rep % 2 == 0
+                console.print(f"  write {rep + 1}/{args.repeats}", end="")
+                if raw_first:
+                    timed_raw(rows, n, raw, times, cpu, console)
                 if not args.no_old:
                     c = time.process_time()
                     s, f = write_store(rows, n, store, old)
@@ -421,7 +465,10 @@ def main() -> None:
                 cpu["store"].append(time.process_time() - c)
                 times["store"].append(s)
                 times["finalize"].append(f)
-                console.print(f", 1.4 store {s:.1f} s + finalize {f:.2f} s")
+                console.print(f", 1.4 store {s:.1f} s + finalize {f:.2f} s", end="")
+                if not raw_first:
+                    timed_raw(rows, n, raw, times, cpu, console)
+                console.print(f" -> 1.4 store + finalize {times['raw'][-1] / (s + f):.2f}x raw")
             load.append(os.getloadavg()[0])
             mb = n * ROW_BYTES / 1e6
             raw_s, store_s, fin_s = (best(times[k], higher=False) for k in ("raw", "store", "finalize"))
@@ -456,6 +503,8 @@ def main() -> None:
                             "measured only" if times["storeL"] else ""))
             tables.append(t)
             console.print(t)
+            tables.append(repeats_table(times, cpu, args.repeats))
+            console.print(tables[-1])
             spent["write"] = time.perf_counter() - started
             drop_cached(store)  # verify reads from the disk, as a check of a store at rest would
             ins = inspect_times(store, args.zarrs)

@@ -9,11 +9,11 @@ trimmed to N.
 from __future__ import annotations
 
 import queue
+from collections import deque
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -26,10 +26,10 @@ from .schema import StoreMeta
 from .rows import Rows
 from .store import LogitStore, array_names, row_array_names, row_nbytes
 from .fingerprint import row_fingerprints
-from .records import (Statistics, Written, chunk_records, contents_fingerprint, corpus_entries, corpus_hash_of,
-                      failures_by_reason, record_names)
+from .records import (STAT_BLOCK_ROWS, Statistics, Written, chunk_records, contents_fingerprint, corpus_entries,
+                      corpus_hash_of, failures_by_reason, record_names)
 from .locations import stored_bytes
-from .chunk_io import ChunkWriter
+from .chunk_io import ChunkWriter, Pending, put
 from .locations import StoreLock, check_store_destination, delete_all, open_group, remove_stray_keys, retire_root
 
 
@@ -155,22 +155,24 @@ def stored_values(rows: Rows, meta: StoreMeta) -> Rows:
     return replace(rows, logits=round_lossy(rows.logits, meta.keep_bits)) if schema.LOGITS in lossy else rows
 
 
-def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows, chunks: ChunkWriter | None = None) -> None:
-    """Rows into every row array at [a, a + len(rows)); the targets' whole chunks through `chunks` when given
-    (the same bytes, without zarr's per-chunk Python: logitstore/chunk_io.py)."""
+def write_rows(arrays: dict[str, zarr.Array], a: int, rows: Rows, chunks: ChunkWriter | None = None,
+               per_chunk: Callable[[int], Any] | None = None, chunk_rows: int = 0) -> Pending | None:
+    """Rows into every row array at [a, a + len(rows)); with `chunks`, whole chunks of every array it can encode
+    are written by its pool, one job per `chunk_rows` rows, each returning `per_chunk(i)` (the same bytes,
+    without zarr's per-chunk Python: logitstore/chunk_io.py), and the rest through zarr meanwhile. The jobs
+    may still run on return: wait with `.results()` on what is returned."""
     b = a + len(rows)
-    for name, values in rows.target_arrays().items():
-        done = chunks.write(arrays[name], a, values) if chunks is not None else 0
-        if done < len(values):
-            arrays[name][a + done:b] = values[done:]
-    arrays[schema.IDS][a:b] = np.array(list(rows.ids), dtype=object)
-    arrays[schema.DIGESTS][a:b] = rows.digests
-    arrays[schema.IMAGE_HW][a:b] = rows.image_hw
-    arrays[schema.VIEW_PARAMS][a:b] = rows.view_params
-    for name, values in (rows.view_extras or {}).items():
-        arrays[name][a:b] = values
+    values: dict[str, Any] = {**rows.target_arrays(), schema.IDS: np.array(list(rows.ids), dtype=object),
+                              schema.DIGESTS: rows.digests, schema.IMAGE_HW: rows.image_hw,
+                              schema.VIEW_PARAMS: rows.view_params, **(rows.view_extras or {})}
     if schema.PIXELS in arrays:
-        arrays[schema.PIXELS][a:b] = rows.pixels
+        values[schema.PIXELS] = rows.pixels
+    pending = chunks.start(arrays, a, values, len(rows), chunk_rows, per_chunk) if chunks is not None else None
+    for name, v in values.items():
+        done = pending.done[name] if pending is not None else 0
+        if done < len(v):
+            arrays[name][a + done:b] = v[done:]
+    return pending
 
 
 def every_chunk_written(arr: zarr.Array) -> zarr.Array:
@@ -202,7 +204,10 @@ COMMIT_INTERVAL_S = 0.25
 # 1000-class float16 logits in 4 MiB chunks wrote at 325 MB/s one chunk a call, 548 MB/s four a
 # call, 529 MB/s eight (zarr 3.1, 2 cores; the whole writer: benchmarks/RESULTS.md, "Millions of
 # rows"). A slow teacher still gets one chunk a write, so a kill loses at most what is unwritten.
+# (Since chunk_io's per-chunk jobs, zarr writes only what they cannot encode; a write is still the unit
+# of one commit, and four chunks keep both pool threads busy between commits.)
 CHUNKS_PER_WRITE = 4
+IN_FLIGHT_WRITES = 2  # writes whose chunk jobs run at once (memory: their rows, 2 x 16 MiB of logits)
 WRITE_BYTES = 64 << 20  # ... and at most this many decoded bytes a write (embedded pixels are large)
 
 
@@ -234,7 +239,12 @@ class StoreWriter:
         self._per_write = max(1, min(CHUNKS_PER_WRITE, WRITE_BYTES // max(1, chunk_bytes)))  # chunks a write
         self._ended = False        # the writer thread has taken close()'s end marker
         self._records_open(meta.has_records)
-        self._chunks = ChunkWriter()  # the targets' whole chunks, encoded beside zarr (same bytes)
+        self._chunks = ChunkWriter()  # whole chunks, encoded beside zarr (same bytes), with their records
+        # Writes whose chunk jobs may still run, oldest first: (first row, rows, their stored values, jobs).
+        # The next write's jobs start before the last one's are waited for, so the pool never idles while
+        # this thread gathers rows, records and commits.
+        self._in_flight: deque[tuple[int, Rows, Rows, Pending | None]] = deque()
+        self._next_row = progress.rows  # where the next write starts
         self._thread = threading.Thread(target=self._run, name="logitstore-writer", daemon=True)
         self._thread.start()
 
@@ -257,8 +267,6 @@ class StoreWriter:
         except OSError as exc:
             raise write_failure(str(self.group.store), exc) from None
         finally:
-            if self._accountant is not None:
-                self._accountant.shutdown(wait=False)
             self._chunks.shutdown()
             if self.lock is not None:
                 self.lock.release()
@@ -276,6 +284,7 @@ class StoreWriter:
                 try:
                     self._take(self._queue.get(timeout=COMMIT_INTERVAL_S))
                 except queue.Empty:  # the teacher is slow: record what is written meanwhile
+                    self._finish_writes(0)
                     if self._behind:
                         self._commit(self.progress.rows, self.progress.next_source)
                     continue
@@ -285,6 +294,9 @@ class StoreWriter:
                     except queue.Empty:
                         break
                 self._flush(final=False)
+                if self._queue.empty():  # the teacher is behind: nothing to overlap, so commit what is written now
+                    self._finish_writes(0)
+            self._finish_writes(0)
         except BaseException as exc:  # surfaced on the main thread at the next submit/close
             self._error = write_failure(str(self.group.store), exc) if isinstance(exc, OSError) else exc
             while not self._ended:  # unblock the producer
@@ -309,25 +321,70 @@ class StoreWriter:
             rest = rows.take(slice(n, None))
             self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
         if final:
+            self._finish_writes(0)
             self._commit(self.progress.rows, self.end)
 
     def _write_rows(self, rows: Rows) -> None:
-        # Records and statistics are computed on a second thread while zarr encodes and writes the same
-        # rows (hashlib and NumPy release the GIL): finalize then reads nothing back.
-        account = (self._accountant.submit(self._account, stored_values(rows, self.meta))
-                   if self._accountant is not None else None)
-        write_rows(self._arrays, self.progress.rows, rows, self._chunks)
-        if account is not None:
-            recs = account.result()
-            k0 = self.progress.rows // self.meta.chunk_rows
-            self._records[k0:k0 + len(recs)] = recs
-            self._record_array[k0:k0 + len(recs)] = recs  # before the commit that covers these rows
-        self._commit(self.progress.rows + len(rows), int(rows.source[-1]) + 1, force=False)
+        # One pool job per chunk of rows encodes and writes its arrays and computes its records and statistics
+        # (hashlib, Zstd, CRC32C and NumPy release the GIL), two chunks at once: finalize then reads nothing back.
+        r, meta, a = self.meta.chunk_rows, self.meta, self._next_row
+        per_chunk, stored = None, rows
+        if self._has_records:
+            stored = stored_values(rows, meta)
+            names = record_names(meta)
+            # Statistics chunk by chunk cut the rows into the same STAT_BLOCK_ROWS blocks as one call over the
+            # write (which starts on a chunk boundary) did, so they are the same bits; other chunk sizes: one
+            # call, in _finish_writes.
+            split = r % STAT_BLOCK_ROWS == 0
+
+            def per_chunk(i: int) -> tuple[np.ndarray, Statistics | None]:
+                part = stored.take(slice(i * r, (i + 1) * r))
+                stats = None
+                if split:
+                    stats = Statistics(meta.num_classes)
+                    stats.add(part, meta)
+                return chunk_records(part, names, r)[0], stats
+        self._in_flight.append((a, rows, stored, write_rows(self._arrays, a, rows, self._chunks, per_chunk, r)))
+        self._next_row = a + len(rows)
+        self._finish_writes(IN_FLIGHT_WRITES - 1)
+
+    def _finish_writes(self, keep: int) -> None:
+        """Wait for the oldest writes' chunk jobs until `keep` are left; take up their records and statistics,
+        then commit the rows they complete."""
+        r = self.meta.chunk_rows
+        while len(self._in_flight) > keep:
+            a, rows, stored, pending = self._in_flight.popleft()
+            done = pending.results() if pending is not None else []
+            if self._has_records:
+                for _, stats in done:
+                    self._stats = self._stats.merged(stats) if stats is not None else self._stats
+                if r % STAT_BLOCK_ROWS:
+                    self._stats.add(stored, self.meta)
+                self._corpus.update(corpus_entries(stored))
+                recs = np.stack([rec for rec, _ in done])
+                self._records[a // r:a // r + len(recs)] = recs
+                self._write_records(a // r, a // r + len(recs))  # before the commit that covers these rows
+            self._commit(a + len(rows), int(rows.source[-1]) + 1, force=False)
+
+    def _write_records(self, k0: int, k1: int) -> None:
+        """Records [k0, k1) into the store: the whole record chunks holding them, encoded from the records kept in
+        memory (no read-modify-write through zarr's event loop, which held the GIL ~1 ms a write), or through
+        zarr where chunk_io cannot encode the array."""
+        arr = self._record_array
+        encode, rpc = self._chunks.encoder(arr), arr.chunks[0]
+        if encode is None:
+            arr[k0:k1] = self._records[k0:k1]
+            return
+        for c in range(k0 // rpc, (k1 - 1) // rpc + 1):
+            block = self._records[c * rpc:(c + 1) * rpc]
+            if len(block) < rpc:  # the array's last chunk: zarr stores it whole, padded with the fill value, 0
+                block = np.concatenate([block, np.zeros((rpc - len(block), *block.shape[1:]), block.dtype)])
+            put(arr, c, encode(block))
 
     # -- 1.4 chunk records and statistics ------------------------------------------------------
     def _records_open(self, enabled: bool) -> None:
         """Take up the records, statistics and corpus hash of the rows already committed (a resume)."""
-        self._accountant = None
+        self._has_records = enabled
         if not enabled:
             return
         r, n = self.meta.chunk_rows, self.progress.rows
@@ -338,13 +395,6 @@ class StoreWriter:
             self._records[:done] = self._record_array[:done]
         self._stats = Statistics.from_dict(self.progress.statistics, self.meta.num_classes)
         self._corpus = corpus_hash_of(self.group, n)
-        self._accountant = ThreadPoolExecutor(1, thread_name_prefix="logitstore-records")
-
-    def _account(self, rows: Rows) -> np.ndarray:
-        recs = chunk_records(rows, record_names(self.meta), self.meta.chunk_rows)
-        self._stats.add(rows, self.meta)
-        self._corpus.update(corpus_entries(rows))
-        return recs
 
     def written(self) -> Written:
         """The records, statistics and corpus fingerprint of the rows written so far."""
@@ -362,13 +412,13 @@ class StoreWriter:
         now = time.monotonic()
         self._behind = not (force or now - self._committed_at >= COMMIT_INTERVAL_S)
         if not self._behind:
-            if self._accountant is not None:  # built only when recorded (3 x 1000 counts: not every write)
+            if self._has_records:  # built only when recorded (3 x 1000 counts: not every write)
                 self.progress.statistics = self._stats.to_dict()
             self.group.attrs[schema.ATTR_PROGRESS] = self.progress.to_dict()
             self._committed_at = now
 
     def _finalize(self) -> StoreMeta:
-        written = self.written() if self._accountant is not None else None
+        written = self.written() if self._has_records else None
         self.meta = finalize_store(self.group, self.meta, self.progress.rows, None, self.progress.n_failures, written)
         return self.meta
 
