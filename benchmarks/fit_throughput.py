@@ -212,16 +212,18 @@ t_loaded = time.perf_counter()
 torch.manual_seed(0)
 model = lenet(num_classes=10, in_channels=1)
 opt = make_optimizer(model, FitConfig(stores=[], out="-", optimizer="adamw"))
-rates = []
+rates, cpus = [], []
 for epoch in range(epochs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for idx in torch.randperm(len(x_all)).split(batch):
         loss, _, _ = objective(model(x_all[idx]), t_all[idx], labels[idx], 4.0, 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     rates.append(len(x_all) / (time.perf_counter() - t0))
-print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() - t_loaded, "rates": rates}))
+    cpus.append(len(x_all) / (time.process_time() - c0))
+print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() - t_loaded, "rates": rates,
+                  "cpu_rates": cpus}))
 """
 
 
@@ -246,7 +248,7 @@ def ceiling_run(store: Path, corpus: Path, args: argparse.Namespace) -> dict:
     wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     res = json.loads(r.stdout.strip().splitlines()[-1])
     return {"wall": wall, "load": res["load_s"], "train": res["train_s"], "steady": float(np.median(res["rates"][1:])),
-            "epochs": res["rates"], "cpu": cpu}
+            "steady_cpu": float(np.median(res["cpu_rates"][1:])), "epochs": res["rates"], "cpu": cpu}
 
 
 def _env(args: argparse.Namespace) -> dict:
@@ -272,7 +274,10 @@ def fit_run(store: Path, out: Path, args: argparse.Namespace, tree: str | None =
     wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     res = json.loads(r.stdout)
     rates = [h["samples_per_s"] for h in res["history"]]
+    # Samples per CPU second of the process (every thread) in its steady epochs, where the trainer reports it.
+    cpu_rates = [h["samples"] / h["cpu_seconds"] for h in res["history"][1:] if h.get("cpu_seconds")]
     return {"wall": wall, "cpu": cpu, "steady": float(np.median(rates[1:])), "epochs": rates, "first": rates[0],
+            "steady_cpu": float(np.median(cpu_rates)) if cpu_rates else float("nan"),
             "workers": res["info"].get("workers", "?")}
 
 
@@ -336,24 +341,26 @@ def run_defaults(args: argparse.Namespace) -> None:
                     f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}; "
                     "ratios to the mean of the ceiling runs before and after")
     for col in ("run", "repeat", "whole s", "whole ratio", "whole vs ceiling's training", "steady/s", "steady ratio",
-                "epoch 1/s", "CPU s", "CPU ratio"):
+                "steady per CPU s", "epoch 1/s", "CPU s", "CPU ratio"):
         t.add_column(col, justify="right")
     ratios: dict[str, dict[str, list[float]]] = {}
     for a in arms:
         ratios[a] = {
             "whole": bracketed([1 / r["wall"] for r in runs[a]], [1 / c["wall"] for c in ceilings]),
             "steady": bracketed([r["steady"] for r in runs[a]], [c["steady"] for c in ceilings]),
-            "cpu": bracketed([1 / r["cpu"] for r in runs[a]], [1 / c["cpu"] for c in ceilings])}
+            "cpu": bracketed([1 / r["cpu"] for r in runs[a]], [1 / c["cpu"] for c in ceilings]),
+            "steady_cpu": bracketed([r["steady_cpu"] for r in runs[a]], [c["steady_cpu"] for c in ceilings])}
     for i, c in enumerate(ceilings):
         t.add_row("ceiling", str(i + 1), f"{c['wall']:.1f} (load {c['load']:.1f})", "", "", f"{c['steady']:,.0f}", "",
-                  "", f"{c['cpu']:.1f}", "")
+                  f"{c['steady_cpu']:,.0f}", "", f"{c['cpu']:.1f}", "")
         if i == len(ceilings) - 1:
             break
         for a in arms:
             r = runs[a][i]
             train = 0.5 * (c["train"] + ceilings[i + 1]["train"])
             t.add_row(a, str(i + 1), f"{r['wall']:.1f}", f"{ratios[a]['whole'][i]:.3f}", f"{train / r['wall']:.2f}",
-                      f"{r['steady']:,.0f}", f"{ratios[a]['steady'][i]:.3f}", f"{r['first']:,.0f}", f"{r['cpu']:.1f}",
+                      f"{r['steady']:,.0f}", f"{ratios[a]['steady'][i]:.3f}",
+                      f"{r['steady_cpu']:,.0f} ({ratios[a]['steady_cpu'][i]:.3f})", f"{r['first']:,.0f}", f"{r['cpu']:.1f}",
                       f"{ratios[a]['cpu'][i]:.3f}")
     console.print(t)
     console.print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load0)} before, "
@@ -362,6 +369,9 @@ def run_defaults(args: argparse.Namespace) -> None:
         console.print(f"[bold]{a}[/]: steady-epoch ratio {describe(spread(ratios[a]['steady'], 0.9), 0.9)}")
         console.print(f"{a}: whole-process ratio {describe(spread(ratios[a]['whole'], 0.7), 0.7)}")
         console.print(f"{a}: CPU-time ratio {describe(spread(ratios[a]['cpu']))}; workers: {runs[a][-1]['workers']}")
+        if not np.isnan(ratios[a]["steady_cpu"]).any():  # an older trainer reports no CPU seconds per epoch
+            console.print(f"{a}: steady epochs, samples per CPU second of the process (all its threads) against the "
+                          f"ceiling's {describe(spread(ratios[a]['steady_cpu']), 0.9)}")
     if args.baseline_tree:
         paired = [f / b for f, b in zip(ratios["fit"]["steady"], ratios["base"]["steady"])]
         console.print(f"fit / base, steady, run by run (the same repeat): {describe(spread(paired))}")

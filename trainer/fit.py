@@ -268,7 +268,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
+    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    # On the CPU nothing is queued, so reading the factor waits for nothing; at 1 (the norm within max_norm,
+    # most steps) the multiplications would leave every gradient as it is (x * 1.0 == x), so they are skipped.
+    if first.device.type == "cpu" and float(coef) == 1.0:
+        return
+    torch._foreach_mul_(grads, coef)
 
 
 def student_step_seconds(model: nn.Module, batch: dict[str, Any], spec: InputSpec, device: torch.device,
@@ -451,6 +456,7 @@ class EpochMeter:
 
     def __init__(self, device: torch.device, world: int = 1):
         self.device, self.world, self.t0 = device, world, time.perf_counter()
+        self.cpu0 = time.process_time()  # every thread of this process: what the epoch cost, whatever else runs
         self._pending: list[torch.Tensor] = []   # loss, soft, hard of each step not yet stacked
         self._steps: list[tuple[int, int]] = []  # (step, n) of each of those
         self._stacked: list[tuple[list[tuple[int, int]], torch.Tensor]] = []
@@ -541,7 +547,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: 
     n = float(sums[3])
     record = {"lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0]) / max(1.0, n),
               "train_kd": float(sums[1]) / max(1.0, n), "samples": int(n), "seconds": round(seconds, 3),
-              "samples_per_s": n / seconds if seconds > 0 else 0.0}
+              "samples_per_s": n / seconds if seconds > 0 else 0.0,
+              "cpu_seconds": round(time.process_time() - meter.cpu0, 3)}
     if cfg.alpha > 0:
         record["train_ce"] = float(sums[2]) / max(1.0, n)
     if bad is not None:
