@@ -337,6 +337,8 @@ def run_defaults(args: argparse.Namespace) -> None:
                                    str(args.baseline_tree) if a == "base" else None))
         console.print({"ceiling": ceilings[-1], **{a: runs[a][-1] for a in arms}})
     load1 = os.getloadavg()
+    # Every run's figures, for a second look without running again.
+    (w / "defaults_runs.json").write_text(json.dumps({"ceilings": ceilings, "runs": runs, "load": [load0, load1]}))
     t = Table(title=f"trainer fit (default flags, adamw) against the in-RAM ceiling: lenet, {args.images:,} MNIST "
                     f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}; "
                     "ratios to the mean of the ceiling runs before and after")
@@ -371,7 +373,7 @@ def run_defaults(args: argparse.Namespace) -> None:
         console.print(f"{a}: CPU-time ratio {describe(spread(ratios[a]['cpu']))}; workers: {runs[a][-1]['workers']}")
         if not np.isnan(ratios[a]["steady_cpu"]).any():  # an older trainer reports no CPU seconds per epoch
             console.print(f"{a}: steady epochs, samples per CPU second of the process (all its threads) against the "
-                          f"ceiling's {describe(spread(ratios[a]['steady_cpu']), 0.9)}")
+                          f"ceiling's {describe(spread(ratios[a]['steady_cpu'], 0.9), 0.9)}")
     if args.baseline_tree:
         paired = [f / b for f, b in zip(ratios["fit"]["steady"], ratios["base"]["steady"])]
         console.print(f"fit / base, steady, run by run (the same repeat): {describe(spread(paired))}")
