@@ -362,8 +362,8 @@ def run_defaults(args: argparse.Namespace) -> None:
             train = 0.5 * (c["train"] + ceilings[i + 1]["train"])
             t.add_row(a, str(i + 1), f"{r['wall']:.1f}", f"{ratios[a]['whole'][i]:.3f}", f"{train / r['wall']:.2f}",
                       f"{r['steady']:,.0f}", f"{ratios[a]['steady'][i]:.3f}",
-                      f"{r['steady_cpu']:,.0f} ({ratios[a]['steady_cpu'][i]:.3f})", f"{r['first']:,.0f}", f"{r['cpu']:.1f}",
-                      f"{ratios[a]['cpu'][i]:.3f}")
+                      f"{r['steady_cpu']:,.0f} ({ratios[a]['steady_cpu'][i]:.3f})", f"{r['first']:,.0f}",
+                      f"{r['cpu']:.1f}", f"{ratios[a]['cpu'][i]:.3f}")
     console.print(t)
     console.print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load0)} before, "
                   f"{', '.join(f'{x:.1f}' for x in load1)} after")
