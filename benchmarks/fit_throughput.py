@@ -11,7 +11,9 @@ and peak resident memory of `trainer fit` on a store and on one 10x larger.
 
 and, with `--defaults`, only `trainer fit` with its default flags (but --optimizer adamw) against the ceiling
 (the same student and optimizer, same batch size, on tensors already in RAM), each a fresh process,
-alternating: the whole process (wall clock, interpreter start to exit) and its steady epochs (issue 16):
+alternating, with one more ceiling run at the end so that every fit run lies between two: the whole process
+(wall clock, interpreter start to exit) and its steady epochs (issue 16), each as a ratio to the mean of the two
+ceiling runs around it, summarised by the median over runs, its quartiles and range and a bootstrap interval:
 
     python -m benchmarks.fit_throughput --defaults [--images 20000] [--epochs 5] [--repeats 2] [--threads 1]
 
@@ -210,16 +212,18 @@ t_loaded = time.perf_counter()
 torch.manual_seed(0)
 model = lenet(num_classes=10, in_channels=1)
 opt = make_optimizer(model, FitConfig(stores=[], out="-", optimizer="adamw"))
-rates = []
+rates, cpus = [], []
 for epoch in range(epochs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for idx in torch.randperm(len(x_all)).split(batch):
         loss, _, _ = objective(model(x_all[idx]), t_all[idx], labels[idx], 4.0, 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     rates.append(len(x_all) / (time.perf_counter() - t0))
-print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() - t_loaded, "rates": rates}))
+    cpus.append(len(x_all) / (time.process_time() - c0))
+print(json.dumps({"load_s": t_loaded - t_start, "train_s": time.perf_counter() - t_loaded, "rates": rates,
+                  "cpu_rates": cpus}))
 """
 
 
@@ -235,76 +239,144 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def defaults_vs_ceiling(store: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One alternation: the ceiling process, then `trainer fit` (default flags, --optimizer adamw) as a process.
+def ceiling_run(store: Path, corpus: Path, args: argparse.Namespace) -> dict:
+    """The ceiling as one process: its wall clock (interpreter start to exit), loading, training, the median of its
+    steady epochs (2..) and its CPU seconds."""
+    t0, c0 = time.perf_counter(), _children_cpu()
+    r = subprocess.run([sys.executable, "-c", CEILING_CODE, str(store), str(corpus), str(args.epochs),
+                        str(args.batch_size)], capture_output=True, text=True, check=True, env=_env(args), cwd=REPO)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"wall": wall, "load": res["load_s"], "train": res["train_s"], "steady": float(np.median(res["rates"][1:])),
+            "steady_cpu": float(np.median(res["cpu_rates"][1:])), "epochs": res["rates"], "cpu": cpu}
 
-    Steady epochs are epochs 2.. (the decode cache warm), their median; whole = interpreter start to exit."""
+
+def _env(args: argparse.Namespace) -> dict:
     env = {**os.environ}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    t0, c0 = time.perf_counter(), _children_cpu()
-    r = subprocess.run([sys.executable, "-c", CEILING_CODE, str(store), str(corpus), str(args.epochs),
-                        str(args.batch_size)], capture_output=True, text=True, check=True, env=env, cwd=REPO)
-    ceiling_wall, ceiling_cpu = time.perf_counter() - t0, _children_cpu() - c0
-    ceiling = json.loads(r.stdout.strip().splitlines()[-1])
-    out_row = {"ceiling_wall": ceiling_wall, "ceiling_load": ceiling["load_s"], "ceiling_train": ceiling["train_s"],
-               "ceiling_steady": float(np.median(ceiling["rates"][1:])), "ceiling_cpu": ceiling_cpu}
+    return env
+
+
+def fit_run(store: Path, out: Path, args: argparse.Namespace, tree: str | None = None) -> dict:
+    """`trainer fit` (default flags, --optimizer adamw) as one process, from this checkout or `tree`."""
     cmd = [sys.executable, "-m", "trainer", "fit", "--store", str(store), "--out", str(out), "--optimizer", "adamw",
            "--epochs", str(args.epochs), "--overwrite", "--json"]
     if args.batch_size != trainer.FitConfig.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.workers is not None:
         cmd += ["--num-workers", str(args.workers)]
-    # An earlier checkout of the code (--baseline-tree), run the same way right after: before/after under one load.
-    arms = [("fit", None)] + ([("base", str(args.baseline_tree))] if args.baseline_tree else [])
-    for name, tree in arms:
-        t0, c0 = time.perf_counter(), _children_cpu()
-        # cwd too: `python -m` puts the working directory first on sys.path.
-        r = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tree or REPO,
-                           env={**env, "PYTHONPATH": tree} if tree else env)
-        res = json.loads(r.stdout)
-        history = res["history"]
-        out_row.update({f"{name}_wall": time.perf_counter() - t0, f"{name}_cpu": _children_cpu() - c0,
-                        f"{name}_steady": float(np.median([h["samples_per_s"] for h in history[1:]])),
-                        f"{name}_first": history[0]["samples_per_s"], f"{name}_workers": res["info"].get("workers", "?")})
-    return out_row
+    env = _env(args)
+    t0, c0 = time.perf_counter(), _children_cpu()
+    # cwd too: `python -m` puts the working directory first on sys.path.
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tree or REPO,
+                       env={**env, "PYTHONPATH": tree} if tree else env)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    res = json.loads(r.stdout)
+    rates = [h["samples_per_s"] for h in res["history"]]
+    # Samples per CPU second of the process (every thread) in its steady epochs, where the trainer reports it.
+    cpu_rates = [h["samples"] / h["cpu_seconds"] for h in res["history"][1:] if h.get("cpu_seconds")]
+    return {"wall": wall, "cpu": cpu, "steady": float(np.median(rates[1:])), "epochs": rates, "first": rates[0],
+            "steady_cpu": float(np.median(cpu_rates)) if cpu_rates else float("nan"),
+            "workers": res["info"].get("workers", "?")}
+
+
+def bracketed(arm: list[float], ceilings: list[float]) -> list[float]:
+    """arm[i] / the mean of the ceiling runs just before and just after it (ceilings has one more entry than arm):
+    a slow drift of the machine's load moves both sides of each ratio alike."""
+    assert len(ceilings) == len(arm) + 1
+    return [a / (0.5 * (ceilings[i] + ceilings[i + 1])) for i, a in enumerate(arm)]
+
+
+def spread(ratios: list[float], aim: float | None = None, resamples: int = 2000) -> dict:
+    """Median of per-run ratios, their quartiles and range, a 95% bootstrap interval of the median (resampling the
+    runs; a fixed seed, so one set of runs always gives the same interval) and how many runs reach `aim`."""
+    x = np.asarray(ratios, float)
+    rng = np.random.default_rng(0)
+    medians = np.median(x[rng.integers(0, len(x), size=(resamples, len(x)))], axis=1)
+    out = {"median": float(np.median(x)), "q1": float(np.percentile(x, 25)), "q3": float(np.percentile(x, 75)),
+           "min": float(x.min()), "max": float(x.max()), "ci": (float(np.percentile(medians, 2.5)),
+                                                                 float(np.percentile(medians, 97.5))), "n": len(x)}
+    if aim is not None:
+        out["reach"] = int((x >= aim).sum())
+    return out
+
+
+def describe(s: dict, aim: float | None = None) -> str:
+    text = (f"median {s['median']:.3f} (quartiles {s['q1']:.3f}-{s['q3']:.3f}, range {s['min']:.3f}-{s['max']:.3f}; "
+            f"95% interval of the median {s['ci'][0]:.3f}-{s['ci'][1]:.3f}, {s['n']} runs)")
+    if aim is not None:
+        text += f"; {s['reach']}/{s['n']} runs >= {aim:g}"
+    return text
 
 
 def run_defaults(args: argparse.Namespace) -> None:
+    """Repeats of (ceiling, trainer fit[, baseline tree]) and one closing ceiling: every fit run lies between two
+    ceiling runs, and its ratios are to their mean (`bracketed`). Shorter runs (--epochs 3) and more repeats give
+    more ratios, and the median's interval says whether the aim is met beyond the machine's noise."""
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
     console = Console(width=160)
     make_corpus(args.mnist, args.images, w / "corpus")
     make_teacher(w / "teacher.pt", *TEACHER)
     make_store(w / "teacher.pt", w / "corpus", w / "store.zarr")
-    runs = []
-    for rep in range(args.repeats):
-        console.print(f"[bold]repeat {rep + 1}/{args.repeats}[/]: ceiling, then trainer fit"
-                      f"{', then the baseline tree' if args.baseline_tree else ''}")
-        runs.append(defaults_vs_ceiling(w / "store.zarr", w / "corpus", w / "runs" / "defaults", args))
-        console.print(runs[-1])
     arms = ["fit"] + (["base"] if args.baseline_tree else [])
+    ceilings: list[dict] = []
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    load0 = os.getloadavg()
+    for rep in range(args.repeats + 1):
+        console.print(f"[bold]repeat {rep + 1}/{args.repeats}[/]: ceiling" + (
+            ", then trainer fit" + (" and the baseline tree" if args.baseline_tree else "")
+            if rep < args.repeats else " (closing)"))
+        ceilings.append(ceiling_run(w / "store.zarr", w / "corpus", args))
+        if rep == args.repeats:
+            break
+        # fit and base take turns at the slot just after a ceiling run, so neither sits nearer one side.
+        for a in (arms if rep % 2 == 0 else arms[::-1]):
+            runs[a].append(fit_run(w / "store.zarr", w / "runs" / "defaults", args,
+                                   str(args.baseline_tree) if a == "base" else None))
+        console.print({"ceiling": ceilings[-1], **{a: runs[a][-1] for a in arms}})
+    load1 = os.getloadavg()
+    # Every run's figures, for a second look without running again.
+    (w / "defaults_runs.json").write_text(json.dumps({"ceilings": ceilings, "runs": runs, "load": [load0, load1]}))
     t = Table(title=f"trainer fit (default flags, adamw) against the in-RAM ceiling: lenet, {args.images:,} MNIST "
-                    f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}")
+                    f"images, batch {args.batch_size}, {args.epochs} epochs, threads {args.threads or 'torch default'}; "
+                    "ratios to the mean of the ceiling runs before and after")
     for col in ("run", "repeat", "whole s", "whole ratio", "whole vs ceiling's training", "steady/s", "steady ratio",
-                "epoch 1/s", "CPU s", "CPU ratio"):
+                "steady per CPU s", "epoch 1/s", "CPU s", "CPU ratio"):
         t.add_column(col, justify="right")
-    for i, r in enumerate(runs):
-        t.add_row("ceiling", str(i + 1), f"{r['ceiling_wall']:.1f} (load {r['ceiling_load']:.1f})", "1.00", "",
-                  f"{r['ceiling_steady']:,.0f}", "1.00", "", f"{r['ceiling_cpu']:.1f}", "1.00")
-        for a in arms:
-            t.add_row(a, str(i + 1), f"{r[a + '_wall']:.1f}", f"{r['ceiling_wall'] / r[a + '_wall']:.2f}",
-                      f"{r['ceiling_train'] / r[a + '_wall']:.2f}", f"{r[a + '_steady']:,.0f}",
-                      f"{r[a + '_steady'] / r['ceiling_steady']:.2f}", f"{r[a + '_first']:,.0f}",
-                      f"{r[a + '_cpu']:.1f}", f"{r['ceiling_cpu'] / r[a + '_cpu']:.2f}")
-    console.print(t)
+    ratios: dict[str, dict[str, list[float]]] = {}
     for a in arms:
-        whole = [r["ceiling_wall"] / r[a + "_wall"] for r in runs]
-        steady = [r[a + "_steady"] / r["ceiling_steady"] for r in runs]
-        cpu = [r["ceiling_cpu"] / r[a + "_cpu"] for r in runs]
-        console.print(f"{a}: whole-process ratio median {np.median(whole):.2f} (runs {', '.join(f'{x:.2f}' for x in whole)}); "
-                      f"steady-epoch ratio median {np.median(steady):.2f} (runs {', '.join(f'{x:.2f}' for x in steady)}); "
-                      f"CPU-time ratio median {np.median(cpu):.2f}; workers: {runs[-1][a + '_workers']}")
+        ratios[a] = {
+            "whole": bracketed([1 / r["wall"] for r in runs[a]], [1 / c["wall"] for c in ceilings]),
+            "steady": bracketed([r["steady"] for r in runs[a]], [c["steady"] for c in ceilings]),
+            "cpu": bracketed([1 / r["cpu"] for r in runs[a]], [1 / c["cpu"] for c in ceilings]),
+            "steady_cpu": bracketed([r["steady_cpu"] for r in runs[a]], [c["steady_cpu"] for c in ceilings])}
+    for i, c in enumerate(ceilings):
+        t.add_row("ceiling", str(i + 1), f"{c['wall']:.1f} (load {c['load']:.1f})", "", "", f"{c['steady']:,.0f}", "",
+                  f"{c['steady_cpu']:,.0f}", "", f"{c['cpu']:.1f}", "")
+        if i == len(ceilings) - 1:
+            break
+        for a in arms:
+            r = runs[a][i]
+            train = 0.5 * (c["train"] + ceilings[i + 1]["train"])
+            t.add_row(a, str(i + 1), f"{r['wall']:.1f}", f"{ratios[a]['whole'][i]:.3f}", f"{train / r['wall']:.2f}",
+                      f"{r['steady']:,.0f}", f"{ratios[a]['steady'][i]:.3f}",
+                      f"{r['steady_cpu']:,.0f} ({ratios[a]['steady_cpu'][i]:.3f})", f"{r['first']:,.0f}",
+                      f"{r['cpu']:.1f}", f"{ratios[a]['cpu'][i]:.3f}")
+    console.print(t)
+    console.print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load0)} before, "
+                  f"{', '.join(f'{x:.1f}' for x in load1)} after")
+    for a in arms:
+        console.print(f"[bold]{a}[/]: steady-epoch ratio {describe(spread(ratios[a]['steady'], 0.9), 0.9)}")
+        console.print(f"{a}: whole-process ratio {describe(spread(ratios[a]['whole'], 0.7), 0.7)}")
+        console.print(f"{a}: CPU-time ratio {describe(spread(ratios[a]['cpu']))}; workers: {runs[a][-1]['workers']}")
+        if not np.isnan(ratios[a]["steady_cpu"]).any():  # an older trainer reports no CPU seconds per epoch
+            console.print(f"{a}: steady epochs, samples per CPU second of the process (all its threads) against the "
+                          f"ceiling's {describe(spread(ratios[a]['steady_cpu'], 0.9), 0.9)}")
+    if args.baseline_tree:
+        paired = [f / b for f, b in zip(ratios["fit"]["steady"], ratios["base"]["steady"])]
+        console.print(f"fit / base, steady, run by run (the same repeat): {describe(spread(paired))}")
 
 
 def machine() -> str:

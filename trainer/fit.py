@@ -6,6 +6,7 @@ labeled folder if given), saves the checkpoint and the metrics. No teacher is ev
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from .batches import (SKIPPED, Batches, Request, default_cache_bytes, make_batch
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
 from .inputs import InputSpec, make_input_spec
+from .allocator import keep_freed_memory
 from .compile import compile_student
 from .ema import ModelEMA
 from .loss import DISTILL_MODES, objective, soft_target_loss, teacher_top1
@@ -266,7 +268,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
+    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    # On the CPU nothing is queued, so reading the factor waits for nothing; at 1 (the norm within max_norm,
+    # most steps) the multiplications would leave every gradient as it is (x * 1.0 == x), so they are skipped.
+    if first.device.type == "cpu" and float(coef) == 1.0:
+        return
+    torch._foreach_mul_(grads, coef)
 
 
 def student_step_seconds(model: nn.Module, batch: dict[str, Any], spec: InputSpec, device: torch.device,
@@ -404,6 +411,30 @@ def _every_rank_has_rows(n: int, cfg: FitConfig, ddp: Torchrun, device: torch.de
 # student ~4% (py-spy, benchmarks/RESULTS.md, issue 16).
 READ_AHEAD_RUN = 8
 
+_EPOCH_END = object()
+
+
+class EpochRequests:
+    """The requests of a run's epochs from one read-ahead thread, which reads on into the next epoch (its first
+    shuffle group) while this one's last batches train and while it is scored and saved. Each epoch's own
+    read-ahead used to start with it, so its first step waited for a whole group to be read (~1% of a steady
+    epoch of a small student; benchmarks/RESULTS.md, issue 16). The same requests in the same order."""
+
+    def __init__(self, make: Callable[[int], Iterable[Request]], epochs: range, run: int):
+        def tagged() -> Iterator[Any]:
+            for epoch in epochs:
+                yield from make(epoch)
+                yield _EPOCH_END
+        self._items = read_ahead_in_runs(tagged(), run)
+
+    def epoch(self) -> Iterator[Request]:
+        """The next epoch's requests; iterate them to the end before asking for the next epoch."""
+        return iter(lambda: next(self._items), _EPOCH_END)
+
+    def close(self) -> None:
+        """Release the thread (a run that stops early: an error, divergence)."""
+        self._items.close()
+
 
 # A non-finite loss is looked for every this many steps, where the progress bar reads the running
 # loss: both wait for the device, so they wait at the same steps.
@@ -411,37 +442,76 @@ CHECK_EVERY = 20
 
 
 class EpochMeter:
-    """One epoch's running sums, kept on the device: reading a loss every step would stall the GPU queue.
+    """One epoch's running sums, kept off the host until it waits for the device anyway: reading a loss every
+    step would stall the GPU queue.
 
-    For the same reason a non-finite loss is only marked on the device (the first such step) and read
-    where the host waits for the device anyway: every CHECK_EVERY steps, where the progress bar reads
-    the loss (a single process stops there), and once at the end of the epoch (`_first_bad_step`),
-    before the caller measures or saves anything, so NaN weights never reach a checkpoint.
+    A step only keeps its three loss tensors (detached); every CHECK_EVERY steps they become one
+    [k, 3] stack on the device (no wait), and they are summed on the host, in step order, where the host
+    waits for the device anyway: every CHECK_EVERY steps, where the progress bar reads the loss and a single
+    process looks for a non-finite loss (and stops there), and once at the end of the epoch
+    (`_first_bad_step`), before the caller measures or saves anything, so NaN weights never reach a checkpoint.
+    Per step that is a list append where a fused add on the device cost ~10x more (issue 16); the sums are
+    the same bits (each x * n is exact in float64 and is added in the same order).
     """
 
     def __init__(self, device: torch.device, world: int = 1):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, soft*n, hard*n, n
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
-        self.world, self.t0 = world, time.perf_counter()
-        self._one = torch.ones((), device=device)  # the count's column in `add`, made once
+        self.device, self.world, self.t0 = device, world, time.perf_counter()
+        self.cpu0 = time.process_time()  # every thread of this process: what the epoch cost, whatever else runs
+        self._pending: list[torch.Tensor] = []   # loss, soft, hard of each step not yet stacked
+        self._steps: list[tuple[int, int]] = []  # (step, n) of each of those
+        self._stacked: list[tuple[list[tuple[int, int]], torch.Tensor]] = []
+        self._sums = [0.0, 0.0, 0.0, 0.0]        # loss*n, soft*n, hard*n, n (summed so far)
+        self._first_bad = -1                     # first step with a non-finite loss
 
     def add(self, step: int, n: int, loss: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor) -> None:
-        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step)
-        # n is added as a Python number: a tensor made from it would be a host-to-device copy every step.
-        # One fused add for the four sums (x * n is exact in float64, so the sums are the same bits as
-        # adding each product apart).
-        self.sums.add_(torch.stack([loss.detach(), soft, hard, self._one]).double(), alpha=n)
+        self._pending += (loss.detach(), soft, hard)
+        self._steps.append((step, n))
+        if len(self._steps) >= CHECK_EVERY:
+            self._stack()
+
+    def _stack(self) -> None:
+        if self._steps:
+            self._stacked.append((self._steps, torch.stack(self._pending).view(-1, 3).double()))
+            self._pending, self._steps = [], []
+
+    def _fold(self) -> None:
+        """Sum what was added so far into the host sums, in step order (waits for the device)."""
+        self._stack()
+        sums = self._sums
+        for steps, values in self._stacked:
+            for (step, n), (loss, soft, hard) in zip(steps, values.tolist()):
+                if self._first_bad < 0 and not math.isfinite(loss):
+                    self._first_bad = step
+                sums[0] += loss * n
+                sums[1] += soft * n
+                sums[2] += hard * n
+                sums[3] += n
+        self._stacked = []
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """[4] float64 on the device: loss*n, soft*n, hard*n and n summed over the steps so far."""
+        self._fold()
+        return torch.tensor(self._sums, dtype=torch.float64, device=self.device)
+
+    @property
+    def first_bad(self) -> torch.Tensor:
+        """The first step (0-based) whose loss was not finite, -1 if none, as an int64 tensor on the device."""
+        self._fold()
+        return torch.tensor(self._first_bad, dtype=torch.int64, device=self.device)
 
     def diverged(self) -> bool:
         """Whether a loss of this process was not finite so far (waits for the device)."""
-        return int(self.first_bad) >= 0
+        self._fold()
+        return self._first_bad >= 0
 
     def live(self) -> dict[str, float]:
         """The progress bar's fields: samples/s of every rank so far, and this rank's mean loss (waits for
         the device)."""
-        n = float(self.sums[3])
+        self._fold()
+        n = self._sums[3]
         return {"rate": n * self.world / max(1e-9, time.perf_counter() - self.t0),
-                "loss": float(self.sums[0]) / max(1.0, n)}
+                "loss": self._sums[0] / max(1.0, n)}
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: EpochMeter,
@@ -477,7 +547,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], meter: 
     n = float(sums[3])
     record = {"lr": optimizer.param_groups[0]["lr"], "train_loss": float(sums[0]) / max(1.0, n),
               "train_kd": float(sums[1]) / max(1.0, n), "samples": int(n), "seconds": round(seconds, 3),
-              "samples_per_s": n / seconds if seconds > 0 else 0.0}
+              "samples_per_s": n / seconds if seconds > 0 else 0.0,
+              "cpu_seconds": round(time.process_time() - meter.cpu0, 3)}
     if cfg.alpha > 0:
         record["train_ce"] = float(sums[2]) / max(1.0, n)
     if bad is not None:
@@ -545,6 +616,7 @@ def run_fit(cfg: FitConfig, *, progress: bool = False,
     `stores`: cfg.stores already open, in the same order (default: they are opened here).
     """
     cfg.check()
+    keep_freed_memory()  # every step reuses its tensors' memory (trainer/allocator.py)
     # Held for the whole run: a dump or copy cannot replace a store this fit is reading (W1, R2).
     locks: list[StoreLock] = []
     try:
@@ -735,14 +807,17 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     if ema is not None:
         info["ema"] = f"decay {cfg.ema:g}: held-out metrics and checkpoint state_dict are the average's"
     bar = progress_bar(progress and ddp.main, unit="samples")
-    with bar:
+    # Stores with embedded pixels: one batch at a time, so no more pixel batches wait than before.
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
+    stream = EpochRequests(lambda e: data.requests(e, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
+                                                   cfg.shuffle_blocks),
+                           range(start_epoch, last_epoch), 1 if data.embedded else READ_AHEAD_RUN)
+    with bar, contextlib.closing(stream):
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch - start_epoch >= cfg.stop_after:
                 break
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps)
-            # Stores with embedded pixels: one batch at a time, so no more pixel batches wait than before.
-            requests = read_ahead_in_runs(data.requests(epoch, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
-                                                        cfg.shuffle_blocks), 1 if data.embedded else READ_AHEAD_RUN)
+            requests = stream.epoch()
             meter = EpochMeter(dev, ddp.world)
             epoch_batches = batches(requests)
             if ddp.main:  # only rank 0 draws the bar; the other ranks need not wait for their devices
