@@ -108,9 +108,12 @@ def put(arr: zarr.Array, k: int, data: np.ndarray) -> None:
     buf = default_buffer_prototype().buffer.from_array_like(data)
     local = _local_put(store)
     if local is not None:
-        local(store.root / key, buf)
-    else:
-        sync(store.set(key, buf))
+        try:
+            local(store.root / key, buf)
+            return
+        except TypeError:  # another zarr's private signature: the store's own set below
+            pass
+    sync(store.set(key, buf))
 
 
 def _local_put(store: Any) -> Callable[..., Any] | None:
@@ -187,4 +190,6 @@ class ChunkWriter:
         return p.done["a"]
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False)
+        # Wait: a job still running after an error or Ctrl-C must not put chunks once the store's lock
+        # is released (a retry or --overwrite in this process would get stale bytes).
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -187,14 +187,20 @@ class Source:
                 return dict(zip(ks, threads.map(self.list_unit, ks)))
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        def parse(path: str) -> ShardIndex:
+            try:
+                return parsers.submit(index_shard, path).result()
+            except BrokenProcessPool:  # a child killed (out of memory, a signal): one line, not a traceback
+                raise CorpusError(f"{path}: the process listing it died; run the same command again, or with "
+                                  "fewer processes on this machine") from None
 
         # fork: the children run only tarfile, and start at once (no re-import of torch)
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as parsers, \
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_ignore_interrupts) as parsers, \
                 ThreadPoolExecutor(max(procs, UNITS_AHEAD) if remote else procs) as threads:
-            def listed(k: int) -> tuple[int, str]:
-                return self.list_unit(k, lambda path: parsers.submit(index_shard, path).result())
-
-            return dict(zip(ks, threads.map(listed, ks)))
+            return dict(zip(ks, threads.map(lambda k: self.list_unit(k, parse), ks)))
 
     def list_unit(self, k: int, index_of: Callable[[str], ShardIndex] = index_shard) -> tuple[int, str]:
         """(count, sha256 of its ids) of unit k, from its tar headers (`index_of` a local copy) or its
@@ -333,8 +339,9 @@ class Source:
         would otherwise reach into the units another torchrun process dumps)."""
         u, skip = self.locate(start)
         end = len(self.units) if stop is None or stop <= start else min(len(self.units), self.locate(stop - 1)[0] + 1)
-        for k in [k for k in self.kept if k < u]:
+        for k in [k for k in set(self.kept) | set(self.indexes) if k < u]:
             self._drop(k)  # listed here, dumped before (a resumed dump)
+            self._forget_index(k)
         pos = start
         if self.kind in (KIND_PREFIX, KIND_URLS):  # loose images: one stream of requests across units
             for image_id, data, error in _fetch_all(self, u, skip, end):
@@ -347,7 +354,7 @@ class Source:
             cache = _UnitCache(1 << 62, self.storage_options, tmp)
             ahead: dict[int, Any] = {}
             for k in range(u, end):
-                index = self.indexes.get(k)
+                index = self.indexes.get(k) if not remote or k in self.kept else None
                 if index is not None:  # listed here: its samples' places are known, read by the workers
                     location = self.kept.get(k) or _join(self.root, self.units[k])
                     for image_id, data, error in index.items(location, self.units[k], skip):
@@ -380,7 +387,15 @@ class Source:
 
 def _cores() -> int:
     """Cores this process may use, shared with the other processes of a torchrun on this machine."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _ignore_interrupts() -> None:
+    """A listing child leaves Ctrl-C to its parent, which stops the listing with one line."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _remove_folder(folder: str, pid: int) -> None:

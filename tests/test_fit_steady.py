@@ -3,6 +3,7 @@ without changing a result: the C heap keeps a step's memory (no page faults ever
 requests are read while this one ends, and the benchmark's ratios are bracketed by ceiling runs."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -41,7 +42,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, applied)
 def test_fixed_heap_thresholds_stop_the_per_step_page_faults():
     def faults(mode: str) -> tuple[int, str]:
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
-                             env={"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1"})
         n, applied = out.stdout.split()
         return int(n), applied
 

@@ -347,6 +347,23 @@ def test_a_broken_shard_among_several_is_one_line(layouts, tmp_path):
     assert_one_line_error(proc, "00001.tar: cannot be read")
 
 
+@pytest.mark.parametrize("cores", [1, 2])
+def test_shards_listed_in_processes_or_not_agree_and_name_a_broken_shard(layouts, tmp_path, monkeypatch, cores):
+    import logitstore.sources as sources
+    from logitstore.errors import CorpusError
+
+    monkeypatch.setattr(sources, "_cores", lambda: cores)  # 2: the process pool, on a runner of any size
+    src = open_source(str(layouts["shards"]))
+    assert src.counts == list(SHARD_SIZES) and sorted(src.indexes) == [0, 1, 2]
+    monkeypatch.setattr(sources, "LISTED_INDEX_BYTES", 0)
+    assert open_source(str(layouts["shards"])).listing_sha256() == src.listing_sha256()
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        data = (layouts["shards"] / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:5000] if name == "00002.tar" else data)
+    with pytest.raises(CorpusError, match=r"00002\.tar: cannot be read"):
+        open_source(str(tmp_path))
+
+
 def test_shards_are_read_through_once_and_the_dump_reads_their_indexes(layouts, images, teacher_ckpt, reference,
                                                                        tmp_path, monkeypatch):
     import logitstore.sources as sources
