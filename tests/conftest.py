@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ def invoke(tool: str, *args: str) -> subprocess.CompletedProcess:
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
     return subprocess.CompletedProcess([tool, *args], r.exit_code, r.stdout, r.stderr)
+
+
+def interruptible() -> None:
+    """preexec_fn of a child that a test stops with Ctrl-C: SIGINT back to its default, so the child's Python
+    raises KeyboardInterrupt even when this test run was started in the background (a shell without job
+    control starts background jobs with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:

@@ -15,7 +15,7 @@ import logitstore
 from logitstore.errors import IntegrityError, StoreStateError
 from logitstore.tools.transfer import copy_store
 
-from conftest import REPO, TESTS, assert_one_line_error, flip_byte, invoke, run_cli
+from conftest import REPO, TESTS, assert_one_line_error, flip_byte, interruptible, invoke, run_cli
 
 JOBS = 8
 
@@ -92,7 +92,7 @@ def test_ctrl_c_stops_a_concurrent_copy_from_s3_promptly_and_the_same_command_fi
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     try:
         proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=interruptible)
         deadline = time.monotonic() + 120
         while not (dst / "logits").is_dir() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)

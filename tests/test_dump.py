@@ -21,7 +21,7 @@ from logitstore.corpus import read_and_decode
 from logitstore.errors import (LogitRangeError, ResumeMismatchError, StoreStateError, TeacherError)
 from logitstore.views import apply_view, normalize
 
-from conftest import CLASSES, MNIST_PRE, REPO, TESTS, load_module, run_cli, save_teacher
+from conftest import CLASSES, MNIST_PRE, REPO, TESTS, interruptible, load_module, run_cli, save_teacher
 
 
 def forward_reference(model: torch.nn.Module, corpus: Path, ids, params=None, kind="eval") -> np.ndarray:
@@ -315,7 +315,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, corpus):
     proc = subprocess.Popen([sys.executable, "-m", "logitstore", "dump", "--teacher", str(ckpt), "--images",
                              str(corpus), "--out", str(out), "--batch-size", "8", "--chunk-rows", "8",
                              "--num-workers", "0", "--quiet"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 60
     while time.time() < deadline:
         if _committed_rows(out):
