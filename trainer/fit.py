@@ -807,15 +807,15 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     if ema is not None:
         info["ema"] = f"decay {cfg.ema:g}: held-out metrics and checkpoint state_dict are the average's"
     bar = progress_bar(progress and ddp.main, unit="samples")
+    # The epochs this run trains (--stop-after ends it early): the stream reads ahead exactly these.
+    end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
+    epochs = range(start_epoch, end)
     # Stores with embedded pixels: one batch at a time, so no more pixel batches wait than before.
-    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     stream = EpochRequests(lambda e: data.requests(e, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
                                                    cfg.shuffle_blocks),
-                           range(start_epoch, last_epoch), 1 if data.embedded else READ_AHEAD_RUN)
+                           epochs, 1 if data.embedded else READ_AHEAD_RUN)
     with bar, contextlib.closing(stream):
-        for epoch in range(start_epoch, cfg.epochs):
-            if cfg.stop_after is not None and epoch - start_epoch >= cfg.stop_after:
-                break
+        for epoch in epochs:
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps)
             requests = stream.epoch()
             meter = EpochMeter(dev, ddp.world)
