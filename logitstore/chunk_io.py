@@ -182,13 +182,6 @@ class ChunkWriter:
             return per_chunk(i) if per_chunk is not None else None
         return Pending(done, [self._pool.submit(job, i) for i in range(-(-rows // chunk_rows))])
 
-    def write(self, arr: zarr.Array, a: int, values: np.ndarray) -> int:
-        """Whole chunks of one array: rows [a, ...) with a on a chunk boundary; returns how many leading rows
-        it wrote (the rest is the caller's, through zarr)."""
-        p = self.start({"a": arr}, a, {"a": values}, self.whole_chunks(arr, a, values), arr.chunks[0])
-        p.results()
-        return p.done["a"]
-
     def shutdown(self) -> None:
         # Wait: a job still running after an error or Ctrl-C must not put chunks once the store's lock
         # is released (a retry or --overwrite in this process would get stale bytes).
