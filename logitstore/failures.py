@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import CorpusError
 
@@ -17,6 +17,8 @@ class FailureWatch:
 
     images: str
     max_share: float = 0.5
+    # What a stop leaves behind, said when it stops (a dump still listing its corpus has written nothing).
+    left: Callable[[], str] = lambda: "the store is left incomplete"
     seen: int = 0
     failed: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -36,5 +38,5 @@ class FailureWatch:
             self.stop(f"all {self.seen:,} images failed")
 
     def stop(self, what: str) -> None:
-        raise CorpusError(f"{self.images}: {what} (first: {'; '.join(self.reasons)}); the store is left "
-                          "incomplete. Check --images (and --image-column), or raise --max-failure-share")
+        raise CorpusError(f"{self.images}: {what} (first: {'; '.join(self.reasons)}); {self.left()}. "
+                          "Check --images (and --image-column), or raise --max-failure-share")

@@ -168,9 +168,11 @@ class Source:
     indexes: dict[int, ShardIndex] = field(default_factory=dict, repr=False)  # shards indexed when listed
     _index_bytes: int = field(default=0, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
+    _lister: "_Lister | None" = field(default=None, repr=False)  # the listing under way (list_in_background)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy in a DataLoader worker reads no kept unit
-        return {**self.__dict__, "kept": {}, "_keep": None, "indexes": {}, "_index_bytes": 0, "_lock": None}
+        return {**self.__dict__, "kept": {}, "_keep": None, "indexes": {}, "_index_bytes": 0, "_lock": None,
+                "_lister": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
@@ -178,13 +180,20 @@ class Source:
     def list_units(self, ks: Sequence[int]) -> dict[int, tuple[int, str]]:
         """`list_unit` of units `ks`: remote ones UNITS_AHEAD at once (fetching); shards' headers parsed
         in processes, one a core (tarfile is Python work: threads would share one core)."""
+        return dict(self._list_in_order(ks))
+
+    def _list_in_order(self, ks: Sequence[int], cancel: threading.Event | None = None
+                       ) -> Iterator[tuple[int, tuple[int, str]]]:
+        """(k, `list_unit(k)`) for k in `ks`, in that order, each as soon as it and those before it are
+        listed; once `cancel` is set, no unit not yet started is listed."""
         remote = is_url(self.root)
         if remote:
             self._keep_folder()  # before the threads that fill it
         procs = min(len(ks), _cores()) if self.kind == KIND_WEBDATASET else 1
         if procs < 2:
             with ThreadPoolExecutor(UNITS_AHEAD if remote else 1) as threads:
-                return dict(zip(ks, threads.map(self.list_unit, ks)))
+                yield from _in_order(ks, threads.map(self.list_unit, ks), cancel)
+            return
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
@@ -200,7 +209,38 @@ class Source:
         with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_ignore_interrupts) as parsers, \
                 ThreadPoolExecutor(max(procs, UNITS_AHEAD) if remote else procs) as threads:
-            return dict(zip(ks, threads.map(lambda k: self.list_unit(k, parse), ks)))
+            yield from _in_order(ks, threads.map(lambda k: self.list_unit(k, parse), ks), cancel)
+
+    # -- listing in the background: a fresh dump runs its teacher on the first units meanwhile --------
+    def list_in_background(self) -> None:
+        """Start listing every unit in a thread. `items(0)` streams each unit as soon as it is listed;
+        `settle_listing` waits for the rest and settles the identity; `stop_listing` abandons it."""
+        if self._lister is None and not self.counts:
+            self._lister = _Lister(self)
+
+    @property
+    def listing_pending(self) -> bool:
+        return self._lister is not None
+
+    @property
+    def listing_finished(self) -> bool:
+        """Whether `settle_listing` would return without waiting."""
+        return self._lister is None or self._lister.finished
+
+    def settle_listing(self) -> None:
+        """Wait until every unit is listed, then settle the listing's identity (its error, if it failed)."""
+        if self._lister is None:
+            return
+        self._lister.wait(len(self.units))
+        self._lister.thread.join()
+        listed, self._lister = self._lister.listed, None
+        self.settle(listed)
+
+    def stop_listing(self) -> None:
+        """Abandon a listing under way: units not started are not listed; returns once the others are."""
+        if self._lister is not None:
+            self._lister.cancel.set()
+            self._lister.thread.join()
 
     def list_unit(self, k: int, index_of: Callable[[str], ShardIndex] = index_shard) -> tuple[int, str]:
         """(count, sha256 of its ids) of unit k, from its tar headers (`index_of` a local copy) or its
@@ -249,9 +289,10 @@ class Source:
         point into kept copies): the kept copies of the units that end there go, and leave the budget."""
         if not self.kept:
             return
-        ends = np.cumsum(self.counts)
+        lister = self._lister
+        ends = np.cumsum(self.counts or [c for c, _ in list(lister.listed if lister is not None else ())])
         for k in list(self.kept):
-            if ends[k] <= pos:
+            if k < len(ends) and ends[k] <= pos:
                 self._drop(k)
 
     def _keep_folder(self) -> str:
@@ -336,8 +377,12 @@ class Source:
         """Every listing position from `start` on, in order, read one unit at a time. Remote shards and
         tables are fetched whole, UNITS_AHEAD at once, into a temporary folder, and read there.
         `stop`: no unit past the one that holds position stop - 1 is listed or fetched (read-ahead
-        would otherwise reach into the units another torchrun process dumps)."""
-        u, skip = self.locate(start)
+        would otherwise reach into the units another torchrun process dumps). While the listing runs in
+        the background (`list_in_background`), from position 0 only: each unit once it is listed."""
+        lister = self._lister
+        if lister is not None and (start or stop is not None):
+            raise ValueError("a listing under way streams from its first position to its end")
+        u, skip = self.locate(start) if lister is None else (0, 0)
         end = len(self.units) if stop is None or stop <= start else min(len(self.units), self.locate(stop - 1)[0] + 1)
         for k in [k for k in set(self.kept) | set(self.indexes) if k < u]:
             self._drop(k)  # listed here, dumped before (a resumed dump)
@@ -354,6 +399,7 @@ class Source:
             cache = _UnitCache(1 << 62, self.storage_options, tmp)
             ahead: dict[int, Any] = {}
             for k in range(u, end):
+                listed = end if lister is None else lister.wait(k + 1)  # raises the listing's error
                 index = self.indexes.get(k) if not remote or k in self.kept else None
                 if index is not None:  # listed here: its samples' places are known, read by the workers
                     location = self.kept.get(k) or _join(self.root, self.units[k])
@@ -367,7 +413,7 @@ class Source:
                 if remote and k in self.kept:
                     local = self.kept[k]  # fetched when it was listed
                 elif remote:
-                    for j in range(k, min(end, k + UNITS_AHEAD)):
+                    for j in range(k, min(end, listed, k + UNITS_AHEAD)):  # listed: kept or not is known
                         if j not in ahead and j not in self.kept:
                             ahead[j] = pool.submit(cache.local, _join(self.root, self.units[j]))
                     try:
@@ -383,6 +429,57 @@ class Source:
                 elif local is not None:
                     os.unlink(local)  # read here in the main process: no worker needs it any more
                 skip = 0
+
+
+def _in_order(ks: Sequence[int], results: Iterator[Any], cancel: threading.Event | None
+              ) -> Iterator[tuple[int, Any]]:
+    """(k, result) pairs of an Executor.map over `ks`, stopping early once `cancel` is set; closing the
+    map's iterator cancels the calls not started (the executor would otherwise run them all on exit)."""
+    try:
+        for k, r in zip(ks, results):
+            yield k, r
+            if cancel is not None and cancel.is_set():
+                return
+    finally:
+        results.close()  # type: ignore[attr-defined]
+
+
+class _Lister:
+    """A Source's units listed in order in a thread; readers wait for the units they need."""
+
+    def __init__(self, source: Source):
+        self.listed: list[tuple[int, str]] = []
+        self.finished = False
+        self.error: BaseException | None = None
+        self.cancel = threading.Event()
+        self._cond = threading.Condition()
+        units = source._list_in_order(range(len(source.units)), self.cancel)
+        self.thread = threading.Thread(target=self._run, args=(units,), name="logitstore-listing", daemon=True)
+        self.thread.start()
+
+    def _run(self, units: Iterator[tuple[int, tuple[int, str]]]) -> None:
+        try:
+            for _, result in units:
+                with self._cond:
+                    self.listed.append(result)
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to whoever waits for a unit it did not list
+            self.error = exc
+        finally:
+            with self._cond:
+                self.finished = True
+                self._cond.notify_all()
+
+    def wait(self, n: int) -> int:
+        """Until at least `n` units are listed or the listing ended: how many are; the listing's error
+        if it failed (or was stopped) before unit n."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.listed) >= n or self.finished)
+            if len(self.listed) < n:
+                if self.error is not None:
+                    raise self.error
+                raise CorpusError("the corpus's listing was stopped")
+            return len(self.listed)
 
 
 def _cores() -> int:

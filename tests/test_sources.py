@@ -140,13 +140,15 @@ def test_local_corpora_keep_their_ids_and_listing(layouts, corpus):
     assert src.ids == old.ids and src.listing_sha256() == old.listing_sha256() and src.record() is None
 
 
-def test_a_bad_source_is_one_line(layouts, tmp_path):
+def test_a_bad_source_is_one_line(layouts, teacher_ckpt, tmp_path):
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]) + "/train-00000.parquet",
                   "--out", str(tmp_path / "x.zarr"))
     assert_one_line_error(proc, "--image-column")
-    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["tables"]),
+    # Tables are listed while the teacher loads and starts: a real teacher, so the listing's error is the one
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(layouts["tables"]),
                   "--image-column", "pixels", "--out", str(tmp_path / "x.zarr"))
     assert_one_line_error(proc, "no column 'pixels'")
+    assert not (tmp_path / "x.zarr").exists()  # nothing written before the listing ends
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(layouts["folder"]),
                   "--max-failure-share", "1.5", "--out", str(tmp_path / "x.zarr"))
     assert proc.returncode == 2 and "--max-failure-share" in proc.stderr
@@ -327,9 +329,9 @@ def test_a_listing_mixing_paths_and_urls_is_one_line(layouts, tmp_path):
     assert_one_line_error(proc, "mixes URLs and local paths")
 
 
-def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
+def test_a_missing_or_broken_shard_is_one_line(layouts, teacher_ckpt, tmp_path):
     (tmp_path / "00000.tar").write_bytes((layouts["shards"] / "00000.tar").read_bytes()[:5000])
-    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path / "00000.tar"),
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(tmp_path / "00000.tar"),
                   "--out", str(tmp_path / "x.zarr"))
     assert_one_line_error(proc, "00000.tar: cannot be read")
     proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path) + "/{00000..00003}.tar",
@@ -337,14 +339,18 @@ def test_a_missing_or_broken_shard_is_one_line(layouts, tmp_path):
     assert_one_line_error(proc, "3 of its 4 files are missing")
 
 
-def test_a_broken_shard_among_several_is_one_line(layouts, tmp_path):
-    """Several local shards are listed in processes (one a core): a child's error is the same one line."""
+def test_a_broken_shard_among_several_is_one_line(layouts, teacher_ckpt, tmp_path):
+    """Several local shards are listed in processes (one a core), while the teacher runs on the first: a
+    child's error is the same one line, and no store is left."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
     for name in ("00000.tar", "00001.tar", "00002.tar"):
         data = (layouts["shards"] / name).read_bytes()
-        (tmp_path / name).write_bytes(data[:5000] if name == "00001.tar" else data)
-    proc = invoke("logitstore", "dump", "--teacher", "x.pt", "--images", str(tmp_path), "--out",
+        (corpus / name).write_bytes(data[:5000] if name == "00001.tar" else data)
+    proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", str(corpus), "--out",
                   str(tmp_path / "x.zarr"))
     assert_one_line_error(proc, "00001.tar: cannot be read")
+    assert not (tmp_path / "x.zarr").exists()
 
 
 @pytest.mark.parametrize("cores", [1, 2])
@@ -420,3 +426,40 @@ def test_a_row_source_of_an_unknown_kind_is_refused():
     for bad in ({"kind": "zip"}, {"kind": "parquet"}, "webdataset", {"kind": "parquet", "image_column": 3}):
         with pytest.raises(FormatError):
             row_source(bad)
+
+
+def test_a_fresh_dump_runs_its_teacher_while_its_shards_are_listed(layouts, teacher_ckpt, reference, tmp_path,
+                                                                    monkeypatch):
+    """The teacher starts on the first shards while the others are listed; the store, created once the
+    listing ends (its identity needs every shard), is the one an eager listing gives, whatever is held."""
+    import threading
+
+    import logitstore.sources as sources
+    import logitstore.teacher.local as local
+
+    teacher_ran = threading.Event()
+    list_unit = sources.Source.list_unit
+
+    def last_shard_waits(self, k, *args, **kw):
+        if k == len(SHARD_SIZES) - 1:  # listed only once the teacher has made rows from the first shard
+            assert teacher_ran.wait(120)
+        return list_unit(self, k, *args, **kw)
+
+    monkeypatch.setattr(sources.Source, "list_unit", last_shard_waits)
+    out = tmp_path / "w.zarr"
+    store_existed = []
+
+    def on_batch(n):
+        store_existed.append((out / "zarr.json").exists())
+        teacher_ran.set()
+
+    logits, store = _dump(teacher_ckpt, str(layouts["shards"]), out, on_batch=on_batch)
+    assert store_existed[0] is False  # the teacher ran on the first shard before the store existed
+    assert store.meta.complete
+    np.testing.assert_array_equal(logits, reference)
+    eager = open_source(str(layouts["shards"]))
+    assert (store.meta.corpus.n_listed, store.meta.corpus.listing_sha256) == (N, eager.listing_sha256())
+    # Nothing may be held: the first rows wait for the listing, with the same store as the outcome.
+    monkeypatch.setattr(local, "WAITING_ROWS_BYTES", 0)
+    same, _ = _dump(teacher_ckpt, str(layouts["shards"]), tmp_path / "w0.zarr", num_workers=2)
+    np.testing.assert_array_equal(same, reference)

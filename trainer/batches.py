@@ -437,6 +437,14 @@ class Batches:
                                       prefetch_factor=4 if self.num_workers > 0 else None)
         return self._loader
 
+    def close(self) -> None:
+        """Stop the loader's persistent workers now, from this thread. Left to the garbage collector, their
+        shutdown ran in whichever thread happened to collect the loader (a store writer's, a corpus
+        listing's), beside the worker queues' feeder threads, which then met closed descriptors."""
+        shutdown = getattr(getattr(self._loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def in_process(self) -> bool:
         """Whether the next pass runs in this process."""
         return self.num_workers == 0 or (self.in_process_when_warm and self.passes_done > 0)

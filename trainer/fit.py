@@ -814,7 +814,7 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     stream = EpochRequests(lambda e: data.requests(e, cfg.batch_size, cfg.seed, ddp.rank, ddp.world,
                                                    cfg.shuffle_blocks),
                            epochs, 1 if data.embedded else READ_AHEAD_RUN)
-    with bar, contextlib.closing(stream):
+    with bar, contextlib.closing(stream), contextlib.closing(batches):
         for epoch in epochs:
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps)
             requests = stream.epoch()

@@ -224,11 +224,18 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class _Streamed:
     """A DataLoader batch_sampler over a streamed source: its batches carry their bytes to the workers."""
 
-    def __init__(self, job: "DumpJob", start: int, stop: int):
+    def __init__(self, job: "DumpJob", start: int, stop: int | None):
         self.job, self.start, self.stop = job, start, stop
+        self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[list[Item]]:
-        return self.job.streamed_batches(self.start, self.stop)
+        # The source's error (a broken shard, a failed listing) ends the batches here and is raised by
+        # `DumpJob.run` once the DataLoader is done: raised through the DataLoader (its prefetch may run
+        # in its constructor), it left the loader's workers to the garbage collector, in whatever thread.
+        try:
+            yield from self.job.streamed_batches(self.start, self.stop)
+        except Exception as exc:
+            self.error = exc
 
 
 def _versions() -> dict[str, str]:
@@ -287,16 +294,20 @@ class DumpJob:
         mix = self.meta.views.mix
         return None if mix is None else mix.group
 
-    def streamed_batches(self, start: int, stop: int) -> Iterator[list[Item]]:
+    def streamed_batches(self, start: int, stop: int | None) -> Iterator[list[Item]]:
         """The batches of an uninterrupted run that hold positions [start, stop), each position with its
         bytes, streamed from the source in listing order (shards, tables, URLs). Whole batches, also past
-        `stop` (a segment that ends inside a batch: `run` keeps only its own positions)."""
+        `stop` (a segment that ends inside a batch: `run` keeps only its own positions). `stop` None: the
+        whole listing, which may still be under way (`listing_pending`)."""
         b = self.batch_size
-        first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
-        end = min(self.corpus.n_listed, -(-stop // b) * b)
+        if stop is None:
+            first, end = 0, None
+        else:
+            first, stop = span(start, stop, b, self.mix_group, self.corpus.n_listed)  # 1.5: whole mix groups
+            end = min(self.corpus.n_listed, -(-stop // b) * b)
         batch: list[Item] = []
         for item in read_ahead_in_runs(self.corpus.items(first, end), 64, depth=4):  # 256 items ahead
-            if item.pos >= end:
+            if end is not None and item.pos >= end:
                 break
             batch.append(item)
             if len(batch) == b:
@@ -304,6 +315,19 @@ class DumpJob:
                 batch = []
         if batch:
             yield batch
+
+    @property
+    def listing_pending(self) -> bool:
+        """The corpus is still being listed in the background (a fresh dump's units: `prepare_dump`)."""
+        return bool(getattr(self.corpus, "listing_pending", False))
+
+    def settle_listing(self) -> None:
+        """Wait for the corpus's listing to end, and put its identity into the metadata."""
+        if not self.listing_pending:
+            return
+        self.corpus.settle_listing()
+        self.meta = replace(self.meta, corpus=replace(self.meta.corpus, listing_sha256=self.corpus.listing_sha256(),
+                                                      n_listed=self.corpus.n_listed))
 
     def unit_bounds(self, world: int) -> list[int] | None:
         """Segment bounds at the corpus's units (shards, files) for a distributed dump over `world`
@@ -321,13 +345,15 @@ class DumpJob:
                 bounds.append(pos)
         return bounds
 
-    def run(self, writer: StoreWriter, start: int, stop: int, progress: Any = None, task: Any = None,
+    def run(self, writer: StoreWriter | Any, start: int, stop: int | None, progress: Any = None, task: Any = None,
             on_batch: Callable[[int], None] | None = None, whole: bool = False) -> None:
         """Teacher over listing positions [start, stop), rows submitted to `writer` (not closed here).
-        `whole`: these are all the listing's remaining positions (no store where every image failed)."""
+        `whole`: these are all the listing's remaining positions (no store where every image failed).
+        `stop` None: every position from 0, the listing perhaps still under way (a streamed source)."""
         meta, pre, dev = self.meta, self.meta.preprocess, self.device
+        streamed_stop, stop = stop, (1 << 62) if stop is None else stop
         watch = FailureWatch(meta.corpus.listing if meta.corpus.listing != "directory" else meta.corpus.root,
-                             self.max_failure_share)
+                             self.max_failure_share, getattr(writer, "left_behind", FailureWatch.left))
         rows_before = writer.progress.rows
         if getattr(self.corpus, "positional", True):
             batches: Any = self.batches(start, stop)
@@ -336,7 +362,7 @@ class DumpJob:
         else:
             if start >= stop:
                 return
-            batches = _Streamed(self, start, stop)
+            batches = _Streamed(self, start, streamed_stop)
         workers = self.num_workers
         loader = DataLoader(_CorpusViews(self.corpus, pre, meta.views, meta.seed), batch_sampler=batches,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
@@ -346,34 +372,45 @@ class DumpJob:
         np_dtype = np.float16 if meta.dtype == "float16" else np.float32
         v = meta.views.count
         release = getattr(self.corpus, "release", None)
-        for batch in (loader if self.mix_group is None else with_partners(loader, self.mix_group)):
-            failures = [f for f in batch["failures"] if start <= f[0] < stop]
-            ok = batch["ok"]
-            rows = _failures_only(failures, v, meta.views)
-            # A resumed run re-reads a batch it may have kept; a segment may share a batch with the next.
-            if ok and ((ok["source"] >= start) & (ok["source"] < stop)).any():
-                logits = forward(self.model, ok["pixels"], pre, dev, autocast)
-                keep = (ok["source"] >= start) & (ok["source"] < stop)
-                ids = [i for i, k in zip(ok["ids"], keep) if k]
-                lg = logits[torch.from_numpy(keep)]
-                check_logits(lg.reshape(len(ids), -1), meta.dtype, ids, meta.keep_bits)
-                targets = encode_targets(meta, lg, ids)
-                rows = Rows(np.array(ids, dtype=object), None if targets else lg.numpy().astype(np_dtype),
-                            ok["digests"][keep], ok["hw"][keep], ok["params"][keep],
-                            ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None,
-                            targets, source=ok["source"][keep], failures=failures,
-                            view_extras=None if ok["extras"] is None else {k: x[keep] for k, x in ok["extras"].items()})
-            if len(rows) or failures:
-                writer.submit(rows)
-            n = len(ok["ids"]) if ok else 0
-            kept = int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0
-            watch.add(kept, failures)
-            if progress is not None:  # 1.5: whole mix groups are read, only [start, stop) is this run's
-                progress.advance(task, kept + len(failures))
-            if on_batch is not None:
-                on_batch(n)
-            if release is not None:  # the batches come in listing order: what lies before them is read
-                release(max([int(ok["source"].max()) if ok else -1, *(f[0] for f in batch["failures"])]) + 1)
+        batch_iter = iter(loader)
+        try:
+            for batch in (batch_iter if self.mix_group is None else with_partners(batch_iter, self.mix_group)):
+                failures = [f for f in batch["failures"] if start <= f[0] < stop]
+                ok = batch["ok"]
+                rows = _failures_only(failures, v, meta.views)
+                # A resumed run re-reads a batch it may have kept; a segment may share a batch with the next.
+                if ok and ((ok["source"] >= start) & (ok["source"] < stop)).any():
+                    logits = forward(self.model, ok["pixels"], pre, dev, autocast)
+                    keep = (ok["source"] >= start) & (ok["source"] < stop)
+                    ids = [i for i, k in zip(ok["ids"], keep) if k]
+                    lg = logits[torch.from_numpy(keep)]
+                    check_logits(lg.reshape(len(ids), -1), meta.dtype, ids, meta.keep_bits)
+                    targets = encode_targets(meta, lg, ids)
+                    rows = Rows(np.array(ids, dtype=object), None if targets else lg.numpy().astype(np_dtype),
+                                ok["digests"][keep], ok["hw"][keep], ok["params"][keep],
+                                ok["pixels"][torch.from_numpy(keep)].numpy() if meta.embedded_pixels else None,
+                                targets, source=ok["source"][keep], failures=failures,
+                                view_extras=None if ok["extras"] is None else {k: x[keep] for k, x in ok["extras"].items()})
+                if len(rows) or failures:
+                    writer.submit(rows)
+                n = len(ok["ids"]) if ok else 0
+                kept = int(((ok["source"] >= start) & (ok["source"] < stop)).sum()) if ok else 0
+                watch.add(kept, failures)
+                if progress is not None:  # 1.5: whole mix groups are read, only [start, stop) is this run's
+                    progress.advance(task, kept + len(failures))
+                if on_batch is not None:
+                    on_batch(n)
+                if release is not None:  # the batches come in listing order: what lies before them is read
+                    release(max([int(ok["source"].max()) if ok else -1, *(f[0] for f in batch["failures"])]) + 1)
+        finally:
+            # The workers stop here, in this thread, also when the loop ends early (an error, a stop): left
+            # to the garbage collector, the iterator's shutdown ran in whichever thread collected it, beside
+            # the queues' feeder threads, which then met closed descriptors.
+            shutdown = getattr(batch_iter, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        if getattr(batches, "error", None) is not None:
+            raise batches.error
         if whole:
             watch.finish(rows_before)
 
@@ -418,8 +455,10 @@ def encode_targets(meta: StoreMeta, logits: torch.Tensor, ids: Sequence[str]) ->
     return None
 
 
-def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
-    """Validate the flags, list the corpus, load the teacher onto its device and settle the metadata."""
+def prepare_dump(cfg: DumpConfig, local_rank: int | None = None, list_later: bool = False) -> DumpJob:
+    """Validate the flags, list the corpus, load the teacher onto its device and settle the metadata.
+    `list_later`: shards and tables are listed in the background instead (`DumpJob.listing_pending`), so
+    the teacher can start on the first ones; the metadata's listing identity is settled by `settle_listing`."""
     cfg.check()
     targets = cfg.target_spec()
     dev = resolve_device(cfg.device)
@@ -429,17 +468,28 @@ def prepare_dump(cfg: DumpConfig, local_rank: int | None = None) -> DumpJob:
     owns_group = False
     if local_rank is None:
         corpus = open_source(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
-                             storage_options=cfg.storage_options)
+                             storage_options=cfg.storage_options, listed=not list_later)
+        if isinstance(corpus, Source) and not corpus.counts:
+            corpus.list_in_background()
     else:  # under torchrun: rank 0 alone lists a prefix for its identity and shares it
         from .distributed import open_shared
 
         corpus, owns_group = open_shared(cfg.images, image_column=cfg.image_column, id_column=cfg.id_column,
                                          storage_options=cfg.storage_options)
-    if isinstance(corpus, Source) and not corpus.counts:  # under torchrun: each process lists its own units
-        from .distributed import list_units
+        if isinstance(corpus, Source) and not corpus.counts:  # each process lists its own units
+            from .distributed import list_units
 
-        owns_group = list_units(corpus) or owns_group
+            owns_group = list_units(corpus) or owns_group
+    try:
+        return _prepared(cfg, corpus, dev, precision, targets, owns_group)
+    except BaseException:
+        if isinstance(corpus, Source):
+            corpus.stop_listing()
+        raise
 
+
+def _prepared(cfg: DumpConfig, corpus: Corpus | Source, dev: torch.device, precision: str, targets: TargetSpec,
+              owns_group: bool) -> DumpJob:
     t, pre, width = prepare_teacher(cfg.teacher, cfg.weights, cfg.arch_kwargs,
                                     {"size": cfg.size, "resize": cfg.resize, "mean": cfg.mean, "std": cfg.std,
                                      "mode": cfg.mode}, cfg.trust_modules, cfg.pretrained)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from ..cli_common import progress_bar
 from ..device import Torchrun, torchrun_env
-from ..errors import OptionError
-from ..locations import stored_bytes
-from ..writer import already_complete, open_writer
+from ..errors import DumpInterrupted, LogitStoreError, OptionError
+from ..destination import ABSENT, EMPTY
+from ..locations import check_store_destination, stored_bytes
+from ..rows import Rows
+from ..writer import StoreWriter, already_complete, open_writer
 from . import distributed
 from .job import DumpConfig, DumpSummary, make_summary, prepare_dump, run_into
 
@@ -28,8 +31,11 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     ctx = torchrun_env()
     if ctx is None and not cfg.overwrite and distributed.is_distributed_store(cfg.out, so):
         ctx = Torchrun()  # finish it in this one process
-    job = prepare_dump(cfg, None if ctx is None else ctx.local_rank)
+    job = prepare_dump(cfg, None if ctx is None else ctx.local_rank,
+                       list_later=ctx is None and cfg.segment_rows is None and _fresh(cfg.out, so))
     protected = job.corpus.protected()
+    if job.listing_pending:
+        return _dump_while_listing(job, cfg, protected)
     done = None if cfg.overwrite else already_complete(cfg.out, job.meta, so, protected)
     if done is not None:  # the same command after the store completed: nothing to do
         return make_summary(job, cfg.out, done, done.corpus.n_images, 0.0, 0, [], nothing_to_do=True)
@@ -50,3 +56,89 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
                         saved=f"{{rows}} images are saved in {cfg.out}", whole=True)
     return make_summary(job, cfg.out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(writer.group.store),
                         [(f[0], f[1]) for f in writer.progress.failures])
+
+
+# Rows a dump holds in memory while its corpus is still being listed; past this the teacher waits for the listing.
+WAITING_ROWS_BYTES = 256 << 20
+
+
+def _fresh(out: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether `out` holds no store yet (absent or empty): a dump there has nothing to resume, so it can
+    start its teacher before the corpus is fully listed. Any doubt (a refused destination): not fresh,
+    and the usual order of checks reports it."""
+    try:
+        return check_store_destination(out, storage_options) in (ABSENT, EMPTY)
+    except (LogitStoreError, OSError):
+        return False
+
+
+class WhileListing:
+    """The writer of a fresh dump whose shards or tables are still being listed. The store's identity (the
+    listing's sha256 and count) exists only once every unit is listed, so the rows the teacher makes
+    meanwhile wait here, in memory (at most WAITING_ROWS_BYTES: past that the teacher waits for the
+    listing); the store is created, and they go in, as soon as the listing has ended. Nothing is written
+    before: a listing that fails or is interrupted leaves no store behind."""
+
+    def __init__(self, job: Any, cfg: DumpConfig, protected: list[str], bar: Any, task: Any):
+        self.job, self.cfg, self.protected, self.bar, self.task = job, cfg, protected, bar, task
+        self.store: StoreWriter | None = None
+        self.waiting: list[Rows] = []
+        self.waiting_bytes = 0
+        self.progress: Any = SimpleNamespace(rows=0, failures=[])  # what `DumpJob.run` reads before the store
+
+    def left_behind(self) -> str:
+        return "nothing was written" if self.store is None else "the store is left incomplete"
+
+    def submit(self, rows: Rows) -> None:
+        if self.store is not None:
+            self.store.submit(rows)
+            return
+        self.waiting.append(rows)
+        self.waiting_bytes += sum(a.nbytes for a in (rows.logits, rows.pixels, *(rows.targets or {}).values(),
+                                                     *(rows.view_extras or {}).values()) if a is not None)
+        if self.waiting_bytes > WAITING_ROWS_BYTES or self.job.corpus.listing_finished:
+            self.open()
+
+    def open(self) -> StoreWriter:
+        """The store, created once the listing has ended (waiting for it), with the rows made meanwhile."""
+        if self.store is None:
+            self.job.settle_listing()
+            self.store = open_writer(self.cfg.out, self.job.meta, overwrite=self.cfg.overwrite,
+                                     storage_options=self.cfg.storage_options, protected=self.protected)
+            self.progress = self.store.progress
+            self.bar.update(self.task, total=self.job.corpus.n_listed)
+            waiting, self.waiting = self.waiting, []
+            for rows in waiting:
+                self.store.submit(rows)
+        return self.store
+
+    def close(self, finalize: bool) -> Any:
+        if finalize:
+            return self.open().close(finalize=True)
+        self.job.corpus.stop_listing()
+        return None if self.store is None else self.store.close(finalize=False)
+
+
+def _dump_while_listing(job: Any, cfg: DumpConfig, protected: list[str]) -> DumpSummary:
+    """A fresh dump of shards or tables: the teacher runs on the units listed first while the rest are
+    listed (in other processes), instead of after the whole listing."""
+    t0 = time.perf_counter()
+    bar = progress_bar(cfg.progress)
+    try:
+        with bar:
+            task = bar.add_task("dump", total=None)
+            writer = WhileListing(job, cfg, protected, bar, task)
+            try:
+                meta = run_into(job, writer, 0, None, bar, task, cfg.on_batch,
+                                saved=f"{{rows}} images are saved in {cfg.out}", whole=True)
+            except DumpInterrupted:
+                if writer.store is not None:
+                    raise
+                raise DumpInterrupted(f"interrupted while the corpus was still being listed: nothing was written to "
+                                      f"{cfg.out}; run the same command again") from None
+    finally:
+        job.corpus.stop_listing()
+    store = writer.store
+    assert store is not None  # finalized
+    return make_summary(job, cfg.out, meta, 0, time.perf_counter() - t0, stored_bytes(store.group.store),
+                        [(f[0], f[1]) for f in store.progress.failures])
