@@ -4,6 +4,8 @@ the folder, measured side by side in one run.
 
     python -m benchmarks.corpus_sources [--images 20000] [--repeats 2] [--cold]
     python -m benchmarks.corpus_sources --rss 100000,1000000   # peak RSS of dumps over tiny images in shards
+    python -m benchmarks.corpus_sources --pairs 6   # interleaved dumps, each in a fresh process: shards listed
+                                                    # first against listed while the teacher runs
     python -m benchmarks.corpus_sources --rss-loose 100000,1000000  # ... over a prefix of loose tiny images
 
 "S3 shards, fetched twice" dumps the same remote shards with `sources.LISTED_KEEP_BYTES = 0`: every
@@ -81,6 +83,19 @@ def write_layouts(images: list[bytes], root: Path) -> dict[str, Path]:
     return {"folder": folder, "shards": shards, "tables": tables}
 
 
+def corpus_and_teacher(args: argparse.Namespace, tmp: Path, client: object) -> tuple[dict[str, Path], Path]:
+    """The images in every layout under `tmp`, the shards also in the S3 bucket "bench", and the teacher."""
+    layouts = write_layouts(pngs(args.mnist, args.images), tmp)
+    for tar in sorted(layouts["shards"].glob("*.tar")):
+        client.upload_file(str(tar), "bench", f"shards/{tar.name}")  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    ckpt = tmp / "teacher.pt"
+    torch.save({"arch": "benchmarks.dump_throughput:teacher_net", "arch_kwargs": {},
+                "state_dict": teacher_net().state_dict(), "classes": [str(i) for i in range(10)],
+                "preprocess": PRE}, ckpt)
+    return layouts, ckpt
+
+
 def speeds(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     proc, endpoint = start_server()
@@ -95,14 +110,7 @@ def speeds(args: argparse.Namespace) -> None:
         client.create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as tmp_s:
             tmp = Path(tmp_s)
-            layouts = write_layouts(pngs(args.mnist, args.images), tmp)
-            for tar in sorted(layouts["shards"].glob("*.tar")):
-                client.upload_file(str(tar), "bench", f"shards/{tar.name}")
-            torch.manual_seed(0)
-            ckpt = tmp / "teacher.pt"
-            torch.save({"arch": "benchmarks.dump_throughput:teacher_net", "arch_kwargs": {},
-                        "state_dict": teacher_net().state_dict(), "classes": [str(i) for i in range(10)],
-                        "preprocess": PRE}, ckpt)
+            layouts, ckpt = corpus_and_teacher(args, tmp, client)
             sources = {"folder": (str(layouts["folder"]), {}),
                        "local shards": (str(layouts["shards"]), {}),
                        "S3 shards (loopback)": ("s3://bench/shards/", {}),
@@ -179,6 +187,75 @@ def rss_child(n: int, tmp: str) -> None:
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"{n} {s.n_images} {before} {peak} {dt:.1f}")
+
+
+def pairs(args: argparse.Namespace) -> None:
+    """--pairs N: N rounds of fresh-process dumps of the same images (folder; local shards and loopback S3
+    shards, each listed first and listed while the teacher runs), interleaved, with each round's ratios
+    to its folder dump and the medians. "Listed first" is what a resumed dump does (and every dump did
+    before listing moved beside the teacher)."""
+    import statistics
+
+    proc, endpoint = start_server()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    runs = [("folder", "folder", "while"), ("local shards, listed first", "shards", "first"),
+            ("local shards, listed while dumping", "shards", "while"),
+            ("S3 shards, listed first", "s3", "first"), ("S3 shards, listed while dumping", "s3", "while")]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                              aws_secret_access_key="bench")
+        client.create_bucket(Bucket="bench")
+        with tempfile.TemporaryDirectory() as tmp_s:
+            tmp = Path(tmp_s)
+            layouts, ckpt = corpus_and_teacher(args, tmp, client)
+            where = {"folder": str(layouts["folder"]), "shards": str(layouts["shards"]), "s3": "s3://bench/shards/"}
+            for rep in range(args.pairs):
+                for name, src, mode in runs[rep % len(runs):] + runs[:rep % len(runs)]:
+                    r = subprocess.run([sys.executable, "-m", "benchmarks.corpus_sources", "--dump-child", where[src],
+                                        str(ckpt), str(tmp / "out.zarr"), mode, str(args.workers)],
+                                       capture_output=True, text=True, env=env)
+                    if r.returncode:
+                        raise RuntimeError(r.stderr[-2000:])
+                    times[name].append(float(r.stdout.split()[-1]))
+                print(f"  round {rep + 1}/{args.pairs}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+                      flush=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+    t = Table(title=f"{args.images:,} MNIST PNGs, dump seconds in fresh processes (batch 256, {args.workers} worker(s)), "
+                    f"{args.pairs} interleaved rounds; {os.cpu_count()} cores")
+    t.add_column("source")
+    for k in range(args.pairs):
+        t.add_column(f"{k + 1}", justify="right")
+    t.add_column("median s", justify="right")
+    t.add_column("median x folder (per round)", justify="right")
+    folder = times["folder"]
+    for name, _, _ in runs:
+        ratios = [f / x for f, x in zip(folder, times[name])]
+        t.add_row(name, *(f"{x:.2f}" for x in times[name]), f"{statistics.median(times[name]):.2f}",
+                  f"{statistics.median(ratios):.3f}")
+    Console(width=200).print(t)
+
+
+def dump_child(images: str, ckpt: str, out: str, mode: str, workers: int) -> None:
+    """One dump in its own process; `mode` "first": the corpus is listed before the teacher starts."""
+    import shutil
+
+    import logitstore.teacher.local as local
+
+    if mode == "first":
+        local._fresh = lambda *a, **k: False  # as a resumed dump: list first, then create the store
+    shutil.rmtree(out, ignore_errors=True)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    logitstore.dump(ckpt, images, out, batch_size=256, num_workers=workers, device="cpu",
+                    trust_modules=["benchmarks.dump_throughput"], progress=False)
+    print(f"{time.perf_counter() - t0:.3f}")
 
 
 def tiny_teacher() -> torch.nn.Module:
@@ -269,8 +346,16 @@ def main() -> None:
     ap.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rss-loose", default=None, help="comma-separated sizes: peak RSS over a prefix of loose images")
     ap.add_argument("--rss-loose-child", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=0, help="interleaved rounds of fresh-process dumps: listing first "
+                    "against listing while the teacher runs")
+    ap.add_argument("--dump-child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rss_loose_child:
+    if args.dump_child:
+        images, ckpt, out, mode, workers = args.dump_child
+        dump_child(images, ckpt, out, mode, int(workers))
+    elif args.pairs:
+        pairs(args)
+    elif args.rss_loose_child:
         rss_loose_child(int(args.rss_loose_child[0]), args.rss_loose_child[1], args.rss_loose_child[2])
     elif args.rss_loose:
         rss_loose([int(x) for x in args.rss_loose.split(",")])

@@ -58,8 +58,9 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
                         [(f[0], f[1]) for f in writer.progress.failures])
 
 
-# Rows a dump holds in memory while its corpus is still being listed; past this the teacher waits for the listing.
-WAITING_ROWS_BYTES = 256 << 20
+# Rows a dump holds in memory while its corpus is still being listed; past this the teacher waits for the
+# listing. Fixed, so a dump's memory does not grow with its corpus (~32,000 rows of 1,000 float16 logits).
+WAITING_ROWS_BYTES = 64 << 20
 
 
 def _fresh(out: str, storage_options: dict[str, Any] | None) -> bool:
@@ -94,8 +95,7 @@ class WhileListing:
             self.store.submit(rows)
             return
         self.waiting.append(rows)
-        self.waiting_bytes += sum(a.nbytes for a in (rows.logits, rows.pixels, *(rows.targets or {}).values(),
-                                                     *(rows.view_extras or {}).values()) if a is not None)
+        self.waiting_bytes += _held_bytes(rows)
         if self.waiting_bytes > WAITING_ROWS_BYTES or self.job.corpus.listing_finished:
             self.open()
 
@@ -117,6 +117,13 @@ class WhileListing:
             return self.open().close(finalize=True)
         self.job.corpus.stop_listing()
         return None if self.store is None else self.store.close(finalize=False)
+
+
+def _held_bytes(rows: Rows) -> int:
+    """About what `rows` hold in memory: every array, and the ids as Python strings."""
+    arrays = (rows.logits, rows.digests, rows.image_hw, rows.view_params, rows.pixels, rows.source,
+              *(rows.targets or {}).values(), *(rows.view_extras or {}).values())
+    return sum(a.nbytes for a in arrays if a is not None) + sum(len(i) + 56 for i in rows.ids)
 
 
 def _dump_while_listing(job: Any, cfg: DumpConfig, protected: list[str]) -> DumpSummary:
