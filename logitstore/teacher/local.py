@@ -132,6 +132,7 @@ def _dump_while_listing(job: Any, cfg: DumpConfig, protected: list[str]) -> Dump
     t0 = time.perf_counter()
     bar = progress_bar(cfg.progress)
     try:
+        check_store_destination(cfg.out, cfg.storage_options, protected)  # W1 before the teacher runs, not after
         with bar:
             task = bar.add_task("dump", total=None)
             writer = WhileListing(job, cfg, protected, bar, task)
