@@ -1,5 +1,6 @@
 """Iterate in a background thread, a bounded number of items ahead: the one read-ahead both tools use
-(the dump's corpus stream, the trainer's chunk groups and held-out batches)."""
+(the dump's corpus stream, the trainer's chunk groups and held-out batches); and stopping a DataLoader's
+read-ahead processes, its workers, from the thread that ran it."""
 from __future__ import annotations
 
 import queue
@@ -82,3 +83,13 @@ def read_ahead_in_runs(items: Iterable[Any], k: int, depth: int = 4) -> Iterator
             yield from run
     finally:
         runs.close()
+
+
+def stop_workers(loader_iterator: Any) -> None:
+    """Shut a DataLoader iterator's worker processes down now, from this thread (a no-op without workers or
+    once done). Left to the garbage collector, the shutdown ran in whichever thread happened to collect
+    the iterator (a store writer's, a corpus listing's), beside its queues' feeder threads, which then
+    met closed descriptors."""
+    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

@@ -289,8 +289,8 @@ class Source:
         point into kept copies): the kept copies of the units that end there go, and leave the budget."""
         if not self.kept:
             return
-        lister = self._lister
-        ends = np.cumsum(self.counts or [c for c, _ in list(lister.listed if lister is not None else ())])
+        # While the listing runs, the counts of the units listed so far (a kept unit may not be among them yet)
+        ends = np.cumsum(self.counts if self._lister is None else [c for c, _ in list(self._lister.listed)])
         for k in list(self.kept):
             if k < len(ends) and ends[k] <= pos:
                 self._drop(k)

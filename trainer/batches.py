@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from logitstore.prefetch import read_ahead  # noqa: F401  (trainer.batches.read_ahead, as before)
+from logitstore.prefetch import read_ahead, stop_workers  # noqa: F401  (trainer.batches.read_ahead, as before)
 from logitstore.corpus import decode_image, describe_failure, sha256_bytes
 from logitstore.sources import DEFAULT_CACHE_BYTES as DEFAULT_UNIT_CACHE_BYTES, SourceReader, is_url, open_reader
 from logitstore.rows import concat_rows, take_field, take_rows
@@ -438,12 +438,8 @@ class Batches:
         return self._loader
 
     def close(self) -> None:
-        """Stop the loader's persistent workers now, from this thread. Left to the garbage collector, their
-        shutdown ran in whichever thread happened to collect the loader (a store writer's, a corpus
-        listing's), beside the worker queues' feeder threads, which then met closed descriptors."""
-        shutdown = getattr(getattr(self._loader, "_iterator", None), "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the loader's persistent workers now, from this thread (`prefetch.stop_workers`)."""
+        stop_workers(getattr(self._loader, "_iterator", None))
 
     def in_process(self) -> bool:
         """Whether the next pass runs in this process."""

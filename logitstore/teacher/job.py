@@ -26,7 +26,7 @@ from ..schema import AUGMENTED_RESIZED_CROP, AugmentPolicy, CorpusInfo, ErasingP
 from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
 from ..rows import Rows
-from ..prefetch import read_ahead_in_runs
+from ..prefetch import read_ahead_in_runs, stop_workers
 from ..sources import Item, Member, Source, open_source
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
@@ -403,12 +403,7 @@ class DumpJob:
                 if release is not None:  # the batches come in listing order: what lies before them is read
                     release(max([int(ok["source"].max()) if ok else -1, *(f[0] for f in batch["failures"])]) + 1)
         finally:
-            # The workers stop here, in this thread, also when the loop ends early (an error, a stop): left
-            # to the garbage collector, the iterator's shutdown ran in whichever thread collected it, beside
-            # the queues' feeder threads, which then met closed descriptors.
-            shutdown = getattr(batch_iter, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            stop_workers(batch_iter)  # also when the loop ends early (an error, a stop)
         if getattr(batches, "error", None) is not None:
             raise batches.error
         if whole:
