@@ -46,16 +46,25 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     if cfg.segment_rows is not None:
         raise OptionError("--segment-rows applies to distributed dumps only (run under torchrun)")
     writer = open_writer(cfg.out, job.meta, overwrite=cfg.overwrite, storage_options=so, protected=protected)
-    resumed_rows, start = writer.progress.rows, writer.progress.next_source
-    n_listed = job.corpus.n_listed
+    return _dump_here(job, cfg, writer, writer.progress.next_source, job.corpus.n_listed, writer.progress.rows)
+
+
+def _dump_here(job: Any, cfg: DumpConfig, writer: "StoreWriter | WhileListing", start: int, total: int | None,
+               resumed_rows: int) -> DumpSummary:
+    """The single-process dump into `writer` from source `start` on (`total`: the listed count, None while
+    it is unknown), under one progress bar, and its summary."""
     t0 = time.perf_counter()
     bar = progress_bar(cfg.progress)
     with bar:
-        task = bar.add_task("dump", total=n_listed, completed=(start // job.batch_size) * job.batch_size)
-        meta = run_into(job, writer, start, n_listed, bar, task, cfg.on_batch,
+        task = bar.add_task("dump", total=total, completed=(start // job.batch_size) * job.batch_size)
+        if isinstance(writer, WhileListing):
+            writer.follow(bar, task)
+        meta = run_into(job, writer, start, total, bar, task, cfg.on_batch,
                         saved=f"{{rows}} images are saved in {cfg.out}", whole=True)
-    return make_summary(job, cfg.out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(writer.group.store),
-                        [(f[0], f[1]) for f in writer.progress.failures])
+    store = writer.store if isinstance(writer, WhileListing) else writer
+    assert store is not None  # finalized
+    return make_summary(job, cfg.out, meta, resumed_rows, time.perf_counter() - t0, stored_bytes(store.group.store),
+                        [(f[0], f[1]) for f in store.progress.failures])
 
 
 # Rows a dump holds in memory while its corpus is still being listed; past this the teacher waits for the
@@ -80,12 +89,18 @@ class WhileListing:
     listing); the store is created, and they go in, as soon as the listing has ended. Nothing is written
     before: a listing that fails or is interrupted leaves no store behind."""
 
-    def __init__(self, job: Any, cfg: DumpConfig, protected: list[str], bar: Any, task: Any):
-        self.job, self.cfg, self.protected, self.bar, self.task = job, cfg, protected, bar, task
+    def __init__(self, job: Any, cfg: DumpConfig, protected: list[str]):
+        self.job, self.cfg, self.protected = job, cfg, protected
+        self.bar: Any = None
+        self.task: Any = None
         self.store: StoreWriter | None = None
         self.waiting: list[Rows] = []
         self.waiting_bytes = 0
         self.progress: Any = SimpleNamespace(rows=0, failures=[])  # what `DumpJob.run` reads before the store
+
+    def follow(self, bar: Any, task: Any) -> None:
+        """Give the progress bar's task its total once the listing has ended."""
+        self.bar, self.task = bar, task
 
     def left_behind(self) -> str:
         return "nothing was written" if self.store is None else "the store is left incomplete"
@@ -106,7 +121,8 @@ class WhileListing:
             self.store = open_writer(self.cfg.out, self.job.meta, overwrite=self.cfg.overwrite,
                                      storage_options=self.cfg.storage_options, protected=self.protected)
             self.progress = self.store.progress
-            self.bar.update(self.task, total=self.job.corpus.n_listed)
+            if self.bar is not None:
+                self.bar.update(self.task, total=self.job.corpus.n_listed)
             waiting, self.waiting = self.waiting, []
             for rows in waiting:
                 self.store.submit(rows)
@@ -129,24 +145,14 @@ def _held_bytes(rows: Rows) -> int:
 def _dump_while_listing(job: Any, cfg: DumpConfig, protected: list[str]) -> DumpSummary:
     """A fresh dump of shards or tables: the teacher runs on the units listed first while the rest are
     listed (in other processes), instead of after the whole listing."""
-    t0 = time.perf_counter()
-    bar = progress_bar(cfg.progress)
+    writer = WhileListing(job, cfg, protected)
     try:
         check_store_destination(cfg.out, cfg.storage_options, protected)  # W1 before the teacher runs, not after
-        with bar:
-            task = bar.add_task("dump", total=None)
-            writer = WhileListing(job, cfg, protected, bar, task)
-            try:
-                meta = run_into(job, writer, 0, None, bar, task, cfg.on_batch,
-                                saved=f"{{rows}} images are saved in {cfg.out}", whole=True)
-            except DumpInterrupted:
-                if writer.store is not None:
-                    raise
-                raise DumpInterrupted(f"interrupted while the corpus was still being listed: nothing was written to "
-                                      f"{cfg.out}; run the same command again") from None
+        return _dump_here(job, cfg, writer, 0, None, 0)
+    except DumpInterrupted:
+        if writer.store is not None:
+            raise
+        raise DumpInterrupted(f"interrupted while the corpus was still being listed: nothing was written to "
+                              f"{cfg.out}; run the same command again") from None
     finally:
         job.corpus.stop_listing()
-    store = writer.store
-    assert store is not None  # finalized
-    return make_summary(job, cfg.out, meta, 0, time.perf_counter() - t0, stored_bytes(store.group.store),
-                        [(f[0], f[1]) for f in store.progress.failures])
