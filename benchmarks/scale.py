@@ -30,6 +30,14 @@ Targets (issue 7): the store within 2x of raw on writes and reads; the reader's 
 number of rows. Runs are interleaved and the best of --repeats counts; the write phase also prints every
 repeat's raw and store times with their ratio, and the median ratio (raw and store alternate who goes
 first). Results: benchmarks/RESULTS.md.
+
+Every timed store is written into a path of its own and none is deleted until the write phase's clocks
+have stopped: on ext4 without a journal (this machine's disk), allocating an inode skips, one by one, every
+inode of its group deleted in the last 5-10 minutes (the kernel's `recently_deleted`), so deleting the
+previous repeat's ~11 inodes a chunk right before a write made that write pay for the benchmark's own cleanup
+(perf: 19% of the writer's CPU in `find_inode_bit` / `recently_deleted`; the raw side's 5 files never pay
+it). A run started within ~10 minutes of another run's cleanup still pays for that one: the disk needs
+about 2.2 GB a million rows per store kept.
 """
 from __future__ import annotations
 
@@ -193,9 +201,11 @@ def repeats_table(times: dict[str, list[float]], cpu: dict[str, list[float]], re
 
 
 def write_store(rows: Rows, n: int, path: Path, meta: StoreMeta, zstd_level: int | None = None) -> tuple[float, float]:
-    """(seconds writing, including fsync; seconds of finalize). `zstd_level`: chunks compressed at that Zstd
-    level instead of the format's 3 (other bytes: an option measured, never what `dump` writes)."""
-    shutil.rmtree(path, ignore_errors=True)
+    """(seconds writing, including fsync; seconds of finalize) of a new store at `path`. `zstd_level`: chunks
+    compressed at that Zstd level instead of the format's 3 (other bytes: an option measured, never what `dump`
+    writes)."""
+    if path.exists():
+        raise SystemExit(f"{path} exists: the benchmark writes every store to a new path (see the module's docstring)")
     finalize, codecs = writer_module.finalize_store, writer_module.chunk_codecs
     if zstd_level is not None:
         writer_module.chunk_codecs = lambda: [ZstdCodec(level=zstd_level), Crc32cCodec()]
@@ -422,6 +432,9 @@ def main() -> None:
     started = time.perf_counter()
     w, n = args.workdir, args.rows
     store, raw, images = w / "store.zarr", w / "raw", w / "images"
+    timed = w / "timed"  # every timed write's store, each at a path of its own; removed after the write phase
+    for stale in (store, timed):  # a --keep run's leftovers (this run's writes pay for deleting them: see above)
+        shutil.rmtree(stale, ignore_errors=True)
     images.mkdir(parents=True, exist_ok=True)  # the corpus root the reader checks for; never read
     meta = make_meta(n, images, args.chunk_rows)
     console.print(f"[bold]{n:,} rows[/] x {CLASSES} classes, float16, chunks of {meta.chunk_rows} rows; "
@@ -448,20 +461,20 @@ def main() -> None:
                     timed_raw(rows, n, raw, times, cpu, console)
                 if not args.no_old:
                     c = time.process_time()
-                    s, f = write_store(rows, n, store, old)
+                    s, f = write_store(rows, n, timed / f"1.3-{rep}.zarr", old)
                     cpu["store13"].append(time.process_time() - c)
                     times["store13"].append(s)
                     times["finalize13"].append(f)
                     console.print(f", 1.3 store {s:.1f} s + finalize read-back {f:.1f} s", end="")
                 if args.zstd_level is not None:
                     c = time.process_time()
-                    s, f = write_store(rows, n, store, meta, args.zstd_level)
+                    s, f = write_store(rows, n, timed / f"zstd-{rep}.zarr", meta, args.zstd_level)
                     cpu["storeL"].append(time.process_time() - c)
                     times["storeL"].append(s)
                     times["finalizeL"].append(f)
                     console.print(f", 1.4 Zstd-{args.zstd_level} store {s:.1f} s + finalize {f:.2f} s", end="")
                 c = time.process_time()
-                s, f = write_store(rows, n, store, meta)
+                s, f = write_store(rows, n, timed / f"1.4-{rep}.zarr", meta)
                 cpu["store"].append(time.process_time() - c)
                 times["store"].append(s)
                 times["finalize"].append(f)
@@ -470,6 +483,8 @@ def main() -> None:
                     timed_raw(rows, n, raw, times, cpu, console)
                 console.print(f" -> 1.4 store + finalize {times['raw'][-1] / (s + f):.2f}x raw")
             load.append(os.getloadavg()[0])
+            (timed / f"1.4-{args.repeats - 1}.zarr").rename(store)  # the store the other phases inspect and read
+            shutil.rmtree(timed)
             mb = n * ROW_BYTES / 1e6
             raw_s, store_s, fin_s = (best(times[k], higher=False) for k in ("raw", "store", "finalize"))
             on_disk = sum(b for _, _, b in layout(store))
@@ -580,8 +595,8 @@ def main() -> None:
             tables.append(t)
     finally:
         if not args.keep:
-            shutil.rmtree(store, ignore_errors=True)
-            shutil.rmtree(raw, ignore_errors=True)
+            for path in (store, raw, timed):
+                shutil.rmtree(path, ignore_errors=True)
 
     console.rule(f"{machine()}; `python -m benchmarks.scale {' '.join(sys.argv[1:])}`")
     for t in tables:
