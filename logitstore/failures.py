@@ -17,8 +17,9 @@ class FailureWatch:
 
     images: str
     max_share: float = 0.5
-    # What a stop leaves behind, said when it stops (a dump still listing its corpus has written nothing).
-    left: Callable[[], str] = lambda: "the store is left incomplete"
+    # What a stop leaves behind, asked when it stops (a dump still listing its corpus has written nothing);
+    # None: a store, left incomplete.
+    left: Callable[[], str] | None = None
     seen: int = 0
     failed: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -38,5 +39,6 @@ class FailureWatch:
             self.stop(f"all {self.seen:,} images failed")
 
     def stop(self, what: str) -> None:
-        raise CorpusError(f"{self.images}: {what} (first: {'; '.join(self.reasons)}); {self.left()}. "
+        left = self.left() if self.left is not None else "the store is left incomplete"
+        raise CorpusError(f"{self.images}: {what} (first: {'; '.join(self.reasons)}); {left}. "
                           "Check --images (and --image-column), or raise --max-failure-share")

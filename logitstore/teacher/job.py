@@ -353,7 +353,7 @@ class DumpJob:
         meta, pre, dev = self.meta, self.meta.preprocess, self.device
         streamed_stop, stop = stop, (1 << 62) if stop is None else stop
         watch = FailureWatch(meta.corpus.listing if meta.corpus.listing != "directory" else meta.corpus.root,
-                             self.max_failure_share, getattr(writer, "left_behind", FailureWatch.left))
+                             self.max_failure_share, getattr(writer, "left_behind", None))
         rows_before = writer.progress.rows
         if getattr(self.corpus, "positional", True):
             batches: Any = self.batches(start, stop)
