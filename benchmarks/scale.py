@@ -427,13 +427,15 @@ def main() -> None:
                     help="Also time the 1.4 writer with chunks at this Zstd level (format-visible: other bytes than "
                          "the format's level 3; measured as an option only).")
     args = ap.parse_args()
-    phases = set(args.phases.split(","))
     console = Console()
     started = time.perf_counter()
     w, n = args.workdir, args.rows
     store, raw, images = w / "store.zarr", w / "raw", w / "images"
     timed = w / "timed"  # every timed write's store, each at a path of its own; removed after the write phase
-    for stale in (store, timed):  # a --keep run's leftovers (this run's writes pay for deleting them: see above)
+    phases = set(args.phases.split(","))
+    # Leftovers a write replaces (this run's writes pay for deleting them: see above); without the write phase,
+    # read and memory use the store a --keep run left.
+    for stale in (store, timed) if "write" in phases else (timed,):
         shutil.rmtree(stale, ignore_errors=True)
     images.mkdir(parents=True, exist_ok=True)  # the corpus root the reader checks for; never read
     meta = make_meta(n, images, args.chunk_rows)
