@@ -11,9 +11,15 @@ whatever else the caller asks of the chunk (its records and statistics), so two 
 cores and the hand-offs are one per chunk. The bytes are zarr's (tests/test_golden.py, and
 tests/test_chunk_io.py compares chunk files with zarr's own); any array with another codec chain, and a
 partial chunk, goes through zarr as before.
+
+String arrays are also read here (`read_strings`): a vlen-utf8 chunk starts with its item count, and numcodecs
+allocates that many objects before it finds the bytes too short, so a chunk of another array moved in (its
+CRC32C holds) made zarr allocate up to 2^32 objects (tens of GB, minutes) before failing. The count is checked
+against the chunk's rows first.
 """
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -93,6 +99,47 @@ def encode_chunk(values: np.ndarray, level: int) -> bytes:
 
     raw = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
     return with_crc32c(numcodecs.Zstd(level=level, checksum=False).encode(raw)).tobytes()
+
+
+def read_strings(arr: zarr.Array, a: int, b: int, requests: int = 16) -> np.ndarray | None:
+    """Rows [a, b) of a 1-D string array, as zarr reads them (its dtype; a missing chunk is its fill value),
+    with every chunk's vlen-utf8 item count checked against the chunk's rows before it is decoded. ValueError
+    names a chunk that fails its CRC32C or holds another count. None where this module does not know the codec
+    chain (the caller reads through zarr). Chunks are fetched `requests` at once (an object store)."""
+    from numcodecs import VLenUTF8, Zstd
+
+    if arr.ndim != 1 or zstd_level(arr) is None or not isinstance(arr.metadata.codecs[0], VLenUTF8Codec):
+        return None
+    b = min(b, arr.shape[0])
+    if b <= a:
+        return np.array([], dtype=arr.dtype)
+    rows = arr.chunks[0]
+    ks = range(a // rows, (b - 1) // rows + 1)
+    blobs = sync(_get_all(arr.store_path.store, [chunk_key(arr, k) for k in ks], requests))
+    zstd, vlen, parts = Zstd(), VLenUTF8(), []
+    for k, blob in zip(ks, blobs):
+        if blob is None:
+            parts.append(np.full(rows, arr.fill_value, dtype=object))
+            continue
+        data = blob.to_bytes()
+        if len(data) < 4 or _crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise ValueError(f"chunk {k} ('{chunk_key(arr, k)}') fails its CRC32C checksum")
+        packed = zstd.decode(data[:-4])
+        held = int.from_bytes(bytes(packed[:4]), "little") if len(packed) >= 4 else -1
+        if held != rows:
+            raise ValueError(f"chunk {k} ('{chunk_key(arr, k)}') holds {held} strings, not its {rows} rows")
+        parts.append(vlen.decode(packed))
+    values = np.concatenate(parts)[a - ks[0] * rows:b - ks[0] * rows]
+    return values.astype(arr.dtype)
+
+
+async def _get_all(store: Any, keys: list[str], requests: int) -> list[Any]:
+    gate = asyncio.Semaphore(requests)
+
+    async def one(key: str) -> Any:
+        async with gate:
+            return await store.get(key, prototype=default_buffer_prototype())
+    return await asyncio.gather(*map(one, keys))
 
 
 def chunk_key(arr: zarr.Array, k: int) -> str:

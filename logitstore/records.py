@@ -279,10 +279,14 @@ def record_names(meta: StoreMeta) -> tuple[str, ...]:
 def corpus_hash_of(group: Any, n: int) -> "hashlib._Hash":
     """The corpus hash over rows [0, n) of a store being written, from its ids and digests alone (a few
     % of a row's bytes): how a resumed writer, or a distributed dump's assembly, takes it up."""
+    from .chunk_io import read_strings
+
     h = hashlib.sha256()
     step = 1 << 16
+    ids, digests = group[schema.IDS], group[schema.DIGESTS]
     for a in range(0, n, step):
         b = min(n, a + step)
+        got = read_strings(ids, a, b)
         h.update(b"".join(str(i).encode("utf-8") + b"\0" + d.tobytes()
-                          for i, d in zip(group[schema.IDS][a:b], group[schema.DIGESTS][a:b])))
+                          for i, d in zip(ids[a:b] if got is None else got, digests[a:b])))
     return h

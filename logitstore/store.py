@@ -10,6 +10,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from . import schema
+from .chunk_io import read_strings
 from .errors import FormatError, IntegrityError, StoreStateError
 from .locations import crc32c_ok, get_bytes, known_zarr_warnings_silenced, list_all_keys, open_group
 from .rows import Rows
@@ -99,7 +100,9 @@ class LogitStore:
 
     def _read_array(self, name: str, arr: zarr.Array, a: int, b: int) -> np.ndarray:
         try:
-            values = arr[a:b]
+            values = read_strings(arr, a, b) if arr.dtype.kind not in "biuf" else None  # ids: counts checked first
+            if values is None:
+                values = arr[a:b]
         except OSError:
             raise  # the storage failed (a network, a disk): not the store's bytes
         except Exception as exc:
@@ -131,7 +134,7 @@ class LogitStore:
     def _refuse_non_finite(self, name: str, values: np.ndarray, a: int, rows: int) -> None:
         bad = a + int(np.nonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0][0])
         raise IntegrityError(f"{self.location}: array '{name}' holds NaN or inf at row {bad} (chunk {bad // rows}, "
-                             "id " + repr(str(self.group[schema.IDS][bad])) + "); a teacher's outputs must be finite "
+                             "id " + repr(str(self.read_array(schema.IDS, bad, bad + 1)[0])) + "); a teacher's outputs must be finite "
                              "(docs/FORMAT.md, R6): the store was altered or written by a broken tool, restore it "
                              "from its source or re-run the dump")
 

@@ -221,6 +221,42 @@ def test_non_finite_logits_written_with_valid_checksums_stop_every_reader(tmp_pa
     assert verify.returncode == 1 and "NaN or inf" in verify.stderr
 
 
+@pytest.mark.parametrize("moved", ["digests", "a count of 2^32 - 1"])
+def test_a_chunk_moved_into_the_ids_is_refused_before_it_is_decoded(tmp_path, store, moved):
+    """A vlen-utf8 chunk starts with its item count: a chunk of another array moved in (its CRC32C holds), or
+    a count written wrong, is refused by that count, not after allocating that many strings (tens of GB)."""
+    import shutil
+    import struct
+
+    import numcodecs
+
+    from logitstore.chunk_io import with_crc32c
+
+    bad = tmp_path / "moved.zarr"
+    shutil.copytree(store, bad)
+    target = bad / "ids" / "c" / "1"
+    if moved == "digests":
+        target.write_bytes((bad / "digests" / "c" / "0" / "0").read_bytes())
+    else:
+        packed = struct.pack("<I", 2 ** 32 - 1) + struct.pack("<I", 3) + b"abc"
+        target.write_bytes(with_crc32c(numcodecs.Zstd(level=3).encode(packed)).tobytes())
+    held = int.from_bytes(numcodecs.Zstd().decode(target.read_bytes()[:-4])[:4], "little")
+    assert held not in (32, 0)
+    st = logitstore.open_store(bad)
+    with pytest.raises(logitstore.IntegrityError,
+                       match=rf"'ids' rows 32-63 do not decode .*chunk 1 \('ids/c/1'\) holds {held} strings, not its "
+                             r"32 rows.*chunks were moved"):
+        st.read_array("ids", 32, 64)
+    good = logitstore.open_store(store)
+    assert list(st.read_array("ids", 0, 32)) == list(good.read_array("ids", 0, 32))  # the other chunks still read
+    assert list(st.read_array("ids", 64, len(st))) == list(good.read_array("ids", 64, len(good)))
+    verify = invoke("logitstore", "verify", str(bad))
+    assert verify.returncode == 1 and f"holds {held} strings" in verify.stderr, verify.stderr
+    fit = invoke("trainer", "fit", "--store", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--num-workers", "0", "--cache-images", "0")
+    assert_one_line_error(fit, "'ids'", "chunk 1", f"holds {held} strings")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real file system that fills up: a tmpfs of 96 KiB (root can mount one; CI runs as root)."""
