@@ -47,8 +47,23 @@ class Corpus:
     def listing_sha256(self) -> str:
         h = hashlib.sha256()
         for i in self.ids:
-            h.update(i.encode("utf-8") + b"\n")
+            h.update(i.encode("utf-8", "surrogateescape") + b"\n")
         return h.hexdigest()
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why `image_id` cannot be a stored id (ids are UTF-8 text, docs/FORMAT.md), or None: a file or member
+    name whose bytes are not UTF-8, which Python hands over with surrogate escapes."""
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "UnicodeError: the file name is not valid UTF-8; rename the file (for example with convmv) to dump it"
+    return None
+
+
+def printable_id(image_id: str) -> str:
+    """`image_id` as UTF-8 text, any byte that is not UTF-8 written \\xNN: how a failure names such a file."""
+    return image_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def list_corpus(source: str | os.PathLike) -> Corpus:

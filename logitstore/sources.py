@@ -143,7 +143,7 @@ class _Sha:
         self.h, self.n = hashlib.sha256(), 0
 
     def add(self, image_id: str) -> None:
-        self.h.update(image_id.encode("utf-8") + b"\n")
+        self.h.update(image_id.encode("utf-8", "surrogateescape") + b"\n")
         self.n += 1
 
 

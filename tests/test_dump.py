@@ -146,6 +146,24 @@ def test_every_pil_mode_decodes_and_broken_files_are_recorded(tmp_path, mnist, t
     assert info["failed"] == 3 and info["images"] == 10
 
 
+def test_a_file_name_that_is_not_utf8_is_a_recorded_failure(tmp_path, mnist, teacher_ckpt):
+    """Store ids are UTF-8 text: a Latin-1 file name (Python's surrogate escapes) is recorded as a failure that
+    names it printably, and the rest of the corpus is dumped; a second run has nothing to do."""
+    root = tmp_path / "names"
+    root.mkdir()
+    Image.fromarray(mnist["train_images"][0]).save(root / "ok.png")
+    (root / "caf\u00e9.png").write_bytes((root / "ok.png").read_bytes())
+    with open(os.path.join(os.fsencode(root), b"latin1_\xe9.png"), "wb") as f:
+        f.write((root / "ok.png").read_bytes())
+    s = logitstore.dump(str(teacher_ckpt), str(root), str(tmp_path / "n.zarr"), num_workers=0)
+    store = logitstore.open_store(tmp_path / "n.zarr")
+    assert (s.n_images, s.n_failed) == (2, 1) and sorted(store[:].ids) == ["caf\u00e9.png", "ok.png"]
+    assert store.failures() == [("latin1_\\xe9.png", "UnicodeError: the file name is not valid UTF-8; rename the "
+                                 "file (for example with convmv) to dump it")]
+    np.testing.assert_array_equal(store[:].logits[0], store[:].logits[1])  # the same bytes
+    assert logitstore.dump(str(teacher_ckpt), str(root), str(tmp_path / "n.zarr"), num_workers=0).nothing_to_do
+
+
 def test_listing_file_gives_ids_relative_to_common_root(tmp_path, corpus, teacher_ckpt):
     files = sorted(corpus.rglob("*.png"))[::17][:7][::-1]
     listing = tmp_path / "list.txt"

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, limits, schema
-from ..corpus import Corpus, decode_image, describe_failure, read_and_decode, sha256_bytes
+from ..corpus import Corpus, decode_image, describe_failure, id_problem, printable_id, read_and_decode, sha256_bytes
 from ..device import resolve_device, resolve_precision
 from ..failures import FailureWatch
 from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
@@ -178,10 +178,11 @@ class _CorpusViews(Dataset):
     def __getitem__(self, pos: int | Item) -> dict[str, Any]:
         if isinstance(pos, Item):  # a streamed source: the bytes come with the position
             pos, image_id, data, error = pos
-            if error is not None:
-                return {"source": pos, "id": image_id, "error": error}
         else:
-            image_id, data = self.corpus.ids[pos], None
+            (image_id, data), error = (self.corpus.ids[pos], None), None
+        error = error or id_problem(image_id)
+        if error is not None:
+            return {"source": pos, "id": printable_id(image_id), "error": error}
         try:
             if data is None:
                 digest, img = read_and_decode(self.corpus.path(image_id), self.pre.mode)
