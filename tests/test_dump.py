@@ -21,7 +21,8 @@ from logitstore.corpus import read_and_decode
 from logitstore.errors import (LogitRangeError, ResumeMismatchError, StoreStateError, TeacherError)
 from logitstore.views import apply_view, normalize
 
-from conftest import CLASSES, MNIST_PRE, REPO, TESTS, interruptible, load_module, run_cli, save_teacher
+from conftest import (CLASSES, MNIST_PRE, REPO, TESTS, assert_one_line_error, interruptible, invoke, load_module,
+                      run_cli, save_teacher)
 
 
 def forward_reference(model: torch.nn.Module, corpus: Path, ids, params=None, kind="eval") -> np.ndarray:
@@ -209,6 +210,36 @@ def test_every_teacher_form_gives_the_same_logits(tmp_path, corpus, teacher_ckpt
     assert st.meta.classes == tuple(CLASSES) and st.meta.preprocess.channels == 3
     assert st.meta.preprocess.mean == (0.485, 0.456, 0.406)  # torchvision archs default to ImageNet stats
     assert np.isfinite(st[:].logits.astype(np.float32)).all()
+
+
+class _FailsOnBigBatches(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            raise RuntimeError("out of scratch space")
+        return self.net(x)
+
+
+def test_compiled_teachers_made_for_one_batch_size_or_failing_mid_dump_are_one_line(tmp_path, corpus, teacher_ckpt):
+    """torch.export's default is a fixed batch size: found by the probe, before any store exists. A teacher
+    that raises mid-dump stops the dump in one line and leaves a store that says it is incomplete."""
+    model = load_module(ckpt=teacher_ckpt)
+    flags = ["--size", "28,28", "--mode", "L", "--images", str(corpus), "--num-workers", "0", "--quiet"]
+    for batch, words in ((2, "runs on a batch of 2 images but not of 3"), (1, "fails on a [2, 1, 28, 28] input")):
+        torch.export.save(torch.export.export(model, (torch.zeros(batch, 1, 28, 28),)), tmp_path / f"b{batch}.pt2")
+        r = invoke("logitstore", "dump", "--teacher", str(tmp_path / f"b{batch}.pt2"), "--out",
+                   str(tmp_path / f"b{batch}.zarr"), *flags)
+        assert_one_line_error(r, words, "exported or traced for one batch size", "torch.export.Dim")
+        assert not (tmp_path / f"b{batch}.zarr").exists()
+    torch.jit.save(torch.jit.script(_FailsOnBigBatches(model)), tmp_path / "fails.ts")
+    r = invoke("logitstore", "dump", "--teacher", str(tmp_path / "fails.ts"), "--out", str(tmp_path / "f.zarr"),
+               "--batch-size", "8", *flags)
+    assert_one_line_error(r, "the teacher failed on a batch of 8 views", "out of scratch space", "run the same command")
+    with pytest.raises(StoreStateError, match="incomplete"):
+        logitstore.open_store(tmp_path / "f.zarr")
 
 
 def test_a_pickled_module_is_refused_with_how_to_fix(tmp_path, corpus):

@@ -21,7 +21,7 @@ from .. import __version__, limits, schema
 from ..corpus import Corpus, decode_image, describe_failure, id_problem, printable_id, read_and_decode, sha256_bytes
 from ..device import resolve_device, resolve_precision
 from ..failures import FailureWatch
-from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError
+from ..errors import DumpInterrupted, LogitRangeError, LogitStoreError, OptionError, TeacherError
 from ..schema import AUGMENTED_RESIZED_CROP, AugmentPolicy, CorpusInfo, ErasingPolicy, MixPolicy, Preprocess, StoreMeta, TargetSpec, ViewSpec
 from ..augment import AUGMENT_NAMES, premix_views, sample_extras
 from ..sparse import REFERENCE_TEMPERATURES, encode_sample, encode_topk
@@ -30,7 +30,7 @@ from ..prefetch import read_ahead_in_runs, stop_workers
 from ..sources import Item, Member, Source, open_source
 from ..views import apply_view, normalize, sample_view_params
 from ..writer import StoreWriter
-from .load import class_names, prepare_teacher, to_device
+from .load import class_names, failure_text, prepare_teacher, to_device
 from .mixing import span, with_partners
 
 # --sample draws from the teacher's softmax at this temperature unless told otherwise: the trainer's
@@ -539,12 +539,22 @@ def forward(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
     x = normalize(pixels.flatten(0, 1).to(dev, non_blocking=True), pre)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        if autocast is not None:
-            with autocast:
+    try:
+        with torch.inference_mode():
+            if autocast is not None:
+                with autocast:
+                    out = model(x)
+            else:
                 out = model(x)
-        else:
-            out = model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise TeacherError(f"the teacher ran out of {dev.type} memory on a batch of {len(x)} views; pass a smaller "
+                           "--batch-size, then run the same command again (a dump resumes)") from None
+    except Exception as exc:  # the teacher's own code: one line, the rows written so far are kept
+        raise TeacherError(f"the teacher failed on a batch of {len(x)} views ({failure_text(exc)}); fix the teacher "
+                           "or the flags, then run the same command again (a dump resumes)") from None
+    if not isinstance(out, torch.Tensor) or out.shape[0] != len(x):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TeacherError(f"the teacher returned {got} for a batch of {len(x)} views, not one row of logits each")
     return out.float().cpu().view(b, v, -1)
 
 

@@ -175,23 +175,50 @@ def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preproces
         raise TeacherError(f"{teacher.info.file}: its preprocessing is refused: {exc}") from None
 
 
-def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Preprocess, where: str) -> int:
-    """Run one dummy input through the teacher to learn its output width (and that it runs)."""
-    pre.check()  # bounded sizes: the dummy input below is allocated from them
+FIXED_BATCH = ("it was exported or traced for one batch size; export it with a dynamic batch dimension "
+               "(torch.export.Dim) or script it (torch.jit.script)")
+
+
+def probe_num_classes(model: Callable[[torch.Tensor], torch.Tensor], pre: Preprocess, where: str,
+                      compiled: bool = False) -> int:
+    """Run dummy inputs through the teacher to learn its output width (and that it runs). A `compiled`
+    program (TorchScript, torch.export) may have been made for one batch size: it is also run on a batch
+    of 1 or 3, so that is found here rather than on the dump's first full batch."""
+    pre.check()  # bounded sizes: the dummy inputs below are allocated from them
     x = torch.zeros(2, pre.channels, *pre.size)
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:
-        raise TeacherError(f"{where}: the teacher fails on a {list(x.shape)} input ({type(exc).__name__}: "
-                           f"{' '.join(str(exc).split())[:200]}); check --size and --mode") from None
+        fix = FIXED_BATCH if compiled and _runs(model, x[:1]) else "check --size and --mode"
+        raise TeacherError(f"{where}: the teacher fails on a {list(x.shape)} input ({failure_text(exc)}); {fix}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TeacherError(f"{where}: the teacher must return logits of shape [batch, classes]; it returned {shape}")
     if not 1 <= out.shape[1] <= MAX_CLASSES:
         raise TeacherError(f"{where}: the teacher returns {out.shape[1]} logits per image; the format allows "
                            f"1..{MAX_CLASSES} classes")
+    if compiled and not _runs(model, torch.zeros(3, pre.channels, *pre.size)):
+        raise TeacherError(f"{where}: the teacher runs on a batch of 2 images but not of 3: {FIXED_BATCH}")
     return int(out.shape[1])
+
+
+def failure_text(exc: BaseException) -> str:
+    """A teacher's exception in one short line. TorchScript wraps the error in the interpreter's traceback,
+    whose last line is the error itself."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines and "TorchScript" in lines[0] else " ".join(lines)
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _runs(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether the teacher returns one row of logits per input of `x`."""
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == len(x)
 
 
 def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, Any] | None,
@@ -208,7 +235,8 @@ def prepare_teacher(teacher: str, weights: str | None, arch_kwargs: dict[str, An
             t.model.eval()
         except (NotImplementedError, RuntimeError):  # torch.export modules may refuse .eval()
             pass
-    return t, pre, probe_num_classes(t.model, pre, t.info.file)  # probed on the CPU, before moving
+    compiled = t.info.source in ("torchscript", "export")
+    return t, pre, probe_num_classes(t.model, pre, t.info.file, compiled)  # probed on the CPU, before moving
 
 
 def class_names(t: Teacher, given: str | Sequence[str] | None, width: int) -> list[str]:
