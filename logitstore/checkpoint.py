@@ -84,6 +84,15 @@ def load_safetensors(path: Path, error: type[Exception] = TeacherError) -> dict[
                     "file") from None
 
 
+def is_torchscript(path: Path) -> bool:
+    """Whether `path` is a TorchScript archive (torch.jit.save): code beside the constants."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
 def load_weights_only(path: str | os.PathLike, error: type[Exception] = TeacherError) -> Any:
     """torch.load(weights_only=True) of a file (or safetensors' own reader), every failure one line of `error`."""
     p = Path(path).expanduser()
@@ -94,6 +103,10 @@ def load_weights_only(path: str | os.PathLike, error: type[Exception] = TeacherE
     if is_safetensors(p):
         return load_safetensors(p, error)
     check_zip_entries(p, error)
+    if p.suffix == ".pt2" or is_torchscript(p):  # a program: no state dict, classes or preprocessing to read
+        kind = "torch.export program" if p.suffix == ".pt2" else "TorchScript program"
+        raise error(f"{p}: a {kind}, not weights or a checkpoint; pass a torch.save'd state dict or checkpoint "
+                    "here, such as trainer fit writes (only `logitstore dump --teacher` runs a program)")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

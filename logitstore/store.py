@@ -350,7 +350,10 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
     """Open a store read-only and validate it; an incomplete store is refused unless asked for."""
     loc = os.fspath(location)
     group = open_group(loc, mode="r", storage_options=storage_options)
-    meta = schema.meta_from_attrs(dict(group.attrs))
+    try:
+        meta = schema.meta_from_attrs(dict(group.attrs))
+    except FormatError as exc:  # the rules do not know where the store is: the user needs to
+        raise FormatError(f"{loc}: {exc}") from None
     if not meta.complete and not allow_incomplete:
         raise StoreStateError(f"{loc}: the store is incomplete (a dump or copy was interrupted or is still "
                               "running); finish it by re-running the same command, or pass "

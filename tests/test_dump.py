@@ -255,6 +255,9 @@ def test_a_pickled_module_is_refused_with_how_to_fix(tmp_path, corpus):
 
 @pytest.mark.parametrize("args, message", [
     (["--classes", "a,b,c"], "outputs 10 logits but 3 class names"),
+    (["--classes", "a,a,b,c,d,e,f,g,h,i"], "the class name 'a' is given more than once"),
+    (["--classes", "a,b,c,d,e,f,g,h,i,"], "class 9 has an empty name"),
+    (["--classes", "names.txt"], "--classes names.txt: no such file"),
     (["--dtype", "float64"], "Invalid value for '--dtype'"),
     (["--size", "abc"], "--size"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),

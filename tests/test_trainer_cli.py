@@ -102,6 +102,15 @@ def test_eval_folder_with_other_class_names_is_one_line(world: World, tmp_path: 
     assert_one_line_error(run("eval", "--checkpoint", ckpt / "checkpoint.pt", "--images", folder), "cat")
 
 
+def test_eval_of_a_teacher_program_is_one_line_saying_what_it_takes(world: World, tmp_path: Path):
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    torch.jit.save(torch.jit.script(net), tmp_path / "t.ts")
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 28, 28),)), tmp_path / "t.pt2")
+    for f, kind in (("t.ts", "a TorchScript program"), ("t.pt2", "a torch.export program")):
+        assert_one_line_error(run("eval", "--checkpoint", tmp_path / f, "--images", world.labeled), kind,
+                              "not weights or a checkpoint", "such as trainer fit writes")
+
+
 def test_changed_image_is_one_line_naming_it_unless_skipped(world: World, tmp_path: Path):
     corpus = tmp_path / "corpus"
     shutil.copytree(world.corpus, corpus)

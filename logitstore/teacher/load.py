@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
+from collections import Counter
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +20,9 @@ import torch
 from torch import nn
 
 from ..arch import MAX_CLASSES, build_model
-from ..checkpoint import check_zip_entries, load_weights_only
+from ..checkpoint import check_zip_entries, is_torchscript, load_weights_only
 from ..errors import FormatError, TeacherError
-from ..schema import Preprocess, TeacherInfo
+from ..schema import MAX_TEXT, Preprocess, TeacherInfo
 
 IMAGENET_PREPROCESS = {"size": [224, 224], "resize": 256, "mean": [0.485, 0.456, 0.406],
                        "std": [0.229, 0.224, 0.225], "mode": "RGB"}
@@ -43,14 +45,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -98,9 +92,11 @@ def load_teacher(teacher: str, weights: str | None = None, arch_kwargs: dict[str
         finally:
             log.setLevel(level)
         return Teacher(program.module(), TeacherInfo("torch.export", "export", str(path), sha), None, None)
-    if _is_torchscript(path):
+    if is_torchscript(path):
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript; its files still load
+                warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # torch.jit raises many kinds on damaged files
             raise TeacherError(f"{path}: not a loadable TorchScript file ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
@@ -245,6 +241,16 @@ def class_names(t: Teacher, given: str | Sequence[str] | None, width: int) -> li
     if len(names) != width:
         raise TeacherError(f"{t.info.file}: the teacher outputs {width} logits but {len(names)} class names "
                            "were given; pass --classes with exactly one name per output")
+    where = "--classes" if given is not None else t.info.file
+    if "" in names:
+        raise TeacherError(f"{where}: class {names.index('')} has an empty name; give every class a name "
+                           "(a trailing comma adds an empty one)")
+    twice = [n for n, k in Counter(names).items() if k > 1]
+    if twice:
+        raise TeacherError(f"{where}: the class name {twice[0]!r} is given more than once; class names must be "
+                           "unique (docs/FORMAT.md, R3)")
+    if max(map(len, names)) > MAX_TEXT:
+        raise TeacherError(f"{where}: a class name is longer than {MAX_TEXT} characters (docs/FORMAT.md, R3)")
     return names
 
 
@@ -282,4 +288,7 @@ def read_classes(classes: str | Sequence[str] | None) -> list[str] | None:
     path = Path(classes).expanduser()
     if path.is_file():
         return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if "," not in classes and ("/" in classes or path.suffix.lower() in (".txt", ".csv", ".json", ".names")):
+        raise TeacherError(f"--classes {classes}: no such file; pass a file with one class name per line, or the "
+                           "names separated by commas")
     return [c.strip() for c in classes.split(",")]
