@@ -182,6 +182,10 @@ def test_timm_pretrained_reads_the_local_hub_cache_and_says_so_when_absent(tmp_p
     s = describe_teacher(f"timm:{name}", pretrained=True)
     assert s.info.source == "pretrained" and s.info.file == str(snap / "model.safetensors")
     assert s.preprocess.interpolation == "bicubic" and len(s.classes) == 1000
+    # Another num_classes would make timm drop the pretrained head for a random one: refused, not a random teacher
+    assert_one_line_error(invoke("logitstore", "teacher", f"timm:{name}", "--pretrained", "--arch-kwargs",
+                                 '{"num_classes": 10}'), "classify 1000 classes", "random weights", "drop num_classes")
+    assert len(describe_teacher(f"timm:{name}", pretrained=True, arch_kwargs={"num_classes": 1000}).classes) == 1000
 
 
 def test_timm_with_classes_file_and_the_teacher_command(tmp_path):

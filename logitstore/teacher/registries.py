@@ -62,6 +62,12 @@ def load_timm(name: str, weights: str | None, pretrained: bool, arch_kwargs: dic
     if pretrained:
         path = _timm_cached_file(timm, name)
         kwargs = check_arch_kwargs(arch_kwargs, "--arch-kwargs")
+        head = getattr(timm.models.get_pretrained_cfg(name), "num_classes", None)
+        if "num_classes" in kwargs and head is not None and kwargs["num_classes"] != head:
+            # timm would drop the pretrained classifier and start a random one: a teacher that knows nothing
+            raise TeacherError(f"timm:{name} --pretrained: its weights classify {head} classes, and num_classes="
+                               f"{kwargs['num_classes']} would replace that head with random weights; drop num_classes "
+                               "from --arch-kwargs, or pass --weights FILE with a trained head of that size")
         # timm reads the file itself (safetensors, or torch.load(weights_only=True)) to apply its own key
         # mapping; the overlay points it at the cached file we hashed, so it never looks at the network.
         overlay = {"file": str(path), "source": ""}
