@@ -212,6 +212,21 @@ def test_every_teacher_form_gives_the_same_logits(tmp_path, corpus, teacher_ckpt
     assert np.isfinite(st[:].logits.astype(np.float32)).all()
 
 
+def test_a_new_size_scales_the_teachers_resize_and_a_resize_below_the_crop_is_refused(tmp_path, corpus):
+    from logitstore.teacher.load import describe_teacher
+
+    r18 = str(_torchvision_state(tmp_path))
+    kw = dict(weights=r18, arch_kwargs={"num_classes": 10})
+    assert describe_teacher("torchvision:resnet18", **kw).preprocess.resize == 256  # ImageNet's 256 for 224
+    for size, resize in (((64, 64), 73), ((32, 32), 36), ((224, 224), 256), ((320, 240), 365)):
+        pre = describe_teacher("torchvision:resnet18", **kw, overrides={"size": size}).preprocess
+        assert (pre.size, pre.resize) == (size, resize)
+    assert describe_teacher("torchvision:resnet18", **kw, overrides={"size": (32, 32), "resize": 40}).preprocess.resize == 40
+    r = invoke("logitstore", "teacher", "torchvision:resnet18", "--weights", r18, "--arch-kwargs", '{"num_classes": 10}',
+               "--size", "32,32", "--resize", "10")
+    assert_one_line_error(r, "--resize 10 is smaller than the 32x32 crop", "pass --resize 32 or more")
+
+
 class _FailsOnBigBatches(torch.nn.Module):
     def __init__(self, net: torch.nn.Module):
         super().__init__()

@@ -157,7 +157,10 @@ def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preproces
     base: dict[str, Any] = dict(teacher.preprocess or {})
     if not base and teacher.info.arch.startswith("torchvision:"):
         base = dict(IMAGENET_PREPROCESS)
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "size" in given and "resize" not in given and base.get("size") and base.get("resize"):
+        base["resize"] = _scaled_resize(base["resize"], base["size"], given["size"])
+    base.update(given)
     if "size" not in base:
         why = f" (cannot take over {teacher.note})" if teacher.note else ""
         raise TeacherError(f"{teacher.info.file}: no preprocessing recorded with this teacher{why}; "
@@ -166,9 +169,23 @@ def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preproces
     if "mean" not in base and "std" not in base:
         base["mean"], base["std"] = [0.0] * (3 if mode == "RGB" else 1), [1.0] * (3 if mode == "RGB" else 1)
     try:
-        return Preprocess.from_dict(base)
+        pre = Preprocess.from_dict(base)
     except FormatError as exc:
         raise TeacherError(f"{teacher.info.file}: its preprocessing is refused: {exc}") from None
+    if "resize" in given or "size" in given:
+        short = min(pre.resize) if isinstance(pre.resize, tuple) else pre.resize
+        if short is not None and short < max(pre.size):
+            raise TeacherError(f"--resize {pre.resize} is smaller than the {pre.size[0]}x{pre.size[1]} crop: the crop "
+                               f"would pad the image with zeros; pass --resize {max(pre.size)} or more")
+    return pre
+
+
+def _scaled_resize(resize: Any, old: Sequence[int], new: Sequence[int]) -> Any:
+    """The teacher's resize for a new --size, in the same proportion to the crop as it was (timm's crop_pct,
+    torchvision's 256 for 224): a 224 teacher's 256 becomes 292 at 256, and 36 at 32."""
+    if isinstance(resize, int):
+        return resize * max(new) // max(old)
+    return [r * n // o for r, n, o in zip(resize, new, old)]
 
 
 FIXED_BATCH = ("it was exported or traced for one batch size; export it with a dynamic batch dimension "
