@@ -794,15 +794,39 @@ def _batches(location: str, columns: list[str], so: dict[str, Any], skip: int = 
 
 def _table_ids(location: str, unit: str, image_column: str, id_column: str | None,
                so: dict[str, Any]) -> Iterator[str]:
+    """The ids of a table's rows: UNIT/ROW, or UNIT/VALUE of --id-column, which must name every row once (ids are
+    unique in a store): a null, an empty value or a value given twice is refused, naming it."""
     row = 0
+    hashes = bytearray()  # 8 bytes a row, not the ids themselves, to find a value given twice
     for batch in _batches(location, [id_column or image_column] if id_column else [image_column], so):
-        if id_column:
-            for v in batch.column(0).to_pylist():
-                yield f"{unit}/{v}"
-        else:
+        if not id_column:
             for _ in range(batch.num_rows):
                 yield f"{unit}/{row}"
                 row += 1
+            continue
+        for v in batch.column(0).to_pylist():
+            if v is None or str(v) == "":
+                raise CorpusError(f"{location}: row {row} has {'no' if v is None else 'an empty'} value in --id-column "
+                                  f"{id_column!r}; every row needs an id of its own, or drop --id-column to number "
+                                  "the rows")
+            hashes += hashlib.blake2b(str(v).encode("utf-8", "surrogateescape"), digest_size=8).digest()
+            yield f"{unit}/{v}"
+            row += 1
+    h = np.frombuffer(bytes(hashes), np.uint64)
+    if len(np.unique(h)) < len(h):
+        _name_repeated_id(location, id_column or "", so)
+
+
+def _name_repeated_id(location: str, id_column: str, so: dict[str, Any]) -> None:
+    """Raise naming the first value of `id_column` that names a second row (exact: the hashes only said one may)."""
+    seen: set[str] = set()
+    for batch in _batches(location, [id_column], so):
+        for v in map(str, batch.column(0).to_pylist()):
+            if v in seen:
+                raise CorpusError(f"{location}: the value {v[:80]!r} of --id-column {id_column!r} names more than "
+                                  "one row; ids must be unique (pick a unique column, or drop --id-column to number "
+                                  "the rows)")
+            seen.add(v)
 
 
 def _image_bytes(value: Any) -> bytes | BaseException:

@@ -154,6 +154,26 @@ def test_a_bad_source_is_one_line(layouts, teacher_ckpt, tmp_path):
     assert proc.returncode == 2 and "--max-failure-share" in proc.stderr
 
 
+def test_an_id_column_must_name_every_row_once(layouts, images, teacher_ckpt, tmp_path):
+    """Store ids are unique: --id-column values repeated (a label column), null or empty are refused in one line
+    naming the value or row, before any store is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cells = [{"bytes": images[k], "path": f"{k}.png"} for k in range(4)]
+    pq.write_table(pa.table({"image": cells, "name": ["a", "b", None, "d"], "empty": ["a", "", "c", "d"],
+                             "label": [3, 1, 3, 0]}), tmp_path / "odd.parquet")
+    cases = ((str(tmp_path / "odd.parquet"), "label", "the value '3' of --id-column 'label' names more than one row"),
+             (str(tmp_path / "odd.parquet"), "name", "row 2 has no value in --id-column 'name'"),
+             (str(tmp_path / "odd.parquet"), "empty", "row 1 has an empty value in --id-column 'empty'"))
+    for i, (source, column, words) in enumerate(cases):
+        out = tmp_path / f"x{i}.zarr"
+        proc = invoke("logitstore", "dump", "--teacher", str(teacher_ckpt), "--images", source, "--image-column",
+                      "image", "--id-column", column, "--out", str(out), "--num-workers", "0", "--quiet")
+        assert_one_line_error(proc, words, "drop --id-column")
+        assert not out.exists()
+
+
 def _broken_shard(path: Path, images: list[bytes], good: int, bad: int) -> None:
     import webdataset as wds
 
