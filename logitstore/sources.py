@@ -56,6 +56,7 @@ LISTED_KEEP_BYTES = DEFAULT_CACHE_BYTES
 # A shard on local disk (or a kept copy) is indexed when listed, so the dump reads its headers once: the
 # (key, offset, size) of each sample is kept while a process's indexes stay under this many bytes.
 LISTED_INDEX_BYTES = 256 << 20
+_UNREADABLE = "\0unreadable"  # in a SourceReader's shard index (no member name holds NUL): why it ends early
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 
 
@@ -1119,6 +1120,9 @@ class SourceReader:
                 while len(self._index) > 64:
                     self._index.popitem(last=False)
         if key not in index:
+            if _UNREADABLE in index:
+                raise OSError(f"{unit} cannot be read through to {key} ({index[_UNREADABLE]}): the shard is truncated "
+                              "or damaged; restore it")
             raise FileNotFoundError(f"{unit} holds no {key}")
         where = index[key]
         if self.kind == KIND_WEBDATASET:
@@ -1160,11 +1164,14 @@ class SourceReader:
         """Key -> (offset, size) of each sample's image member; or -> row of a table."""
         index: dict[str, Any] = {}
         if self.kind == KIND_WEBDATASET:
-            with tarfile.open(local, "r:") as tf:
-                for m in tf:
-                    match = _KEY.match(m.name) if m.isfile() else None
-                    if match and ("." + match.group(2).lower().rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS:
-                        index.setdefault(match.group(1), (m.offset_data, m.size))
+            try:
+                with tarfile.open(local, "r:") as tf:
+                    for m in tf:
+                        match = _KEY.match(m.name) if m.isfile() else None
+                        if match and ("." + match.group(2).lower().rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS:
+                            index.setdefault(match.group(1), (m.offset_data, m.size))
+            except (tarfile.TarError, EOFError) as exc:  # truncated or damaged: the samples before it still read
+                index[_UNREADABLE] = f"{type(exc).__name__}: {exc}"
             return index
         id_column = self.record.get("id_column")
         if id_column:

@@ -174,6 +174,24 @@ def test_an_id_column_must_name_every_row_once(layouts, images, teacher_ckpt, tm
         assert not out.exists()
 
 
+def test_a_truncated_shard_reads_up_to_the_damage_then_says_so(layouts, images, tmp_path):
+    """Readers of a stored corpus (show, card, verify --images, fit): the samples before a shard's damage read
+    as before, a sample past it is an OSError naming the shard and the tar error, not tarfile's traceback."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(layouts["shards"], shards)
+    with open(shards / "00001.tar", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    reader = open_reader(str(shards), {"kind": "webdataset"})
+    assert reader.read("00001.tar/000000040") == images[40]
+    with pytest.raises(OSError, match=r"00001\.tar cannot be read through to 000000079 \(ReadError: .*\): the shard "
+                                      r"is truncated or damaged; restore it"):
+        reader.read("00001.tar/000000079")
+    with pytest.raises(FileNotFoundError, match="holds no 000000079"):  # an intact shard without that key
+        reader.read("00002.tar/000000079")
+
+
 def _broken_shard(path: Path, images: list[bytes], good: int, bad: int) -> None:
     import webdataset as wds
 
