@@ -366,10 +366,10 @@ def verify(store: str, images: str | None, allow_incomplete: bool, sample: float
     what = f"{rep.rows:,} rows in {rep.chunks} chunks" + (
         f", {rep.chunks_checked} chunks checked (sample {rep.sample:g}, seed {rep.seed})" if rep.sample is not None
         else "") + (
-        f", {rep.images_checked:,} images matched their digests" if images else "")
+        f", {rep.images_matched:,} of {rep.images_checked:,} images read matched their digests" if images else "")
     if not rep.ok:
-        click.echo(f"logitstore: error: {store} FAILED verification ({len(rep.problems)} problems; {what})",
-                   err=True)
+        count = f"the first {len(rep.problems)} problems" if rep.stopped else f"{len(rep.problems)} problems"
+        click.echo(f"logitstore: error: {store} FAILED verification ({count}; {what})", err=True)
         sys.exit(1)
     click.echo(f"OK: {store}: {what}")
 

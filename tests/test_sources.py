@@ -287,9 +287,9 @@ def test_show_and_verify_read_pixels_from_shards_and_object_storage(s3, layouts,
     store = tmp_path / "s.zarr"
     logitstore.dump(str(teacher_ckpt), str(layouts["shards"]), str(store), num_workers=0)
     ok = run_cli("logitstore", "verify", str(store), "--images", "s3://caches/show")
-    assert f"{N:,} images matched their digests" in ok.stdout
+    assert f"{N:,} of {N:,} images read matched their digests" in ok.stdout
     ok = run_cli("logitstore", "verify", str(store), "--images", str(layouts["shards"]) + "/{00000..00002}.tar")
-    assert f"{N:,} images matched their digests" in ok.stdout
+    assert f"{N:,} of {N:,} images read matched their digests" in ok.stdout
     # Moved elsewhere with one shard replaced: verify names the rows whose bytes differ.
     client.upload_file(str(layouts["shards"] / "00002.tar"), "caches", "moved/00000.tar")
     for name in ("00001.tar", "00002.tar"):

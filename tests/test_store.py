@@ -56,7 +56,7 @@ def test_a_flipped_byte_fails_the_read_and_verify(tmp_path, store_path):
 
 def test_verify_checks_images_against_digests(tmp_path, store_path, corpus):
     r = run_cli("logitstore", "verify", str(store_path), "--images", str(corpus))
-    assert "120 images matched their digests" in r.stdout
+    assert "120 of 120 images read matched their digests" in r.stdout
     images = tmp_path / "imgs"
     import shutil
 
@@ -65,6 +65,15 @@ def test_verify_checks_images_against_digests(tmp_path, store_path, corpus):
     victim.write_bytes(victim.read_bytes() + b"\0")
     r = run_cli("logitstore", "verify", str(store_path), "--images", str(images), check=False)
     assert r.returncode == 1 and victim.name in r.stderr and "differ from the digest" in r.stderr
+    assert "119 of 120 images read matched their digests" in r.stderr  # the changed one read, but did not match
+    # Many problems: the first max_problems are listed, and the report says it stopped there
+    for p in sorted(images.rglob("*.png"))[:30]:
+        p.unlink()
+    from logitstore.tools.inspect_store import verify
+
+    rep = verify(logitstore.open_store(store_path), str(images), max_problems=8)
+    assert len(rep.problems) == 8 and rep.stopped and not rep.ok
+    assert rep.notes == ["stopped after 8 problems: the chunks after them were not checked"]
 
 
 def test_info_reports_counts_sizes_and_predictions(store_path):

@@ -130,7 +130,9 @@ class VerifyReport:
     location: str
     rows: int = 0
     chunks: int = 0
-    images_checked: int = 0
+    images_checked: int = 0          # images read and compared with their digests (--images)
+    images_matched: int = 0          # of those, the images whose bytes have the stored digest
+    stopped: bool = False            # max_problems reached: the rest of the store was not checked
     chunks_checked: int = 0          # chunks read (all of them unless `sample`)
     sample: float | None = None      # the fraction of chunks asked for (--sample), None: every chunk
     seed: int | None = None          # the sample's seed
@@ -186,6 +188,14 @@ def verify(store: LogitStore, images: str | None = None, max_problems: int = 50,
     return rep
 
 
+def _stop(rep: VerifyReport, max_problems: int) -> None:
+    """The first `max_problems` problems are listed (a window of chunks may find more at once), and the report
+    says the rest of the store was not checked."""
+    del rep.problems[max_problems:]
+    rep.stopped = True
+    rep.notes.append(f"stopped after {max_problems} problems: the chunks after them were not checked")
+
+
 @contextmanager
 def _image_checker(store: LogitStore, images: str | None, storage_options: dict[str, Any] | None) -> Iterator[Any]:
     """A function checking a chunk's images against their digests (None without `images`); the corpus
@@ -205,6 +215,8 @@ def _image_checker(store: LogitStore, images: str | None, storage_options: dict[
             rep.images_checked += 1
             if sha256_bytes(data) != digest.tobytes():
                 rep.problems.append(f"{path}: its bytes differ from the digest stored when it was dumped")
+            else:
+                rep.images_matched += 1
     with reader:
         yield check
 
@@ -289,7 +301,7 @@ def _verify_records(store: LogitStore, rep: VerifyReport, chosen: list[int], ful
                 for name, data in stream.items():
                     teachers[name].update(data)
             if len(rep.problems) >= max_problems:
-                rep.problems.append(f"stopped after {max_problems} problems")
+                _stop(rep, max_problems)
                 return
     if full and not rep.problems:
         if m.complete and "sha256:" + corpus.hexdigest() != m.fingerprints.get("corpus"):
@@ -326,7 +338,7 @@ def _verify_by_reading(store: LogitStore, rep: VerifyReport, chosen: list[int], 
         if check_images is not None:
             check_images(rows.ids, rows.digests, rep)
         if len(rep.problems) >= max_problems:
-            rep.problems.append(f"stopped after {max_problems} problems")
+            _stop(rep, max_problems)
             break
     if full and store.meta.complete and not rep.problems:
         got = hasher.result()
