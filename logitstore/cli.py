@@ -56,7 +56,8 @@ def _dump_number(name: str) -> click.ParamType:
     return number(DUMP_LIMITS[name])
 
 
-@click.group(cls=one_line_errors("logitstore", (LogitStoreError,), {DumpInterrupted: 130}))
+@click.group(cls=one_line_errors("logitstore", (LogitStoreError,), {DumpInterrupted: 130}, on_interrupt=(
+    "interrupted; a store being written is left incomplete and the same command finishes it")))
 @click.version_option(package_name="logitstore")
 def main() -> None:
     """Run a teacher once over an image corpus and keep its raw logits in a Zarr v3 store."""

@@ -40,5 +40,7 @@ class FailureWatch:
 
     def stop(self, what: str) -> None:
         left = self.left() if self.left is not None else "the store is left incomplete"
+        # Raising the share cannot help when every image failed: that is the corpus or the flags
+        fix = "" if self.failed == self.seen else ", or raise --max-failure-share"
         raise CorpusError(f"{self.images}: {what} (first: {'; '.join(self.reasons)}); {left}. "
-                          "Check --images (and --image-column), or raise --max-failure-share")
+                          f"Check --images (and --image-column){fix}")

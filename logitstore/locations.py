@@ -117,7 +117,8 @@ def open_group(location: str | os.PathLike, mode: str = "r",
         raise StoreStateError(f"{loc}: no store there; check the path (create one with `logitstore dump`)") from None
     except (ValueError, TypeError, KeyError) as exc:
         if mode == "r":
-            raise FormatError(f"{loc}: not a readable Zarr v3 store ({' '.join(str(exc).split())[:200]})") from None
+            raise FormatError(f"{loc}: not a readable Zarr v3 store: its root metadata ('zarr.json') does not parse "
+                              f"({' '.join(str(exc).split())[:160]}); restore the store from its source") from None
         raise
 
 

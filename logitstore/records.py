@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -234,8 +235,29 @@ class Statistics:
                    dict(d.get("failures_by_reason") or {}), list(d.get("teacher_agreement") or []))
 
 
+# What a reason names rather than what kind it is: a quoted path or key, a bare path, a number.
+_SPECIFIC = re.compile(r"'[^']*'|\"[^\"]*\"|(?<![\w.])/[^\s:;,()]+|[^\s:;,()]+\.(?:jpe?g|png|bmp|webp|gif|tiff?)\b"
+                       r"|(?<![\w.-])\d+\b", re.IGNORECASE)
+MAX_REASONS = 50  # kinds of failure counted apart; the rest under OTHER_REASONS
+
+
+def reason_kind(reason: str) -> str:
+    """A failure's reason less what it names ("sample 000000005 has no image member" and "No such file or
+    directory: '/data/a.png'" count as one kind each), so a corpus with many failures has few reasons."""
+    return _SPECIFIC.sub("…", str(reason))
+
+
+OTHER_REASONS = "other reasons"
+
+
 def failures_by_reason(failures: Sequence[Sequence[str]]) -> dict[str, int]:
-    return dict(sorted(Counter(str(f[1]) for f in failures).items()))
+    """{kind of reason: count} (docs/FORMAT.md, statistics): the MAX_REASONS commonest kinds, the rest summed."""
+    counts = Counter(reason_kind(f[1]) for f in failures).most_common()
+    kept = dict(counts[:MAX_REASONS])
+    rest = sum(n for _, n in counts[MAX_REASONS:])
+    if rest:
+        kept[OTHER_REASONS] = kept.get(OTHER_REASONS, 0) + rest
+    return dict(sorted(kept.items()))
 
 
 # -- what info reports from them -------------------------------------------------------------------

@@ -245,8 +245,9 @@ class Preprocess:
                               f"(resize 1..{MAX_RESIZE}, one side or [h, w]) pixels (docs/FORMAT.md, R3)")
         for name, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, self.channels):
-                raise FormatError(f"preprocess {name} has {len(vals)} values; mode {self.mode} "
-                                  f"needs 1 or {self.channels}")
+                need = "1 value" if self.channels == 1 else f"1 or {self.channels} values"
+                raise FormatError(f"preprocess {name} has {len(vals)} values; mode {self.mode} needs {need} "
+                                  "(pass --mean and --std for the mode, or the teacher's --mode)")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or any(s < 1e-6 for s in self.std):
             raise FormatError(f"preprocess mean {list(self.mean)} / std {list(self.std)} must be finite, "
                               "with every std >= 1e-6 (docs/FORMAT.md, R3)")

@@ -1253,4 +1253,8 @@ def images_root(images: str | os.PathLike) -> str:
         text = text[:text.index("{")].rsplit("/", 1)[0]
     elif text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
         text = text.rsplit("/", 1)[0]
+    elif not is_url(text) and Path(text).expanduser().is_file():  # the listing file the dump was given
+        listed = _url_listing(Path(text).expanduser(), {}) if "://" in _first_line(Path(text).expanduser()) \
+            else list_corpus(text)
+        return str(listed.root)
     return text.rstrip("/") if is_url(text) else str(Path(text).expanduser())

@@ -179,8 +179,11 @@ class LogitStore:
     def read_chunk(self, k: int) -> Rows:
         return self.read(*self.chunk_bounds(k))
 
-    def iter_chunks(self) -> Iterator[tuple[int, Rows]]:
-        """(k, rows of chunk k) in chunk order, read several chunks at a time."""
+    def iter_chunks(self, checked: bool = False) -> Iterator[tuple[int, Rows]]:
+        """(k, rows of chunk k) in chunk order, read several chunks at a time. `checked` (a 1.4 store): each chunk
+        against its records, and the records against fingerprints.contents, as verify does, so that a store
+        derived from these rows (merge, select) is never made from rows that fail verify."""
+        records = self._checked_records() if checked and self.meta.has_records else None
         per_read = max(1, min(CHUNKS_PER_READ, ITER_READ_BYTES // max(1, row_nbytes(self.arrays) * self.chunk_rows)))
         for k0 in range(0, self.n_chunks, per_read):
             k1 = min(self.n_chunks, k0 + per_read)
@@ -188,7 +191,32 @@ class LogitStore:
             rows = self.read(a, b)
             for k in range(k0, k1):
                 lo, hi = self.chunk_bounds(k)
-                yield k, rows.slice(lo - a, hi - a)
+                part = rows.slice(lo - a, hi - a)
+                if records is not None:
+                    self._check_chunk(k, part, records[k])
+                yield k, part
+
+    def _checked_records(self) -> np.ndarray:
+        from .records import contents_fingerprint, record_names
+
+        records = self.read_array(schema.CHUNK_SHA256, 0, self.n_chunks)
+        if records.shape != (self.n_chunks, len(record_names(self.meta)), 32) or (
+                self.meta.complete and contents_fingerprint(records) != self.meta.fingerprints.get("contents")):
+            raise IntegrityError(f"{self.location}: the chunk records ('{schema.CHUNK_SHA256}') do not give the stored "
+                                 "contents fingerprint: the store was altered after it was written (docs/FORMAT.md, "
+                                 "1.4); restore it from its source")
+        return records
+
+    def _check_chunk(self, k: int, rows: Rows, records: np.ndarray) -> None:
+        from .records import chunk_records, record_names
+
+        names = record_names(self.meta)
+        got = chunk_records(rows, names, max(1, len(rows)))[0]
+        for j in np.nonzero((got != records).any(axis=1))[0][:1]:
+            a, b = self.chunk_bounds(k)
+            raise IntegrityError(f"{self.location}: array '{names[j]}' chunk {k} (rows {a}-{b - 1}) differs from its "
+                                 f"record in '{schema.CHUNK_SHA256}' (the store was altered after it was written, "
+                                 "docs/FORMAT.md 1.4); restore it from its source")
 
     def failures(self) -> list[tuple[str, str]]:
         if self.meta.complete:
@@ -318,8 +346,12 @@ def _never_fill(meta: StoreMeta) -> list[str]:
 
 
 def _check_no_holes(loc: str, group: zarr.Group, meta: StoreMeta, rows: int) -> None:
-    """R5: every chunk of rows [0, rows) of the arrays that always store theirs is present."""
-    for name in _never_fill(meta):
+    """R5: every chunk of rows [0, rows) of the arrays that always store theirs is present, and (1.4) every
+    chunk of the records of those rows' chunks (a missing one read as zeros: every row array 'altered')."""
+    spans = [(name, rows) for name in _never_fill(meta)]
+    if meta.has_records:
+        spans.append((schema.CHUNK_SHA256, -(-rows // meta.chunk_rows)))
+    for name, rows in spans:
         arr = array_of(loc, group, name)
         n_chunks = -(-rows // arr.chunks[0])
         if n_chunks == 0:
@@ -356,8 +388,9 @@ def open_store(location: str | os.PathLike, allow_incomplete: bool = False,
         raise FormatError(f"{loc}: {exc}") from None
     if not meta.complete and not allow_incomplete:
         raise StoreStateError(f"{loc}: the store is incomplete (a dump or copy was interrupted or is still "
-                              "running); finish it by re-running the same command, or pass "
-                              "--allow-incomplete to read the rows written so far (docs/FORMAT.md, R2)")
+                              "running); finish it by re-running the command that writes it (`logitstore info "
+                              "--allow-incomplete` and `verify --allow-incomplete` read the rows written so far; "
+                              "docs/FORMAT.md, R2)")
     _validate_arrays(loc, group, meta)
     if meta.complete:
         rows = array_of(loc, group, next(iter(meta.target_arrays()))).shape[0]

@@ -257,6 +257,35 @@ def test_a_chunk_moved_into_the_ids_is_refused_before_it_is_decoded(tmp_path, st
     assert_one_line_error(fit, "'ids'", "chunk 1", f"holds {held} strings")
 
 
+def test_derived_stores_are_made_only_of_rows_that_pass_verify(tmp_path, store):
+    """A logits chunk rewritten through zarr (valid CRC32C, finite values) fails verify by its 1.4 record:
+    select and merge refuse to copy it, naming the chunk; a missing records chunk is a hole every reader refuses."""
+    import shutil
+
+    import zarr
+
+    bad = tmp_path / "altered.zarr"
+    shutil.copytree(store, bad)
+    logits = zarr.open_array(str(bad / "logits"), mode="r+")
+    row = logits[40]
+    row[0, 3] += 1
+    logits[40] = row
+    words = ("'logits' chunk 1 (rows 32-63) differs from its record", "restore it from its source")
+    assert invoke("logitstore", "verify", str(bad)).returncode == 1
+    assert_one_line_error(invoke("logitstore", "select", str(bad), "-o", str(tmp_path / "s.zarr"), "--limit", "100"),
+                          *words)
+    assert_one_line_error(invoke("logitstore", "merge", str(store), str(bad), "-o", str(tmp_path / "m.zarr"),
+                                 "--prefix", "a,b"), *words)
+    ok = invoke("logitstore", "select", str(store), "-o", str(tmp_path / "ok.zarr"), "--limit", "100")
+    assert ok.returncode == 0 and invoke("logitstore", "verify", str(tmp_path / "ok.zarr")).returncode == 0
+    holed = tmp_path / "holed.zarr"
+    shutil.copytree(store, holed)
+    (holed / "chunk_sha256" / "c" / "0" / "0" / "0").unlink()
+    for cmd in (["verify", str(holed)], ["copy", str(holed), str(tmp_path / "c.zarr")],
+                ["merge", str(holed), str(store), "-o", str(tmp_path / "m2.zarr"), "--prefix", "a,b"]):
+        assert_one_line_error(invoke("logitstore", *cmd), "'chunk_sha256' chunk 0", "is missing")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real file system that fills up: a tmpfs of 96 KiB (root can mount one; CI runs as root)."""

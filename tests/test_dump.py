@@ -173,6 +173,9 @@ def test_listing_file_gives_ids_relative_to_common_root(tmp_path, corpus, teache
     store = logitstore.open_store(tmp_path / "l.zarr")
     assert list(store[:].ids) == [p.relative_to(corpus).as_posix() for p in files]  # listing order kept
     assert store.meta.corpus.root == str(corpus)
+    # the same listing finds the images again (verify, show and fit take its common root)
+    r = invoke("logitstore", "verify", str(tmp_path / "l.zarr"), "--images", str(listing))
+    assert r.returncode == 0 and "7 of 7 images read matched their digests" in r.stdout, r.stderr
 
 
 def _torchvision_state(tmp_path: Path) -> Path:

@@ -265,3 +265,19 @@ def test_a_1_3_golden_store_still_opens_infos_and_verifies():
     assert verify(st).ok and verify(st, sample=0.5).chunks_checked >= 1
     r = invoke("logitstore", "verify", str(golden), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+
+
+def test_failures_are_counted_by_kind_of_reason():
+    """statistics.failures_by_reason stays small on a dirty corpus: what a reason names (a key, a path, a
+    number) is not its kind, and kinds past the 50 commonest are counted together."""
+    from logitstore.records import failures_by_reason
+
+    failures = [(f"s/{i:09d}", f"CorpusError: sample {i:09d} has no image member (.jpg, .png)") for i in range(300)]
+    failures += [(f"d/{i}.png", f"FileNotFoundError: [Errno 2] No such file or directory: '/data/d/{i}.png'")
+                 for i in range(200)]
+    failures += [(f"k{i}", f"Kind{i}Error: odd") for i in range(60)]
+    got = failures_by_reason(failures)
+    assert got["CorpusError: sample … has no image member (.jpg, .png)"] == 300
+    assert got["FileNotFoundError: [Errno …] No such file or directory: …"] == 200
+    assert len(got) == 51 and got["other reasons"] == 12 and sum(got.values()) == 560
+

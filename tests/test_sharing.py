@@ -96,6 +96,9 @@ def test_a_corrupted_chunk_is_caught_by_copy_verify_and_readers(tmp_path, store)
     flip_byte(chunk, 5, 0xFF)
     with pytest.raises(IntegrityError, match="logits/c/2/0/0"):
         copy_store(str(bad), str(tmp_path / "copy.zarr"))
+    with pytest.raises(IntegrityError, match="logits/c/2/0/0"):
+        copy_store(str(bad), str(tmp_path / "packed.zip"))
+    assert not (tmp_path / "packed.zip").exists() and not (tmp_path / "packed.zip.partial").exists()
     r = run_cli("logitstore", "verify", str(bad), check=False)
     assert r.returncode == 1 and "'logits' chunk(s) 2 (rows " in r.stderr and "'logits/c/2/0/0'" in r.stderr
     with pytest.raises(IntegrityError, match="chunk"):

@@ -388,3 +388,16 @@ def test_preprocess_1_3_is_strict_and_the_1_2_record_reads_as_before(photos):
     for p in sorted(photos.iterdir()):
         img = decode_image(p.read_bytes(), "RGB")
         assert torch.equal(apply_view(img, None, old, "eval"), apply_view(img, None, new, "eval"))
+
+
+def test_a_wrong_head_width_or_a_bare_hf_folder_says_the_fix(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+    err = assert_one_line_error(invoke("logitstore", "teacher", "torchvision:resnet18", "--weights",
+                                       str(tmp_path / "r18.pth")), "size mismatch for fc.weight")
+    assert err.endswith("""for a classifier of 10 classes pass --arch-kwargs '{"num_classes": 10}'"""), err
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text("{}")
+    assert_one_line_error(invoke("logitstore", "teacher", str(tmp_path / "vit")), f"pass --teacher hf:{tmp_path / 'vit'}")
+

@@ -705,6 +705,10 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
         raise ConfigError(f"--alpha: {cfg.stores[0]} stores mixed views (mixup/cutmix), whose inputs are two images "
                           "each, so one image's label does not fit them; distil from the teacher alone (--alpha 0)")
     if cfg.alpha > 0 and data.n_labeled == 0:
+        if cfg.labels_from_folders:
+            raise ConfigError("--alpha needs hard labels, and --labels-from-folders found none: no image id lies in a "
+                              "folder named after one of the store's classes (such as '3/img.png'); pass --labels "
+                              "FILE, or --alpha 0")
         raise ConfigError("--alpha needs hard labels, and none of the store's images has one; pass --labels FILE "
                           "or --labels-from-folders (or --alpha 0)")
     rows_per_rank = data.rows_per_rank(ddp.world)

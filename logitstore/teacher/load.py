@@ -52,7 +52,16 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
         first = " ".join(str(exc).split())[:400]
-        raise TeacherError(f"{where}: the weights do not fit the architecture ({first})") from None
+        raise TeacherError(f"{where}: the weights do not fit the architecture ({first}){head_hint(first)}") from None
+
+
+def head_hint(message: str) -> str:
+    """A state dict whose classifier has another width than the architecture's default: how to build that width."""
+    import re
+
+    m = re.search(r"size mismatch for [\w.]*(?:fc|head|classifier)[\w.]*\.weight: copying a param with shape "
+                  r"torch\.Size\(\[(\d+), ", message)
+    return f"; for a classifier of {m.group(1)} classes pass --arch-kwargs '{{\"num_classes\": {m.group(1)}}}'" if m else ""
 
 
 def load_teacher(teacher: str, weights: str | None = None, arch_kwargs: dict[str, Any] | None = None,
@@ -73,6 +82,9 @@ def load_teacher(teacher: str, weights: str | None = None, arch_kwargs: dict[str
         raise TeacherError(f"--pretrained applies to timm:NAME and torchvision:NAME teachers, not {teacher}")
     if weights is not None or (not path.exists() and ":" in teacher):
         return load_factory(teacher, weights, arch_kwargs)
+    if path.is_dir() and (path / "config.json").is_file():
+        raise TeacherError(f"{teacher}: a folder; for a Hugging Face save_pretrained directory pass --teacher "
+                           f"hf:{teacher}")
     if not path.is_file():
         raise TeacherError(f"{teacher}: no such teacher file; pass a checkpoint, TorchScript or .pt2 "
                            "file, or 'torchvision:NAME --weights FILE'")

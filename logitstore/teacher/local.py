@@ -96,7 +96,12 @@ class WhileListing:
         self.store: StoreWriter | None = None
         self.waiting: list[Rows] = []
         self.waiting_bytes = 0
-        self.progress: Any = SimpleNamespace(rows=0, failures=[])  # what `DumpJob.run` reads before the store
+        self._before = SimpleNamespace(rows=0, failures=[])  # what `DumpJob.run` reads before the store
+
+    @property
+    def progress(self) -> Any:
+        """The store's progress once it exists (its writer replaces the object at each commit)."""
+        return self._before if self.store is None else self.store.progress
 
     def follow(self, bar: Any, task: Any) -> None:
         """Give the progress bar's task its total once the listing has ended."""
@@ -120,7 +125,6 @@ class WhileListing:
             self.job.settle_listing()
             self.store = open_writer(self.cfg.out, self.job.meta, overwrite=self.cfg.overwrite,
                                      storage_options=self.cfg.storage_options, protected=self.protected)
-            self.progress = self.store.progress
             if self.bar is not None:
                 self.bar.update(self.task, total=self.job.corpus.n_listed)
             waiting, self.waiting = self.waiting, []

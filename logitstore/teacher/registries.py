@@ -25,7 +25,7 @@ from ..arch import HF, call_factory, check_arch_kwargs
 from ..checkpoint import load_weights_only
 from ..errors import ArchitectureError, TeacherError, UntrustedCodeError
 from ..schema import INTERPOLATIONS, MAX_CLASSES, TeacherInfo
-from .load import Teacher, file_sha256, load_factory
+from .load import Teacher, file_sha256, head_hint, load_factory
 
 EXTRA = {"timm": "pip install 'logitstore[timm]'", "transformers": "pip install 'logitstore[hf]'",
          "safetensors": "pip install 'logitstore[timm]' (or [hf])"}
@@ -197,7 +197,7 @@ def load_torchvision(name: str, weights: str | None, pretrained: bool,
             model = torchvision.models.get_model(name, weights=member, **kwargs)
     except RuntimeError as exc:  # load_state_dict's mismatch
         first = " ".join(str(exc).split())[:400]
-        raise TeacherError(f"{path}: the weights do not fit {arch} ({first})") from None
+        raise TeacherError(f"{path}: the weights do not fit {arch} ({first}){head_hint(first)}") from None
     except (TypeError, ValueError) as exc:
         raise ArchitectureError(f"{arch} cannot be built with {kwargs} for {member.name}: "
                                 f"{' '.join(str(exc).split())[:200]}") from None
@@ -353,7 +353,7 @@ def hf_preprocess(transformers: Any, d: Path, config: Any) -> tuple[dict[str, An
     """The directory's image processor in views.py's terms: a fixed-size or shorter-side resize, the floor
     centre crop transformers uses, and its rescale and normalisation folded into mean and std (0-1 scale)."""
     if not (d / "preprocessor_config.json").is_file():
-        return None, "the directory has no preprocessor_config.json"
+        return None, "its preprocessing: the directory has no preprocessor_config.json"
     try:
         proc = transformers.AutoImageProcessor.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:

@@ -95,7 +95,9 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
                             "are row offsets, which dropping rows would break; merge without --dedupe")
     kinds = {str(s.meta.corpus.source) for s in stores}  # 1.4 row sources: ids are found the same way in all
     if len(kinds) > 1:
-        raise MismatchError(f"cannot merge stores of different kinds of corpus ({', '.join(sorted(kinds))}); "
+        named = sorted({"a folder or listing" if s.meta.corpus.source is None else
+                        f"{s.meta.corpus.source.get('kind')} ({s.location})" for s in stores})
+        raise MismatchError(f"cannot merge stores of different kinds of corpus ({', '.join(named)}); "
                             "merge stores dumped from the same kind (folders, shards, tables, URLs)")
     roots = [os.path.dirname(s.meta.corpus.root.rstrip("/")) for s in stores]
     sibling = all(r == roots[0] for r in roots) and names == [PurePosixPath(s.meta.corpus.root).name for s in stores]
@@ -109,7 +111,7 @@ def merge(sources: Sequence[str], out: str, *, prefixes: Sequence[str] | None = 
         written = 0
         for prefix, store in zip(names, stores):
             failures = [(0, f"{prefix}/{i}", r) for i, r in store.failures()]
-            for _, rows in store.iter_chunks():
+            for _, rows in store.iter_chunks(checked=True):  # a derived store is made of rows that pass verify
                 keep = np.ones(len(rows), dtype=bool)
                 if dedupe:
                     for j, d in enumerate(rows.digests):
@@ -198,7 +200,7 @@ def select(source: str, out: str, *, min_confidence: float | None = None, max_en
 
     def batches() -> Iterator[Rows]:
         written = 0
-        for k, rows in store.iter_chunks():  # pass 2: copy the chosen rows, chunk by chunk
+        for k, rows in store.iter_chunks(checked=True):  # pass 2: copy the chosen rows (checked), chunk by chunk
             a, b = store.chunk_bounds(k)
             sel = keep[a:b]
             if sel.any():

@@ -293,11 +293,17 @@ def _write_zip(sstore: Any, keys: list[str], root: bytes, dst: str, src: str, ov
     if os.path.exists(tmp):
         os.remove(tmp)
     zstore = sync(ZipStore.open(tmp, mode="w", compression=zipfile.ZIP_STORED))
+    refused = False
     try:
         _copy_keys(sstore, zstore, keys, src, report, on_key)  # entries in arrival order; readers look them up
         set_bytes(zstore, ROOT_KEY, root)
+    except (IntegrityError, FormatError):  # the source was refused (a chunk fails its checksum): nothing to keep
+        refused = True
+        raise
     finally:
         zstore.close()
+        if refused:
+            os.remove(tmp)
     report.copied += 1
     report.bytes_copied += len(root)
     if on_key:
