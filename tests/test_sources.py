@@ -192,6 +192,28 @@ def test_a_truncated_shard_reads_up_to_the_damage_then_says_so(layouts, images, 
         reader.read("00002.tar/000000079")
 
 
+def test_ctrl_c_on_a_fresh_shard_dump_says_what_was_saved(layouts, teacher_ckpt, tmp_path):
+    """The message of an interrupted dump whose store was created once its shards were listed counts the rows the
+    store keeps (it said 0: the store's progress was read from the object it had when the store was created)."""
+    import re
+
+    from logitstore.errors import DumpInterrupted
+
+    out = tmp_path / "i.zarr"
+    batches = []
+
+    def on_batch(n):
+        batches.append(n)
+        if len(batches) == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(DumpInterrupted) as exc:
+        logitstore.dump(str(teacher_ckpt), str(layouts["shards"]), str(out), num_workers=0, batch_size=8,
+                        chunk_rows=8, on_batch=on_batch)
+    kept = len(open_store(str(out), allow_incomplete=True))
+    assert kept >= 8 and re.search(rf"\b{kept} images? (are|is) saved", str(exc.value)), (kept, str(exc.value))
+
+
 def _broken_shard(path: Path, images: list[bytes], good: int, bad: int) -> None:
     import webdataset as wds
 
