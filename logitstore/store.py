@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np

@@ -16,9 +16,7 @@ objects: the plan, each process's outcome, and the barriers between phases.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 

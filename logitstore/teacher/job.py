@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 from collections import Counter
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -57,8 +57,6 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
 
 def head_hint(message: str) -> str:
     """A state dict whose classifier has another width than the architecture's default: how to build that width."""
-    import re
-
     m = re.search(r"size mismatch for [\w.]*(?:fc|head|classifier)[\w.]*\.weight: copying a param with shape "
                   r"torch\.Size\(\[(\d+), ", message)
     return f"; for a classifier of {m.group(1)} classes pass --arch-kwargs '{{\"num_classes\": {m.group(1)}}}'" if m else ""
@@ -184,9 +182,11 @@ def resolve_preprocess(teacher: Teacher, overrides: dict[str, Any]) -> Preproces
         pre = Preprocess.from_dict(base)
     except FormatError as exc:
         raise TeacherError(f"{teacher.info.file}: its preprocessing is refused: {exc}") from None
-    if "resize" in given or "size" in given:
-        short = min(pre.resize) if isinstance(pre.resize, tuple) else pre.resize
-        if short is not None and short < max(pre.size):
+    if ("resize" in given or "size" in given) and pre.resize is not None:
+        # an (h, w) resize fits crops up to h x w; a shorter side of R, crops up to R x R whatever the aspect
+        fits = (all(r >= s for r, s in zip(pre.resize, pre.size)) if isinstance(pre.resize, tuple)
+                else pre.resize >= max(pre.size))
+        if not fits:
             raise TeacherError(f"--resize {pre.resize} is smaller than the {pre.size[0]}x{pre.size[1]} crop: the crop "
                                f"would pad the image with zeros; pass --resize {max(pre.size)} or more")
     return pre

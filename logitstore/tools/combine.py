@@ -11,10 +11,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .. import schema
-from ..errors import LogitStoreError, MismatchError, OptionError
+from ..errors import MismatchError, OptionError
 from ..schema import CorpusInfo, StoreMeta, compatibility_problem
 from ..rows import Rows
-from ..store import LogitStore, open_store
+from ..store import open_store
 from ..writer import already_complete, open_writer
 
 
