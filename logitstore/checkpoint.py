@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -108,11 +109,16 @@ def load_weights_only(path: str | os.PathLike, error: type[Exception] = TeacherE
         raise error(f"{p}: a {kind}, not weights or a checkpoint; pass a torch.save'd state dict or checkpoint "
                     "here, such as trainer fit writes (only `logitstore dump --teacher` runs a program)")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise error(f"{p}: refused to unpickle it (it holds Python objects such as a whole nn.Module, and "
-                    f"loading it would run arbitrary code); {SAVE_HINT}") from None
+        with warnings.catch_warnings():  # torch warns before refusing (a pickle protocol, a TorchScript archive)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # a pickle naming classes or functions: the safe loader refuses them
+            raise error(f"{p}: refused to unpickle it (it holds Python objects such as a whole nn.Module, and "
+                        f"loading it would run arbitrary code); {SAVE_HINT}") from None
+        raise error(f"{p}: not a PyTorch checkpoint (not torch.save's format: another file, or a plain pickle); "
+                    "pass a torch.save'd state dict or checkpoint") from None
     except Exception as exc:  # torch raises many kinds on truncated or foreign files
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise error(f"{p}: not a readable PyTorch checkpoint ({first}); pass a torch.save'd state-dict "
-                    "checkpoint, a TorchScript file or a .pt2 program") from None
+        raise error(f"{p}: not a readable PyTorch checkpoint ({first}); pass a torch.save'd state dict or "
+                    "checkpoint") from None

@@ -95,7 +95,7 @@ def test_eval_folder_with_other_class_names_is_one_line(world: World, tmp_path: 
         (folder / cls).mkdir(parents=True)
         shutil.copy(next(world.labeled.glob("0/*.png")), folder / cls / "a.png")
     assert_one_line_error(run("fit", "--store", world.store, "--eval", folder, "--out", tmp_path / "r"),
-                          "['cat']", "not classes of the store")
+                          "['cat']", "not among the classes the student learns")
     ckpt = tmp_path / "r2"
     assert run("fit", "--store", world.store, "--out", ckpt, "--epochs", "1", "--num-workers", "0",
                "--quiet").exit_code == 0
@@ -109,6 +109,23 @@ def test_eval_of_a_teacher_program_is_one_line_saying_what_it_takes(world: World
     for f, kind in (("t.ts", "a TorchScript program"), ("t.pt2", "a torch.export program")):
         assert_one_line_error(run("eval", "--checkpoint", tmp_path / f, "--images", world.labeled), kind,
                               "not weights or a checkpoint", "such as trainer fit writes")
+    # a text file and a plain pickle are no checkpoint at all (not "Python objects refused"), without torch's warning
+    import pickle
+
+    (tmp_path / "notes.txt").write_text("x\n")
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"x": 1}, protocol=4))
+    for f in ("notes.txt", "plain.pt"):
+        assert_one_line_error(run("eval", "--checkpoint", tmp_path / f, "--images", world.labeled),
+                              "not a PyTorch checkpoint", "pass a torch.save'd state dict or checkpoint")
+
+
+def test_contradictory_fit_flags_are_one_line(world: World, tmp_path: Path):
+    assert_one_line_error(run("fit", "--store", world.store, "--out", tmp_path / "r", "--resume", "--overwrite"),
+                          "--resume continues the run", "pass one")
+    assert_one_line_error(run("fit", "--store", world.store, "--out", tmp_path / "r", "--labels-from-folders",
+                              "--labels", tmp_path / "labels.json", "--alpha", "0.5"),
+                          "--labels FILE and --labels-from-folders: pass one")
+    assert not (tmp_path / "r").exists()
 
 
 def test_changed_image_is_one_line_naming_it_unless_skipped(world: World, tmp_path: Path):

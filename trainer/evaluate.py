@@ -58,7 +58,8 @@ def labeled_folder(root: str | os.PathLike, classes: Sequence[str]) -> LabeledFo
     unknown = [d.name for d in subdirs if d.name not in index]
     if unknown:
         raise ClassMismatchError(f"{root}: sub-folder(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are "
-                                 f"not classes of the store; its classes are {shown}")
+                                 f"not among the classes the student learns (the store's, or the checkpoint's): "
+                                 f"{shown}")
     paths, labels = [], []
     for d in subdirs:
         for dirpath, dirnames, filenames in os.walk(d, followlinks=True):

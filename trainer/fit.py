@@ -151,6 +151,11 @@ class FitConfig:
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} is longer than --epochs {self.epochs}: the "
                               "learning rate would never reach --lr")
+        if self.labels is not None and self.labels_from_folders:
+            raise ConfigError("--labels FILE and --labels-from-folders: pass one (the file's labels would hide the "
+                              "folders'); put every label in the file, or use the folders alone")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts it again: pass one")
         if self.teacher_weights is not None:
             problem = teacher_weights_problem(self.teacher_weights)
             if problem:
@@ -783,7 +788,8 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
     workers = default_workers(ddp.local_world) if cfg.num_workers is None else cfg.num_workers
     batches = make_batches(data, spec, budget, workers, cfg.skip_mismatched, pin_memory=dev.type == "cuda")
     cache = batches.source.cache
-    worker_choice, eval_workers = f"{workers} (--num-workers)", workers  # a labeled folder is decoded every time
+    worker_choice, eval_workers = (f"{workers} ({'--num-workers' if cfg.num_workers is not None else 'default'})",
+                                   workers)  # a labeled folder is decoded every time
     if cfg.num_workers is None and start_epoch < cfg.epochs:
         choice = _measure_workers(workers, batches, data, model, spec, dev, cfg, precision, ddp, start_epoch)
         workers, batches.num_workers = choice.workers, choice.workers
