@@ -403,7 +403,8 @@ def copy(src: str, dst: str, overwrite: bool, src_option: tuple[str, ...], dst_o
 @storage_option_flag
 @json_flag
 def pack(store: str, out: str, overwrite: bool, storage_option: tuple[str, ...], as_json: bool) -> None:
-    """Write a store into one zip file (read directly, without unpacking, by every command)."""
+    """Write a store into one local zip file (read directly, without unpacking, by every command);
+    --storage-option is for a STORE at a URL."""
     if not out.endswith(".zip"):
         raise click.BadParameter(f"{out!r} must end in .zip", param_hint="OUT")
     _transfer(store, out, overwrite, list(storage_option), [], as_json)

@@ -36,8 +36,31 @@ def one_line_errors(prog: str, user_errors: tuple[type[BaseException], ...],
                     raise
                 click.echo(f"{prog}: {on_interrupt}", err=True)
                 ctx.exit(130)
+            except Exception as exc:
+                line = storage_failure(exc)
+                if line is None:
+                    raise  # a bug: its traceback
+                click.echo(f"{prog}: error: {line}", err=True)
+                ctx.exit(1)
 
     return OneLineErrors
+
+
+# Object-storage clients' own exceptions (credentials, endpoints, buckets): the environment, not a bug
+_STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "fsspec", "aiohttp", "google.auth")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line for a failure of the storage or the network under a command (no credentials, an unreachable
+    endpoint, a missing bucket, a full or read-only disk), None for anything else."""
+    remote = (type(exc).__module__ or "").split(".")[0] in {m.split(".")[0] for m in _STORAGE_MODULES}
+    if not (remote or isinstance(exc, OSError)):
+        return None
+    what = " ".join(str(exc).split())[:240] or type(exc).__name__
+    fix = ("the URL, the credentials (AWS_* variables, or --storage-option key=... and secret=...) and "
+           "--storage-option endpoint_url" if remote or "bucket" in what.lower() else
+           "the path, its permissions and the free space")
+    return f"storage failed ({type(exc).__name__}: {what}); check {fix}, then run the same command again"
 
 
 class Number(click.ParamType):

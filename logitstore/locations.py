@@ -239,6 +239,10 @@ def check_store_destination(location: str, storage_options: dict[str, Any] | Non
     """ABSENT, EMPTY or OURS for a store a command wants to write; refuses anything else in one line
     (docs/FORMAT.md, W1): a tool writes or replaces only a store of its own."""
     if is_url(location):
+        for p in protected:
+            if p is not None and _url_overlaps(location, os.fspath(p)):
+                raise DestinationError(f"{flag} {location!r} overlaps {os.fspath(p)!r}, which this command reads; "
+                                       "write the store under another prefix")
         store = open_raw_store(location, "w", storage_options)
         if is_logitstore_root(root_attrs(get_bytes(store, ROOT_KEY))):
             return OURS
@@ -250,6 +254,14 @@ def check_store_destination(location: str, storage_options: dict[str, Any] | Non
         raise DestinationError(f"{flag} {location}: a zip store is written once with `logitstore pack`")
     return check_local_destination(location, is_ours=_local_store_is_ours, what="logitstore store",
                                    protected=protected, flag=flag)
+
+
+def _url_overlaps(a: str, b: str) -> bool:
+    """Whether two URLs name the same prefix or one lies inside the other (s3://b/x and s3://b/x/y, not s3://b/xy)."""
+    if not is_url(b):
+        return False
+    x, y = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return x.startswith(y) or y.startswith(x)
 
 
 def get_bytes(store: Store, key: str) -> bytes | None:

@@ -15,7 +15,7 @@ from logitstore.tools.combine import MismatchError, merge, select
 from logitstore.errors import IntegrityError, StoreStateError
 from logitstore.tools.transfer import copy_store
 
-from conftest import flip_byte, run_cli, save_teacher
+from conftest import assert_one_line_error, flip_byte, invoke, run_cli, save_teacher
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,21 @@ def test_dump_writes_straight_to_object_storage(tmp_path, corpus, teacher_ckpt, 
     logitstore.dump(str(teacher_ckpt), str(corpus), str(local), num_workers=0, chunk_rows=64)
     a, b = logitstore.open_store(url), logitstore.open_store(local)
     assert a.meta.fingerprints == b.meta.fingerprints and len(a) == 120
+
+
+def test_object_storage_outputs_never_overlap_inputs_and_its_failures_are_one_line(tmp_path, store, s3):
+    """W1 on object storage as on disk: an output at or inside a prefix the command reads is refused (a copy into
+    its own source nested its objects, and every later copy carried them); a missing bucket is one line."""
+    url = "s3://caches/overlap/s.zarr"
+    assert invoke("logitstore", "copy", str(store), url).returncode == 0
+    for cmd in (["copy", url, url + "/inner.zarr"], ["copy", url, url + "/"],
+                ["select", url, "-o", url + "/sel.zarr", "--limit", "5"]):
+        assert_one_line_error(invoke("logitstore", *cmd), "overlaps", "which this command reads")
+    assert invoke("logitstore", "copy", url, url + "2").returncode == 0  # a name that only starts alike
+    assert_one_line_error(invoke("logitstore", "copy", str(store), "s3://caches/p.zarr.zip"), "a local .zip file")
+    r = invoke("logitstore", "info", "s3://caches/overlap/s.zarr", "--storage-option", "endpoint_url=http://127.0.0.1:9",
+               "--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}}')  # nothing listens on port 9
+    assert_one_line_error(r, "storage failed (EndpointConnectionError", "endpoint_url", code=1)
 
 
 def test_interrupted_copy_resumes_and_never_looks_complete(tmp_path, store):

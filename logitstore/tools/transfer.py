@@ -76,6 +76,9 @@ def copy_store(src: str, dst: str, *, src_options: dict[str, Any] | None = None,
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
+    if is_url(dst) and dst.rstrip("/").endswith(".zip"):  # a zip is one local file, written front to back
+        raise DestinationError(f"{dst}: a packed store is a local .zip file; pack it here and upload the file, or "
+                               "copy the store itself to a URL without .zip")
     source = open_store(src, storage_options=src_options)  # validates: complete, known format
     contents = source.meta.fingerprints["contents"]
     sstore = open_raw_store(src, "r", src_options)
