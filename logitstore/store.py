@@ -126,7 +126,8 @@ class LogitStore:
                                      "docs/FORMAT.md, R6): restore the store from its source")
             return values
         rows = arr.chunks[0]
-        where = ", ".join(f"{k} (rows {k * rows}-{(k + 1) * rows - 1}, '{key}')" for k, key in bad[:5])
+        last = max(len(self), b) - 1  # the store's last row: a chunk past it holds only padding
+        where = ", ".join(f"{k} (rows {k * rows}-{min((k + 1) * rows - 1, last)}, '{key}')" for k, key in bad[:5])
         raise IntegrityError(f"{self.location}: array '{name}' chunk(s) {where} fail their CRC32C checksum "
                              "(corrupted bytes, docs/FORMAT.md R6); restore the store from its source or re-run "
                              "the dump")

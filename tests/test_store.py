@@ -52,6 +52,10 @@ def test_a_flipped_byte_fails_the_read_and_verify(tmp_path, store_path):
         st.read_chunk(1)
     r = run_cli("logitstore", "verify", str(bad), check=False)
     assert r.returncode == 1 and "chunk(s) 1 (" in r.stderr and "FAILED" in r.stderr
+    last = bad / "logits" / "c" / "3" / "0" / "0"  # the last chunk: 24 of its 32 rows are the store's
+    flip_byte(last, len(last.read_bytes()) // 2, 0x01)
+    with pytest.raises(IntegrityError, match=r"chunk\(s\) 3 \(rows 96-119, 'logits/c/3/0/0'\)"):
+        st.read(96, 120)
 
 
 def test_verify_checks_images_against_digests(tmp_path, store_path, corpus):
@@ -83,6 +87,9 @@ def test_info_reports_counts_sizes_and_predictions(store_path):
     assert d["top_classes"][0]["count"] == max(d["class_histogram"].values())
     assert 0.1 <= d["confidence"]["mean"] <= 1.0 and 0 <= d["entropy_nats"]["mean"] <= np.log(10) + 1e-9
     assert d["bytes_on_disk"] > 0 and d["logits_compression_ratio"] > 0
+    # every key of the store, as dump counts them: the metadata, records and failure arrays too
+    assert d["bytes_on_disk"] == sum(p.stat().st_size for p in store_path.rglob("*") if p.is_file()
+                                     and not p.name.startswith("."))
     assert d["teacher"]["arch"] == "nets:tiny_cnn" and d["preprocess"]["size"] == [28, 28]
     text = run_cli("logitstore", "info", str(store_path)).stdout
     assert "most predicted" in text and "complete" in text

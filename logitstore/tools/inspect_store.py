@@ -18,7 +18,7 @@ from ..errors import IntegrityError, OptionError
 from ..fingerprint import RowHasher
 from ..records import predictions  # noqa: F401  (re-exported: where it was)
 from ..records import array_bytes, bin_of, coarse, contents_fingerprint, failures_by_reason, percentile, record_names
-from ..locations import stored_bytes, stray_keys
+from ..locations import ROOT_KEY, get_bytes, stored_bytes, stray_keys
 from ..schema import StoreMeta
 from ..store import LogitStore
 
@@ -26,6 +26,19 @@ from ..store import LogitStore
 def store_bytes(store: LogitStore) -> dict[str, int]:
     """Stored (compressed) bytes per row array, from the store itself: local, zip or object storage."""
     return {name: stored_bytes(store.group.store, name) for name in store.arrays}
+
+
+def other_bytes(store: LogitStore) -> int:
+    """What the row arrays' sizes leave out, in a few keys however many rows: the root metadata, the chunk
+    records, the failure arrays and added teachers' arrays (`dump` counts every file; so does this now)."""
+    st = store.group.store
+    total = len(get_bytes(st, ROOT_KEY) or b"")  # a key, not a prefix: getsize_prefix finds nothing under it
+    for prefix in (schema.CHUNK_SHA256, *schema.FAILURE_ARRAYS, schema.TEACHERS):
+        try:
+            total += stored_bytes(st, prefix)
+        except (OSError, ValueError, KeyError):  # not in this store
+            continue
+    return total
 
 
 def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
@@ -48,6 +61,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
     raw_logits = len(store) * m.views.count * m.num_classes * np.dtype(m.dtype).itemsize
     stored_logits = sum(sizes.get(name, 0) for name in m.target_arrays())  # sparse: against full logits
     n = max(1, len(store))
+    on_disk = sum(sizes.values()) + other_bytes(store)
     hist = summary["top1"]
     return {
         "location": store.location, "format_version": m.format_version, "complete": m.complete,
@@ -59,7 +73,7 @@ def info(store: LogitStore, top: int = 10) -> dict[str, Any]:
         "teachers": [{"name": "primary", "arch": m.teacher.arch, "fingerprint": m.fingerprints.get("teacher")}]
         + [{"name": t.name, "arch": t.teacher.arch, "logits_sha256": t.fingerprint} for t in m.extra_teachers],
         "embedded_pixels": m.embedded_pixels, "targets": m.targets.to_dict(),
-        "bytes_on_disk": sum(sizes.values()), "bytes_per_image": sum(sizes.values()) / n if sizes else None,
+        "bytes_on_disk": on_disk, "bytes_per_image": on_disk / n if sizes else None,
         "logits_raw_bytes": raw_logits,
         "logits_compression_ratio": raw_logits / stored_logits if stored_logits else None,
         "confidence": summary["confidence"],
