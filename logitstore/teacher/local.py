@@ -9,7 +9,7 @@ from ..cli_common import progress_bar
 from ..device import Torchrun, torchrun_env
 from ..errors import DumpInterrupted, LogitStoreError, OptionError
 from ..destination import ABSENT, EMPTY
-from ..locations import check_store_destination, stored_bytes
+from ..locations import check_store_destination, open_group, stored_bytes
 from ..rows import Rows
 from ..writer import StoreWriter, already_complete, open_writer
 from . import distributed
@@ -38,7 +38,8 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
         return _dump_while_listing(job, cfg, protected)
     done = None if cfg.overwrite else already_complete(cfg.out, job.meta, so, protected)
     if done is not None:  # the same command after the store completed: nothing to do
-        return make_summary(job, cfg.out, done, done.corpus.n_images, 0.0, 0, [], nothing_to_do=True)
+        return make_summary(job, cfg.out, done, done.corpus.n_images, 0.0,
+                            stored_bytes(open_group(cfg.out, "r", so).store), [], nothing_to_do=True)
     if ctx is not None:
         return distributed.dump_distributed(job, cfg.out, ctx, overwrite=cfg.overwrite, storage_options=so,
                                             segment_rows=cfg.segment_rows, progress=cfg.progress,

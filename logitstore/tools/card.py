@@ -199,7 +199,7 @@ def _render(d: dict[str, Any], plots: list[tuple[str, str, str]], sheet: str | N
         ("architecture", t.get("arch")), ("source", t.get("source")), ("file", t.get("file")),
         ("weights sha256", t.get("sha256")), ("arch kwargs", json.dumps(t.get("arch_kwargs"), sort_keys=True)),
         ("precision the teacher ran in", d["precision"]), ("logits stored as", d["dtype"]),
-        ("targets", json.dumps(d["targets"], sort_keys=True)),
+        ("targets", "full logits" if d["targets"].get("kind") == "logits" else json.dumps(d["targets"], sort_keys=True)),
         ("preprocessing", json.dumps(d["preprocess"], sort_keys=True)),
         ("views", json.dumps(d["views"], sort_keys=True)),
         *[(f"fingerprint: {k}", v) for k, v in d["fingerprints"].items()],
