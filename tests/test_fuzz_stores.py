@@ -125,14 +125,15 @@ def _outcomes(store: Path, tmp: Path, fit: bool) -> dict[str, tuple[int, str]]:
 
 
 def _normalised(outcomes: dict[str, tuple[int, str]], store: Path, good: Path) -> dict:
-    """What a reader said, less where the store is and its provenance (`created`, `versions`: outside
-    the metadata checksum, shown as they are)."""
+    """What a reader said, less where the store is, its provenance (`created`, `versions`: outside the
+    metadata checksum, shown as they are) and its size on disk (the root metadata's own bytes count)."""
     out = {}
     for k, (c, o) in outcomes.items():
         o = o.replace(str(store), str(good))
         if k == "info" and c == 0:
             d = json.loads(o)
-            o = json.dumps({key: v for key, v in d.items() if key not in ("created", "versions")})
+            o = json.dumps({key: v for key, v in d.items()
+                            if key not in ("created", "versions", "bytes_on_disk", "bytes_per_image")})
         out[k] = (c, o)
     return out
 
