@@ -101,15 +101,17 @@ def encode_chunk(values: np.ndarray, level: int) -> bytes:
     return with_crc32c(numcodecs.Zstd(level=level, checksum=False).encode(raw)).tobytes()
 
 
-def read_strings(arr: zarr.Array, a: int, b: int, requests: int = 16) -> np.ndarray | None:
+def read_strings(arr: zarr.Array, a: int, b: int, requests: int = 16) -> np.ndarray:
     """Rows [a, b) of a 1-D string array, as zarr reads them (its dtype; a missing chunk is its fill value),
     with every chunk's vlen-utf8 item count checked against the chunk's rows before it is decoded. ValueError
-    names a chunk that fails its CRC32C or holds another count. None where this module does not know the codec
-    chain (the caller reads through zarr). Chunks are fetched `requests` at once (an object store)."""
+    names a chunk that fails its CRC32C or holds another count. An array with a codec chain this module does
+    not know is read through zarr. Chunks are fetched `requests` at once (an object store)."""
     from numcodecs import VLenUTF8, Zstd
 
+    from .locations import crc32c_ok
+
     if arr.ndim != 1 or zstd_level(arr) is None or not isinstance(arr.metadata.codecs[0], VLenUTF8Codec):
-        return None
+        return arr[a:b]
     b = min(b, arr.shape[0])
     if b <= a:
         return np.array([], dtype=arr.dtype)
@@ -122,7 +124,7 @@ def read_strings(arr: zarr.Array, a: int, b: int, requests: int = 16) -> np.ndar
             parts.append(np.full(rows, arr.fill_value, dtype=object))
             continue
         data = blob.to_bytes()
-        if len(data) < 4 or _crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+        if not crc32c_ok(data):
             raise ValueError(f"chunk {k} ('{chunk_key(arr, k)}') fails its CRC32C checksum")
         packed = zstd.decode(data[:-4])
         held = int.from_bytes(bytes(packed[:4]), "little") if len(packed) >= 4 else -1

@@ -239,6 +239,7 @@ class Statistics:
 _SPECIFIC = re.compile(r"'[^']*'|\"[^\"]*\"|(?<![\w.])/[^\s:;,()]+|[^\s:;,()]+\.(?:jpe?g|png|bmp|webp|gif|tiff?)\b"
                        r"|(?<![\w.-])\d+\b", re.IGNORECASE)
 MAX_REASONS = 50  # kinds of failure counted apart; the rest under OTHER_REASONS
+OTHER_REASONS = "other reasons"
 
 
 def reason_kind(reason: str) -> str:
@@ -246,8 +247,6 @@ def reason_kind(reason: str) -> str:
     directory: '/data/a.png'" count as one kind each), so a corpus with many failures has few reasons."""
     return _SPECIFIC.sub("…", str(reason))
 
-
-OTHER_REASONS = "other reasons"
 
 
 def failures_by_reason(failures: Sequence[Sequence[str]]) -> dict[str, int]:
@@ -308,7 +307,6 @@ def corpus_hash_of(group: Any, n: int) -> "hashlib._Hash":
     ids, digests = group[schema.IDS], group[schema.DIGESTS]
     for a in range(0, n, step):
         b = min(n, a + step)
-        got = read_strings(ids, a, b)
         h.update(b"".join(str(i).encode("utf-8") + b"\0" + d.tobytes()
-                          for i, d in zip(ids[a:b] if got is None else got, digests[a:b])))
+                          for i, d in zip(read_strings(ids, a, b), digests[a:b])))
     return h

@@ -966,16 +966,22 @@ def _listing_lines(path: Path) -> Iterator[str]:
 
 def _url_listing(path: Path, so: dict[str, Any]) -> Source:
     """One URL a line, streamed twice (root, then ids); nothing kept per image."""
+    root = _url_listing_root(path)
+    sha = _Sha()
+    for url in _listing_lines(path):
+        sha.add(_rel(root, url))
+    return Source(KIND_URLS, root, str(path.resolve()), [""], [sha.n], sha.h.hexdigest(), storage_options=so)
+
+
+def _url_listing_root(path: Path) -> str:
+    """The common folder of a listing's URLs: what its ids are relative to."""
     root: str | None = None
     for url in _listing_lines(path):
         if not is_url(url):
             raise CorpusError(f"{path}: mixes URLs and local paths (line {url!r}); list one kind")
         folder = url.rsplit("/", 1)[0]
         root = folder if root is None else _common_url([root, folder])
-    sha = _Sha()
-    for url in _listing_lines(path):
-        sha.add(_rel(root, url))
-    return Source(KIND_URLS, root, str(path.resolve()), [""], [sha.n], sha.h.hexdigest(), storage_options=so)
+    return root or ""
 
 
 # -- reading rows back by id ----------------------------------------------------------------------
@@ -1254,7 +1260,6 @@ def images_root(images: str | os.PathLike) -> str:
     elif text.lower().endswith(SHARD_EXTENSIONS + TABLE_EXTENSIONS):
         text = text.rsplit("/", 1)[0]
     elif not is_url(text) and Path(text).expanduser().is_file():  # the listing file the dump was given
-        listed = _url_listing(Path(text).expanduser(), {}) if "://" in _first_line(Path(text).expanduser()) \
-            else list_corpus(text)
-        return str(listed.root)
+        listing = Path(text).expanduser()
+        return _url_listing_root(listing) if "://" in _first_line(listing) else str(list_corpus(listing).root)
     return text.rstrip("/") if is_url(text) else str(Path(text).expanduser())

@@ -100,9 +100,7 @@ class LogitStore:
 
     def _read_array(self, name: str, arr: zarr.Array, a: int, b: int) -> np.ndarray:
         try:
-            values = read_strings(arr, a, b) if arr.dtype.kind not in "biuf" else None  # ids: counts checked first
-            if values is None:
-                values = arr[a:b]
+            values = arr[a:b] if arr.dtype.kind in "biuf" else read_strings(arr, a, b)  # ids: counts checked first
         except OSError:
             raise  # the storage failed (a network, a disk): not the store's bytes
         except Exception as exc:

@@ -57,6 +57,19 @@ def invoke(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([tool, *args], r.exit_code, r.stdout, r.stderr)
 
 
+def ctrl_c_at_call(n: int):
+    """A progress callback (on_batch, on_key) that raises KeyboardInterrupt at its n-th call: Ctrl-C at a known
+    point of a dump or copy run in this process."""
+    calls = 0
+
+    def callback(_: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise KeyboardInterrupt
+    return callback
+
+
 def interruptible() -> None:
     """preexec_fn of a child that a test stops with Ctrl-C: SIGINT back to its default, so the child's Python
     raises KeyboardInterrupt even when this test run was started in the background (a shell without job

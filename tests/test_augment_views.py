@@ -19,7 +19,7 @@ from trainer.batches import make_batches
 from trainer.inputs import make_input_spec
 from trainer.storeset import open_stores
 
-from conftest import assert_one_line_error, invoke, load_module, run_cli, save_teacher, write_pngs
+from conftest import assert_one_line_error, ctrl_c_at_call, invoke, load_module, run_cli, save_teacher, write_pngs
 
 N_IMAGES, VIEWS = 30, 3
 # Mix groups of 8 and dump batches of 7: groups straddle batches, and the last group is short.
@@ -111,13 +111,7 @@ def test_params_do_not_depend_on_batch_size_workers_or_resumption(setup, tmp_pat
     logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(other), **{**kw, "batch_size": 4, "num_workers": 2})
 
     resumed = tmp_path / "resumed.zarr"
-    calls = []
-
-    def stop(_n: int) -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
+    stop = ctrl_c_at_call(3)
     with pytest.raises(LogitStoreError):
         logitstore.dump(str(setup["teacher"]), str(setup["corpus"]), str(resumed), chunk_rows=4, on_batch=stop, **kw)
     assert 0 < len(logitstore.open_store(resumed, allow_incomplete=True)) < N_IMAGES

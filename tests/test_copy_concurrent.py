@@ -15,7 +15,7 @@ import logitstore
 from logitstore.errors import IntegrityError, StoreStateError
 from logitstore.tools.transfer import copy_store
 
-from conftest import REPO, TESTS, assert_one_line_error, flip_byte, interruptible, invoke, run_cli
+from conftest import REPO, TESTS, assert_one_line_error, ctrl_c_at_call, flip_byte, interruptible, invoke, run_cli
 
 JOBS = 8
 
@@ -43,13 +43,7 @@ def test_progress_counts_every_byte_once(tmp_path, store):
 
 def test_an_interrupted_concurrent_copy_redoes_at_most_the_keys_in_flight(tmp_path, store):
     dst = tmp_path / "dst.zarr"
-    seen = []
-
-    def stop_after_five(n: int) -> None:
-        seen.append(n)
-        if len(seen) == 5:
-            raise KeyboardInterrupt
-
+    stop_after_five = ctrl_c_at_call(5)
     t = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         copy_store(str(store), str(dst), on_key=stop_after_five, jobs=JOBS)

@@ -19,7 +19,7 @@ import logitstore
 from logitstore import schema
 from logitstore.errors import StoreStateError
 
-from conftest import REPO, TESTS, run_cli, save_teacher
+from conftest import REPO, TESTS, ctrl_c_at_call, run_cli, save_teacher
 
 
 def _torchrun(nproc: int, *args: str) -> list[str]:
@@ -145,13 +145,7 @@ def test_a_distributed_dump_is_finished_by_one_process_and_refuses_a_mismatched_
     out = str(tmp_path / "out.zarr")
     kw = dict(views=2, batch_size=8, chunk_rows=16, num_workers=0)
     job = prepare_dump(DumpConfig(str(teacher_ckpt), str(images), out, **kw))
-    batches = []
-
-    def interrupt_in_the_second_segment(n: int) -> None:
-        batches.append(n)
-        if len(batches) == 3:
-            raise KeyboardInterrupt
-
+    interrupt_in_the_second_segment = ctrl_c_at_call(3)
     with pytest.raises(DumpInterrupted):
         dump_distributed(job, out, Torchrun(), segment_rows=16, on_batch=interrupt_in_the_second_segment)
     with pytest.raises(ResumeMismatchError, match="segment-rows 16"):

@@ -15,7 +15,7 @@ from logitstore.tools.combine import MismatchError, merge, select
 from logitstore.errors import IntegrityError, StoreStateError
 from logitstore.tools.transfer import copy_store
 
-from conftest import assert_one_line_error, flip_byte, invoke, run_cli, save_teacher
+from conftest import assert_one_line_error, ctrl_c_at_call, flip_byte, invoke, run_cli, save_teacher
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,7 @@ def test_object_storage_outputs_never_overlap_inputs_and_its_failures_are_one_li
 
 def test_interrupted_copy_resumes_and_never_looks_complete(tmp_path, store):
     dst = tmp_path / "dst.zarr"
-    seen = []
-
-    def stop_after_five(n):
-        seen.append(n)
-        if len(seen) == 5:
-            raise KeyboardInterrupt
-
+    stop_after_five = ctrl_c_at_call(5)
     with pytest.raises(KeyboardInterrupt):
         copy_store(str(store), str(dst), on_key=stop_after_five, jobs=1)  # many jobs: test_copy_concurrent.py
     with pytest.raises(StoreStateError, match="incomplete"):

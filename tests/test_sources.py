@@ -14,7 +14,7 @@ import logitstore
 from logitstore.sources import open_reader, open_source
 from logitstore.store import open_store
 
-from conftest import assert_one_line_error, invoke, run_cli
+from conftest import assert_one_line_error, ctrl_c_at_call, invoke, run_cli
 
 N = 90
 SHARD_SIZES = (40, 40, 10)
@@ -202,13 +202,7 @@ def test_ctrl_c_on_a_fresh_shard_dump_says_what_was_saved(layouts, teacher_ckpt,
 
     monkeypatch.setattr(local, "WAITING_ROWS_BYTES", 0)  # the store is made at the first batch, not by a race
     out = tmp_path / "i.zarr"
-    batches = []
-
-    def on_batch(n):
-        batches.append(n)
-        if len(batches) == 6:
-            raise KeyboardInterrupt
-
+    on_batch = ctrl_c_at_call(6)
     with pytest.raises(DumpInterrupted) as exc:
         logitstore.dump(str(teacher_ckpt), str(layouts["shards"]), str(out), num_workers=0, batch_size=8,
                         chunk_rows=8, on_batch=on_batch)
