@@ -11,7 +11,7 @@ are counted by name (the read-ahead, zarr's event loop and pool, the block reade
 take beside the student, on a 2-core machine the core it does not use. Shares of samples hold up better than
 wall time on a machine other jobs share; ms per step converts them at the profiled epochs' own seconds per
 step (the training thread is busy for the whole epoch). Minor page faults of the process per step (from
-/proc) show whether the C heap maps and unmaps the step's tensors every step (trainer/allocator.py).
+/proc) show whether the C heap maps and unmaps the step's tensors every step (logitstore/allocator.py).
 `--tree` profiles another checkout of the code (PYTHONPATH and working directory), for before/after.
 """
 from __future__ import annotations

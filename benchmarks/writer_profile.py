@@ -2,6 +2,7 @@
 
     python -m benchmarks.writer_profile [--rows 1000000] [--repeats 2] [--tree DIR] [--pregenerated]
     python -m benchmarks.writer_profile --parts [--repeats 21]
+    python -m benchmarks.writer_profile --floor [--rows 400000] [--repeats 3]
 
 Runs the real writer (`open_writer`, `submit` of 256-row batches, `close(finalize=True)`, synced to disk) on
 benchmarks/scale.py's synthetic rows, and samples every thread's CPU time from /proc/self/task every 50 ms,
@@ -9,6 +10,11 @@ grouped by the thread's name (the writer, records, encode pool, zarr's event loo
 --tree DIR: the library from another checkout (for example `git archive` of the code before a change), in a
 fresh process per run, alternating with this checkout's; --pregenerated: the batches are made before the
 clock starts, so the main thread's share is the writer's own (the synthetic ids cost ~1 ms a chunk).
+--floor: the writer's floor on this machine: only the chunk pool's jobs (`ChunkWriter.start`: each chunk's five
+arrays encoded and written, its records and statistics), on rows made before the clock starts, with nothing
+around them (no queue, no buffering, no commits), in two threads of one process and in two processes of one
+thread each (no GIL between them); wall and CPU ms a chunk, before the final sync. The whole writer cannot be
+faster than this.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -132,8 +139,28 @@ def main() -> None:
     ap.add_argument("--tree", type=Path, default=None, help="Also run the library of this checkout (before).")
     ap.add_argument("--pregenerated", action="store_true")
     ap.add_argument("--parts", action="store_true", help="Only time each part of one chunk's job, alone.")
+    ap.add_argument("--floor", action="store_true", help="Only the chunk jobs, in 2 threads and in 2 processes.")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
+    if args.floor:
+        floors: dict[str, list[dict]] = {"2 threads": [], "2 processes": []}
+        for rep in range(args.repeats):
+            for how in (list(floors) if rep % 2 == 0 else list(floors)[::-1]):
+                r = run_floor(how, args.rows, os.path.join(args.workdir, f"floor-{rep}-{how[0]}"))
+                floors[how].append(r)
+                print(f"  {rep + 1}/{args.repeats} {how}: wall {r['wall']:.2f} s, CPU {r['cpu']:.2f} s", flush=True)
+        print(f"\nthe chunk jobs alone, {args.rows:,} rows ({floors['2 threads'][0]['chunks']} chunks); medians of "
+              f"{args.repeats}; load average {os.getloadavg()[0]:.1f} after")
+        import shutil
+
+        for rep in range(args.repeats):
+            for how in floors:
+                shutil.rmtree(os.path.join(args.workdir, f"floor-{rep}-{how[0]}"), ignore_errors=True)
+        for how, rs in floors.items():
+            n = rs[0]["chunks"]
+            print(f"  {how:12} wall {1e3 * statistics.median(r['wall'] for r in rs) / n:6.2f} ms a chunk, "
+                  f"CPU {1e3 * statistics.median(r['cpu'] for r in rs) / n:6.2f} ms a chunk")
+        return
     if args.parts:
         print(f"CPU ms per 2048 x 1000 float16 chunk, each part alone (process_time, median of {args.repeats}); "
               f"load average {os.getloadavg()[0]:.1f}")
@@ -169,6 +196,76 @@ def main() -> None:
                                                         for label, _ in sides))
     for label, _ in sides:
         print(f"{label}: wall s {[round(r['wall'], 2) for r in runs[label]]}, CPU s {[round(r['cpu'], 2) for r in runs[label]]}")
+
+
+def run_floor(how: str, rows: int, workdir: str) -> dict:
+    code = ("import json, sys; from benchmarks.writer_profile import floor_run; "
+            "print(json.dumps(floor_run(sys.argv[1], int(sys.argv[2]), sys.argv[3])))")
+    r = subprocess.run([sys.executable, "-c", code, how, str(rows), workdir], capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def floor_run(how: str, rows: int, workdir: str) -> dict:
+    """The chunk pool's jobs for `rows` rows (whole chunks), as `StoreWriter` starts them, and nothing else. The
+    store stays (the caller deletes it after every run: see benchmarks/scale.py on deleting before a write)."""
+    import shutil
+
+    import torch  # noqa: F401  (the statistics' float16 conversion, as in a dump)
+
+    from benchmarks.scale import BATCH, Rows, make_meta
+    from logitstore.chunk_io import ChunkWriter
+    from logitstore.records import STAT_BLOCK_ROWS, Statistics, chunk_records, record_names
+    from logitstore.rows import Rows as StoreRows
+    from logitstore.writer import create_arrays, every_chunk_written, write_rows
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    src = Rows()
+    meta = make_meta(rows, Path(workdir))
+    r = meta.chunk_rows
+    n = rows // r
+    assert r % STAT_BLOCK_ROWS == 0  # the writer's per-chunk statistics (writer._write_rows)
+    group = zarr.open_group(os.path.join(workdir, "floor.zarr"), mode="w")
+    create_arrays(group, meta, n * r)
+    names = record_names(meta)
+    arrays = {name: every_chunk_written(group[name]) for name in names}
+    every = StoreRows.concat([src.batch(a, a + BATCH) for a in range(0, n * r, BATCH)])
+
+    def jobs(k0: int, k1: int, workers: int) -> None:
+        part = every.take(slice(k0 * r, k1 * r))
+
+        def per_chunk(i: int) -> Any:
+            rows_i = part.take(slice(i * r, (i + 1) * r))
+            Statistics(meta.num_classes).add(rows_i, meta)
+            return chunk_records(rows_i, names, r)[0]
+        writer = ChunkWriter(workers)
+        pending = write_rows(arrays, k0 * r, part, writer, per_chunk, r)
+        pending.results()
+        writer.shutdown()
+
+    cpu, t0 = time.process_time(), time.perf_counter()
+    if how == "2 threads":
+        jobs(0, n, 2)
+        cpu = time.process_time() - cpu
+    else:
+        rfd, wfd = os.pipe()
+        children = []
+        for k0, k1 in ((0, n // 2), (n // 2, n)):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                c = time.process_time()
+                jobs(k0, k1, 1)
+                os.write(wfd, f"{time.process_time() - c:.6f}\n".encode())
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+        cpu = sum(float(x) for x in os.read(rfd, 4096).split())
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "cpu": cpu, "chunks": n}
 
 
 def parts(repeats: int, workdir: str) -> list[tuple[str, float]]:

@@ -12,14 +12,15 @@ so a reader (the trainer) never loads teacher code.
 from .errors import (ArchitectureError, CorpusError, DestinationError, DumpInterrupted, FormatError, IntegrityError,
                      LogitRangeError, LogitStoreError, MismatchError, OptionError, ResumeMismatchError,
                      StoreStateError, TeacherError, UntrustedCodeError)
-from .rows import Rows
-from .schema import FORMAT_VERSION, Preprocess, StoreMeta, ViewSpec
-from .store import LogitStore, open_store
 
 __version__ = "0.1.0"
 
-# name -> module that defines it, imported on first use
+# name -> module that defines it, imported on first use: `import logitstore` loads neither NumPy nor zarr
+# nor torch, so the command line's entry (logitstore/entry.py) starts before they load and can turn a
+# Ctrl-C during their import into one line.
 _LAZY = {
+    "Rows": "rows", "FORMAT_VERSION": "schema", "Preprocess": "schema", "StoreMeta": "schema", "ViewSpec": "schema",
+    "LogitStore": "store", "open_store": "store",
     "dump": "teacher.local", "run_dump": "teacher.local", "DumpConfig": "teacher.job", "DumpSummary": "teacher.job",
     "add_teacher": "teacher.add", "AddTeacherSummary": "teacher.add",
     "describe_teacher": "teacher.load", "TeacherSummary": "teacher.load",
@@ -29,8 +30,7 @@ _LAZY = {
     "contact_sheet": "tools.show", "SheetSummary": "tools.show",
 }
 
-__all__ = sorted([*_LAZY, "open_store", "LogitStore", "Rows", "StoreMeta", "Preprocess", "ViewSpec", "FORMAT_VERSION",
-                  "LogitStoreError", "FormatError", "StoreStateError", "ResumeMismatchError", "TeacherError",
+__all__ = sorted([*_LAZY, "LogitStoreError", "FormatError", "StoreStateError", "ResumeMismatchError", "TeacherError",
                   "CorpusError", "LogitRangeError", "IntegrityError", "ArchitectureError", "UntrustedCodeError",
                   "DestinationError", "OptionError", "MismatchError", "DumpInterrupted"])
 
@@ -40,4 +40,12 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if not name.startswith("_"):  # a submodule not imported yet (logitstore.schema, ...)
+        import importlib
+
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'logitstore' has no attribute {name!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Callable
 
 import click
@@ -11,6 +12,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from rich.text import Text
 
 from .limits import Limit
+
+
+# Set (to anything) to see the traceback behind a one-line error: a storage failure may also be a bug's OSError.
+TRACEBACK_VARIABLE = "LOGITSTORE_TRACEBACK"
 
 
 def one_line_errors(prog: str, user_errors: tuple[type[BaseException], ...],
@@ -29,6 +34,8 @@ def one_line_errors(prog: str, user_errors: tuple[type[BaseException], ...],
                            err=True)
                 ctx.exit(2)
             except user_errors as exc:
+                if os.environ.get(TRACEBACK_VARIABLE):
+                    raise
                 click.echo(f"{prog}: error: {' '.join(str(exc).split())}", err=True)
                 ctx.exit(next((c for t, c in (exit_codes or {}).items() if isinstance(exc, t)), 2))
             except KeyboardInterrupt:
@@ -38,8 +45,8 @@ def one_line_errors(prog: str, user_errors: tuple[type[BaseException], ...],
                 ctx.exit(130)
             except Exception as exc:
                 line = storage_failure(exc)
-                if line is None:
-                    raise  # a bug: its traceback
+                if line is None or os.environ.get(TRACEBACK_VARIABLE):
+                    raise  # a bug (or a failure whose place the user asked to see): its traceback
                 click.echo(f"{prog}: error: {line}", err=True)
                 ctx.exit(1)
 
@@ -60,7 +67,8 @@ def storage_failure(exc: BaseException) -> str | None:
     fix = ("the URL, the credentials (AWS_* variables, or --storage-option key=... and secret=...) and "
            "--storage-option endpoint_url" if remote or "bucket" in what.lower() else
            "the path, its permissions and the free space")
-    return f"storage failed ({type(exc).__name__}: {what}); check {fix}, then run the same command again"
+    return (f"storage failed ({type(exc).__name__}: {what}); check {fix}, then run the same command again "
+            f"({TRACEBACK_VARIABLE}=1 shows where it failed)")
 
 
 class Number(click.ParamType):

@@ -25,7 +25,7 @@ from conftest import World
 # round's 20 MiB then come from the heap top and go back to the system when freed: ~5,000 faults a round.
 FAULTS = """
 import ctypes, resource, sys, torch
-from trainer.allocator import keep_freed_memory
+from logitstore.allocator import keep_freed_memory
 libc = ctypes.CDLL(None)
 libc.mallopt(-3, 2 << 20), libc.mallopt(-1, 4 << 20)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 applied = keep_freed_memory() if sys.argv[1] == "fixed" else None

@@ -54,7 +54,7 @@ def test_dump_writes_straight_to_object_storage(tmp_path, corpus, teacher_ckpt, 
     assert a.meta.fingerprints == b.meta.fingerprints and len(a) == 120
 
 
-def test_object_storage_outputs_never_overlap_inputs_and_its_failures_are_one_line(tmp_path, store, s3):
+def test_object_storage_outputs_never_overlap_inputs_and_its_failures_are_one_line(tmp_path, store, s3, monkeypatch):
     """W1 on object storage as on disk: an output at or inside a prefix the command reads is refused (a copy into
     its own source nested its objects, and every later copy carried them); a missing bucket is one line."""
     url = "s3://caches/overlap/s.zarr"
@@ -67,6 +67,10 @@ def test_object_storage_outputs_never_overlap_inputs_and_its_failures_are_one_li
     r = invoke("logitstore", "info", "s3://caches/overlap/s.zarr", "--storage-option", "endpoint_url=http://127.0.0.1:9",
                "--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}}')  # nothing listens on port 9
     assert_one_line_error(r, "storage failed (EndpointConnectionError", "endpoint_url", code=1)
+    monkeypatch.setenv("LOGITSTORE_TRACEBACK", "1")  # the way to the traceback the line names
+    with pytest.raises(Exception, match="Could not connect to the endpoint URL"):
+        invoke("logitstore", "info", "s3://caches/overlap/s.zarr", "--storage-option", "endpoint_url=http://127.0.0.1:9",
+               "--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}}')
 
 
 def test_interrupted_copy_resumes_and_never_looks_complete(tmp_path, store):

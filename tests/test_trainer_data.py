@@ -287,3 +287,20 @@ def test_opening_reads_no_array_and_keeps_nothing_per_row(world: World, tmp_path
     assert req.labels[0] == 3 and req.labels[5] == 7 and (np.delete(req.labels, [0, 5]) == NO_LABEL).all()
     unlabeled = open_stores([world.store])
     assert unlabeled.n_labeled == 0 and (unlabeled.read(Segment(0, 0, 64), 0, 0).labels == NO_LABEL).all()
+
+
+def test_a_csv_labels_file_may_start_with_any_header_row(tmp_path: Path):
+    from trainer.errors import ClassMismatchError
+    from trainer.inputs import read_labels_file
+
+    classes = [str(i) for i in range(10)]
+    for header in ("image,label", "filename,class", "id,class"):
+        f = tmp_path / "labels.csv"
+        f.write_text(f"{header}\n0/a.png,3\nsub/b.png,7\n")
+        assert read_labels_file(f, classes) == {"0/a.png": 3, "sub/b.png": 7}
+    f.write_text("0/a.png,3\nsub/b.png,seven\n")  # a bad class after the first line is an error, not a header
+    with pytest.raises(ClassMismatchError, match="seven"):
+        read_labels_file(f, classes)
+    f.write_text("image,label\n")                  # nothing but a line that names no class
+    with pytest.raises(ClassMismatchError, match="label"):
+        read_labels_file(f, classes)

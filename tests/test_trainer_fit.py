@@ -38,7 +38,7 @@ def test_short_run_learns_far_above_chance(world: World, tmp_path: Path):
     assert again.top1 == pytest.approx(final["eval_top1"]) and again.n == 300
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(world: World, tmp_path: Path):
+def test_resume_continues_exactly_like_an_uninterrupted_run(world: World, tmp_path: Path, capsys):
     kw = dict(epochs=2, seed=7, **FAST)
     whole = trainer.fit([world.store], tmp_path / "whole", **kw)
     part = trainer.fit([world.store], tmp_path / "split", stop_after=1, **kw)
@@ -51,6 +51,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(world: World, tmp_pa
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    # A finished run resumed again trains nothing, keeps its student and says so.
+    saved = Path(resumed.checkpoint).read_bytes()
+    capsys.readouterr()
+    again = trainer.fit([world.store], tmp_path / "split", resume=True, **kw)
+    assert "has trained all its 2 epoch(s): nothing to resume" in capsys.readouterr().err
+    assert Path(again.checkpoint).read_bytes() == saved and again.history == resumed.history
 
 
 def test_a_run_directory_is_not_overwritten_without_asking(world: World, tmp_path: Path):

@@ -95,7 +95,8 @@ STUDENT_HELP = ("Student network: a built-in (lenet, cifar_resnet, tiny_deit), t
               help="Weight of a cross-entropy on hard labels, where images have one (needs --labels or "
                    "--labels-from-folders).")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
-              help="Hard labels: a JSON object {image id: class} or CSV lines 'image id,class'.")
+              help="Hard labels: a JSON object {image id: class} or CSV lines 'image id,class' (a header row is "
+                   "skipped).")
 @click.option("--labels-from-folders", is_flag=True,
               help="Hard label = an image's parent folder name, where that is a class name.")
 @click.option("--eval", "eval_images", default=None, type=click.Path(),

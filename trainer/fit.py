@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from logitstore.allocator import keep_freed_memory
 from logitstore.augment import describe_policy
 from logitstore.cli_common import human_bytes, progress_bar
 from logitstore.destination import check_local_destination
@@ -37,7 +38,6 @@ from .batches import (SKIPPED, Batches, Request, default_cache_bytes, make_batch
 from .errors import ConfigError, DivergedError, ImageError, RunDirError, StoreMismatchError
 from .evaluate import evaluate_model, labeled_folder, load_checkpoint
 from .inputs import InputSpec, make_input_spec
-from .allocator import keep_freed_memory
 from .compile import compile_student
 from .ema import ModelEMA
 from .loss import DISTILL_MODES, objective, soft_target_loss, teacher_top1
@@ -621,7 +621,7 @@ def run_fit(cfg: FitConfig, *, progress: bool = False,
     `stores`: cfg.stores already open, in the same order (default: they are opened here).
     """
     cfg.check()
-    keep_freed_memory()  # every step reuses its tensors' memory (trainer/allocator.py)
+    keep_freed_memory()  # every step reuses its tensors' memory (logitstore/allocator.py)
     # Held for the whole run: a dump or copy cannot replace a store this fit is reading (W1, R2).
     locks: list[StoreLock] = []
     try:
@@ -770,6 +770,9 @@ def _fit(cfg: FitConfig, stores: list[Any], ddp: Torchrun, dev: torch.device, pr
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start_epoch = int(ckpt["epoch"])
         history = [r for r in report.read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+        if start_epoch >= cfg.epochs and ddp.main:
+            print(f"trainer: {run_dir} has trained all its {cfg.epochs} epoch(s): nothing to resume; its student is "
+                  f"{ckpt_path}", file=sys.stderr)
     if ddp.world > 1:
         dist.barrier()  # every rank has judged --out (_check_run_dir) before rank 0 writes into it
     if ddp.main:

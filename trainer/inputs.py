@@ -105,17 +105,18 @@ def read_labels_file(path: str | os.PathLike, classes: Sequence[str]) -> dict[st
             raise ConfigError(f"--labels {path}: expected a JSON object {{image id: class}}") from None
     else:
         pairs = [tuple(x.strip() for x in ln.rsplit(",", 1)) for ln in text.splitlines() if ln.strip()]
-        if pairs and pairs[0] == ("id", "class"):
-            pairs = pairs[1:]
         if any(len(pr) != 2 for pr in pairs):
             raise ConfigError(f"--labels {path}: every line must be 'image id,class'")
     index = {c: i for i, c in enumerate(classes)}
+    if p.suffix.lower() != ".json" and len(pairs) > 1 and not _is_class(pairs[0][1], index) \
+            and all(_is_class(cls, index) for _, cls in pairs[1:]):
+        pairs = pairs[1:]  # a header row (image,label; filename,class; ...): the one line that names no class
     out, unknown = {}, []
     for image_id, cls in pairs:
         cls = str(cls)
         if cls in index:
             out[str(image_id)] = index[cls]
-        elif cls.isdigit() and int(cls) < len(classes):
+        elif _is_class(cls, index):
             out[str(image_id)] = int(cls)
         else:
             unknown.append(cls)
@@ -124,6 +125,10 @@ def read_labels_file(path: str | os.PathLike, classes: Sequence[str]) -> dict[st
                                  f"store, e.g. {sorted(set(unknown))[:5]}; the store's classes are "
                                  f"{list(classes)[:10]}{' ...' if len(classes) > 10 else ''}")
     return out
+
+
+def _is_class(cls: str, index: dict[str, int]) -> bool:
+    return cls in index or (cls.isdigit() and int(cls) < len(index))
 
 
 def folder_labels(ids: np.ndarray, classes: Sequence[str]) -> np.ndarray:

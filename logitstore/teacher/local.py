@@ -5,6 +5,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from ..allocator import keep_freed_memory
 from ..cli_common import progress_bar
 from ..device import Torchrun, torchrun_env
 from ..errors import DumpInterrupted, LogitStoreError, OptionError
@@ -28,6 +29,7 @@ def run_dump(cfg: DumpConfig) -> DumpSummary:
     """Dump as `cfg` says. Under torchrun (WORLD_SIZE set), or to finish a store a distributed dump
     started, the work is split over the processes (distributed.py); `segment_rows` is its unit."""
     so = cfg.storage_options
+    keep_freed_memory()  # every batch reuses its tensors' memory (logitstore/allocator.py); workers fork after
     ctx = torchrun_env()
     if ctx is None and not cfg.overwrite and distributed.is_distributed_store(cfg.out, so):
         ctx = Torchrun()  # finish it in this one process

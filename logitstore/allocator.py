@@ -1,14 +1,15 @@
-"""How the training process's C heap treats the memory each step frees (glibc only).
+"""How a dump's or a training run's C heap treats the memory each batch frees (glibc only).
 
-A step allocates and frees the same tensors again and again (activations, gradients, the batch). By
+A batch allocates and frees the same tensors again and again (the images, activations, gradients). By
 default glibc serves a block over 128 KiB with its own mmap and unmaps it when freed, and returns a
 free heap top over its trim threshold to the system; both thresholds then grow with the largest
-block freed so far. So whether a step's tensors stay mapped depends on what the process happened to
-free before training: a process that loaded a large array first (the in-RAM ceiling of
+block freed so far. So whether a batch's tensors stay mapped depends on what the process happened to
+free before: a process that loaded a large array first (the in-RAM ceiling of
 benchmarks/fit_throughput.py) keeps them, while `trainer fit`, whose images live in shared memory,
 was seen to unmap and fault them back in every step in some runs and not in others (300,000-400,000
-page faults an epoch, the student step ~20% slower; benchmarks/RESULTS.md, issue 16). Fixed
-thresholds make every run keep them.
+page faults an epoch, the student step ~20% slower; benchmarks/RESULTS.md, issue 16), and a CPU dump
+of 20,000 small images took 3.4 million page faults and 6.4 s of system time (RESULTS.md, "Round 8").
+Fixed thresholds make every run keep them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
 
 def keep_freed_memory() -> bool:
-    """Fix the C heap's thresholds for this process (a training loop's steady state): blocks up to
+    """Fix the C heap's thresholds for this process (a dump's or a training loop's steady state): blocks up to
     MMAP_THRESHOLD are reused from the heap rather than mapped and unmapped each step. Process-wide and
     lasting, like any allocator setting; it changes no value computed. True where it applied (glibc)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
