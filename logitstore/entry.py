@@ -7,8 +7,8 @@ imports nothing heavy itself (`logitstore`'s package imports only its errors).
 Before torch loads, the commands also ask its CPU allocator for transparent huge pages on its large blocks
 (`THP_MEM_ALLOC_ENABLE`, which torch reads once, at its first allocation, so it cannot be set later): a batch's
 activations and images are then faulted in 2 MiB at a time, not 4 KiB. A CPU dump of 20,000 small images took
-0.4 rather than 1.9 million page faults and ran ~10% faster (benchmarks/RESULTS.md, "Round 8"). The kernel
-grants them only where its setting allows (`madvise` or `always`); THP_MEM_ALLOC_ENABLE=0 turns it off.
+0.37 rather than 1.96 million page faults and 10.85 rather than 14.44 s (benchmarks/RESULTS.md, "Round 8"). The
+kernel grants them only where its setting allows (`madvise` or `always`); THP_MEM_ALLOC_ENABLE=0 turns it off.
 """
 from __future__ import annotations
 
