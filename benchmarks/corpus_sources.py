@@ -88,12 +88,16 @@ def corpus_and_teacher(args: argparse.Namespace, tmp: Path, client: object) -> t
     layouts = write_layouts(pngs(args.mnist, args.images), tmp)
     for tar in sorted(layouts["shards"].glob("*.tar")):
         client.upload_file(str(tar), "bench", f"shards/{tar.name}")  # type: ignore[attr-defined]
+    return layouts, save_teacher(tmp / "teacher.pt")
+
+
+def save_teacher(ckpt: Path) -> Path:
+    """benchmarks.dump_throughput's teacher (seed 0) as a checkpoint at `ckpt`."""
     torch.manual_seed(0)
-    ckpt = tmp / "teacher.pt"
     torch.save({"arch": "benchmarks.dump_throughput:teacher_net", "arch_kwargs": {},
                 "state_dict": teacher_net().state_dict(), "classes": [str(i) for i in range(10)],
                 "preprocess": PRE}, ckpt)
-    return layouts, ckpt
+    return ckpt
 
 
 def speeds(args: argparse.Namespace) -> None:

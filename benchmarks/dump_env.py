@@ -28,15 +28,10 @@ HERE = Path(__file__).resolve().parents[1]
 def corpus(workdir: Path, images: int, mnist: Path) -> Path:
     """The folder, the shards and the teacher under `workdir`, made once."""
     if not (workdir / "teacher.pt").exists():
-        import torch
-
-        from benchmarks.corpus_sources import PRE, pngs, teacher_net, write_layouts
+        from benchmarks.corpus_sources import pngs, save_teacher, write_layouts
 
         write_layouts(pngs(mnist, images), workdir)
-        torch.manual_seed(0)
-        torch.save({"arch": "benchmarks.dump_throughput:teacher_net", "arch_kwargs": {},
-                    "state_dict": teacher_net().state_dict(), "classes": [str(i) for i in range(10)],
-                    "preprocess": PRE}, workdir / "teacher.pt")
+        save_teacher(workdir / "teacher.pt")
     return workdir / "teacher.pt"
 
 

@@ -36,13 +36,11 @@ __all__ = sorted([*_LAZY, "LogitStoreError", "FormatError", "StoreStateError", "
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if not name.startswith("_"):  # a submodule not imported yet (logitstore.schema, ...)
-        import importlib
-
         try:
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as exc:

@@ -248,7 +248,6 @@ def reason_kind(reason: str) -> str:
     return _SPECIFIC.sub("…", str(reason))
 
 
-
 def failures_by_reason(failures: Sequence[Sequence[str]]) -> dict[str, int]:
     """{kind of reason: count} (docs/FORMAT.md, statistics): the MAX_REASONS commonest kinds, the rest summed."""
     counts = Counter(reason_kind(f[1]) for f in failures).most_common()

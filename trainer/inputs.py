@@ -98,6 +98,7 @@ def read_labels_file(path: str | os.PathLike, classes: Sequence[str]) -> dict[st
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--labels {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
                           "JSON or CSV") from None
+    index = {c: i for i, c in enumerate(classes)}
     if p.suffix.lower() == ".json":
         try:
             pairs = list(json.loads(text).items())
@@ -107,10 +108,8 @@ def read_labels_file(path: str | os.PathLike, classes: Sequence[str]) -> dict[st
         pairs = [tuple(x.strip() for x in ln.rsplit(",", 1)) for ln in text.splitlines() if ln.strip()]
         if any(len(pr) != 2 for pr in pairs):
             raise ConfigError(f"--labels {path}: every line must be 'image id,class'")
-    index = {c: i for i, c in enumerate(classes)}
-    if p.suffix.lower() != ".json" and len(pairs) > 1 and not _is_class(pairs[0][1], index) \
-            and all(_is_class(cls, index) for _, cls in pairs[1:]):
-        pairs = pairs[1:]  # a header row (image,label; filename,class; ...): the one line that names no class
+        if len(pairs) > 1 and not _is_class(pairs[0][1], index) and all(_is_class(c, index) for _, c in pairs[1:]):
+            pairs = pairs[1:]  # a header row (image,label; filename,class; ...): the one line that names no class
     out, unknown = {}, []
     for image_id, cls in pairs:
         cls = str(cls)
